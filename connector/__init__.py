@@ -1,0 +1,1 @@
+"""kvstore: connector package (see DESIGN.md)."""

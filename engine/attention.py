@@ -1,0 +1,89 @@
+"""Paged attention over per-layer KV caches of shape ``[num_blocks, 2, block_size, kv_heads, head_dim]``.
+
+One step's tokens are flattened into a batch ``[T]`` laid out as::
+
+    | decode tokens (one per request) | prefill span 0 | prefill span 1 | ...
+      0 .. num_decode-1                 start..end       start..end
+
+Decodes are attended in one padded, masked SDPA call over their gathered blocks; each
+prefill span (a request computing several tokens, maybe after a cached prefix) gets its
+own call with a causal mask offset by the tokens already in the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class PrefillSpan:
+    start: int  # slice of the flattened batch
+    end: int
+    context_len: int  # tokens of this request already in the cache before this step
+    block_table: torch.Tensor  # [num_blocks_needed] long
+    mask: torch.Tensor | None  # [1, 1, n, context_len + n] bool, None = plain causal
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Where each new token's KV goes and what each query attends to, for one step."""
+
+    slot_blocks: torch.Tensor  # [T] block id of each new token
+    slot_offsets: torch.Tensor  # [T] offset inside that block
+    num_decode: int
+    decode_block_tables: torch.Tensor | None  # [B, max_blocks]
+    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool
+    prefills: list[PrefillSpan]
+
+
+def allowed_keys(
+    query_pos: torch.Tensor, num_keys: int, window: int | None, device: torch.device
+) -> torch.Tensor:
+    """Bool mask ``[len(query_pos), num_keys]``: key j visible to a query at position p."""
+    keys = torch.arange(num_keys, device=device)
+    mask = keys[None, :] <= query_pos[:, None]
+    if window is not None:
+        mask &= keys[None, :] > query_pos[:, None] - window
+    return mask
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, KVH, D]
+    v: torch.Tensor,  # [T, KVH, D]
+    kv_cache: torch.Tensor,  # [NB, 2, BS, KVH, D]
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    kv_cache[meta.slot_blocks, 0, meta.slot_offsets] = k
+    kv_cache[meta.slot_blocks, 1, meta.slot_offsets] = v
+    out = torch.empty_like(q)
+    nd = meta.num_decode
+    if nd:
+        assert meta.decode_block_tables is not None
+        kv = kv_cache[meta.decode_block_tables]  # [B, MB, 2, BS, KVH, D]
+        b, mb, _, bs, kvh, d = kv.shape
+        keys = kv[:, :, 0].reshape(b, mb * bs, kvh, d).transpose(1, 2)  # [B, KVH, L, D]
+        vals = kv[:, :, 1].reshape(b, mb * bs, kvh, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            q[:nd].unsqueeze(2), keys, vals, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+        )  # [B, H, 1, D]
+        out[:nd] = o.squeeze(2)
+    for span in meta.prefills:
+        qs = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        if span.mask is None:  # nothing cached before: attend to the fresh k/v causally
+            keys = k[span.start : span.end].transpose(0, 1).unsqueeze(0)
+            vals = v[span.start : span.end].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, keys, vals, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            n_keys = span.mask.shape[-1]
+            kv = kv_cache[span.block_table]  # [NBs, 2, BS, KVH, D]
+            kvh, d = kv.shape[-2:]
+            keys = kv[:, 0].reshape(-1, kvh, d)[:n_keys].transpose(0, 1).unsqueeze(0)
+            vals = kv[:, 1].reshape(-1, kvh, d)[:n_keys].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=span.mask, scale=scale, enable_gqa=True)
+        out[span.start : span.end] = o.squeeze(0).transpose(0, 1)
+    return out

@@ -1,0 +1,84 @@
+"""``engine`` command line: ``engine generate`` (and ``engine serve`` once it lands)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from engine.errors import EngineError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad input as one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="preset name (tiny, bench) or checkpoint directory")
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 512MiB (default: sized for max-num-seqs)")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--no-prefix-caching", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="engine", description="kvstore inference engine")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    gen = sub.add_parser("generate", help="generate a completion for one prompt")
+    _engine_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--json", action="store_true", help="print the output and metrics as JSON")
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (not yet available)")
+    serve.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine import LLM, SamplingParams
+
+    params = SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        max_tokens=args.max_tokens, seed=args.seed, stop=args.stop,
+    )
+    llm = LLM(
+        args.model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, block_size=args.block_size,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
+    out = llm.generate([args.prompt], params)[0]
+    if args.json:
+        print(json.dumps({"model": args.model, "prompt": args.prompt, **out.to_dict()}, indent=2))
+    else:
+        print(out.text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        print("engine: error: 'engine serve' is not yet available", file=sys.stderr)
+        return 2
+    try:
+        return _generate(args)
+    except EngineError as e:
+        print(f"engine: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

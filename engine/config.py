@@ -1,0 +1,84 @@
+"""Engine configuration, validated on construction."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from engine.errors import InvalidRequestError
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
+               "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "T": 10**12,
+               "TB": 10**12}
+
+
+def parse_size(value: int | str, name: str = "size") -> int:
+    """Bytes from an int or a string such as ``512MiB``, ``2GiB``, ``1.5GB``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+        unit = m.group(2).upper() if m else None
+        if m is None or unit not in _SIZE_UNITS:
+            raise InvalidRequestError(
+                f"{name}: cannot read {value!r} as a size (use bytes or e.g. 512MiB, 2GiB)"
+            )
+        n = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if n <= 0:
+        raise InvalidRequestError(f"{name} must be positive, got {value!r}")
+    return n
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """How the engine runs a model.
+
+    ``kv_cache_memory`` sizes the paged KV cache (bytes or ``"2GiB"``). Unset, it is
+    ``gpu_memory_utilization`` of the free GPU memory on CUDA, and on the CPU what
+    ``max_num_seqs`` full-length sequences need, capped at 2 GiB.
+    """
+
+    model: str = "tiny"
+    dtype: str = "auto"  # auto: the checkpoint's dtype on CUDA, float32 on the CPU
+    device: str = "auto"
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    kv_cache_memory: int | str | None = None
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise InvalidRequestError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise InvalidRequestError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise InvalidRequestError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise InvalidRequestError("gpu_memory_utilization must be in (0, 1]")
+        if self.kv_cache_memory is not None:
+            self.kv_cache_memory = parse_size(self.kv_cache_memory, "kv_cache_memory")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self, checkpoint_dtype: str, device: torch.device) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        if device.type == "cpu":
+            return torch.float32
+        return DTYPES.get(checkpoint_dtype, torch.bfloat16)

@@ -1,0 +1,13 @@
+"""Errors the engine raises for bad input; the CLI and HTTP layers turn them into messages."""
+
+
+class EngineError(Exception):
+    """Base class of the engine's user-facing errors (one clear line of text)."""
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """A request or its sampling parameters are invalid (empty prompt, max_tokens < 1, ...)."""
+
+
+class ModelLoadError(EngineError):
+    """A model name or checkpoint cannot be loaded (unknown preset, missing or broken files)."""

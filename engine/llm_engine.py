@@ -1,0 +1,156 @@
+"""The step loop: admit requests, schedule, run the model, sample, stop."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+
+import torch
+
+from engine.config import EngineConfig
+from engine.errors import InvalidRequestError
+from engine.kv_manager import KVCacheManager
+from engine.loader import open_model
+from engine.outputs import RequestMetrics, RequestOutput
+from engine.request import Request
+from engine.runner import ModelRunner
+from engine.sampler import sample
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+
+Prompt = str | Sequence[int]
+
+
+class LLMEngine:
+    """One model, one KV cache, one scheduler; ``step()`` advances every running request."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        source = open_model(config.model)
+        self.model_name = source.name
+        self.model_config = source.config
+        self.tokenizer = source.tokenizer
+        self.runner = ModelRunner(config, source)
+        self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        sched_cfg = SchedulerConfig(
+            config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill
+        )
+        self.scheduler = Scheduler(sched_cfg, self.kv)
+        self.eos_token_ids = frozenset(source.config.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self._ids = itertools.count()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.runner.max_model_len
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """Token ids of ``prompt`` (text or ids), checked against the vocabulary and context."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            if self.tokenizer is None:
+                raise InvalidRequestError(
+                    f"model {self.model_name} has no tokenizer.json; pass token ids instead of text"
+                )
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(ids)} tokens; the context is {self.max_model_len} tokens "
+                "and at least one must be left to generate"
+            )
+        return ids
+
+    def add_request(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        cache_salt: str | None = None,
+    ) -> Request:
+        ids = self.tokenize(prompt)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise InvalidRequestError(f"request id {rid!r} is already in use")
+        req = Request(rid, ids, params or SamplingParams(), self.config.block_size, cache_salt or None)
+        self.requests[rid] = req
+        self.scheduler.add_request(req)
+        return req
+
+    def abort_request(self, request_id: str) -> bool:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.finish(req, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; outputs of the requests that got a token this step."""
+        out = self.scheduler.schedule()
+        if not out.scheduled:
+            return []
+        logits = self.runner.execute(out)
+        self.scheduler.update(out)
+        sampling = [s.request for s in out.scheduled if s.samples]
+        tokens, logprobs = sample(logits, sampling, self.generator)
+        outputs = []
+        for req, tok, lp in zip(sampling, tokens, logprobs, strict=True):
+            req.append_output(tok, lp)
+            reason = self._stop_reason(req)
+            if reason is not None:
+                self.scheduler.finish(req, reason)
+                self.requests.pop(req.request_id, None)
+            outputs.append(self.make_output(req))
+        return outputs
+
+    def _stop_reason(self, req: Request) -> str | None:
+        tok, p = req.output_token_ids[-1], req.params
+        if (tok in self.eos_token_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            return "stop"
+        if p.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(req.output_token_ids)
+            hits = [i for i in (text.find(s) for s in p.stop) if i >= 0]
+            if hits:
+                req.stop_text_len = min(hits)
+                return "stop"
+        if len(req.output_token_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def make_output(self, req: Request) -> RequestOutput:
+        ids = req.output_token_ids
+        text = ""
+        if self.tokenizer is not None:
+            shown = ids
+            if req.finish_reason == "stop" and req.stop_text_len is None:
+                shown = ids[:-1]  # the eos / stop token itself is not text
+            text = self.tokenizer.decode(shown)
+            if req.stop_text_len is not None:
+                text = text[: req.stop_text_len]
+        finished = req.finish_reason is not None
+        metrics = RequestMetrics(
+            arrival_time=req.arrival_time,
+            first_token_time=req.first_token_time,
+            finished_time=time.perf_counter() if finished else None,
+            num_prompt_tokens=len(req.prompt_token_ids),
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+            num_preemptions=req.num_preemptions,
+            kv_sources={"engine": max(req.num_cached_tokens, 0)},
+        )
+        return RequestOutput(
+            req.request_id, list(req.prompt_token_ids), list(ids), text, req.finish_reason,
+            list(req.output_logprobs) if req.params.logprobs else None, metrics,
+        )

@@ -1,0 +1,1 @@
+"""Model implementations: the Llama family (Llama, Mistral, Qwen2, Qwen3)."""

@@ -1,0 +1,1 @@
+"""kvstore: router package (see DESIGN.md)."""
