@@ -112,12 +112,12 @@ class ModelRunner:
             table = torch.tensor(s.block_ids[: cdiv(n_keys, bs)], device=dev)
             spans.append(PrefillSpan(start, len(ids), s.start, table, mask))
         meta = AttentionMetadata(
-            slot_blocks=torch.tensor(blocks, device=dev),
-            slot_offsets=torch.tensor(offsets, device=dev),
+            slot_blocks=torch.tensor(blocks, dtype=torch.long, device=dev),
+            slot_offsets=torch.tensor(offsets, dtype=torch.long, device=dev),
             num_decode=len(out.decodes),
             decode_block_tables=decode_tables.to(dev) if decode_tables is not None else None,
             decode_mask=decode_mask.to(dev) if decode_mask is not None else None,
             prefills=spans,
         )
         return (torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta,
-                torch.tensor(logits_idx, device=dev))
+                torch.tensor(logits_idx, dtype=torch.long, device=dev))
