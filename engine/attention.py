@@ -5,7 +5,8 @@ One step's tokens are flattened into a batch ``[T]`` laid out as::
     | decode tokens (one per request) | prefill span 0 | prefill span 1 | ...
       0 .. num_decode-1                 start..end       start..end
 
-Decodes are attended in one padded, masked SDPA call over their gathered blocks; each
+Decodes, sorted by length, are attended in a few padded, masked SDPA calls over their
+gathered blocks (one call per group of similar lengths, so padding stays small); each
 prefill span (a request computing several tokens, maybe after a cached prefix) gets its
 own call with a causal mask offset by the tokens already in the cache.
 """
@@ -28,14 +29,20 @@ class PrefillSpan:
 
 
 @dataclass(slots=True)
+class DecodeGroup:
+    start: int  # slice of the flattened batch: one query token per request
+    end: int
+    block_tables: torch.Tensor  # [B, max_blocks] long, padded with block 0
+    mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size] bool
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     """Where each new token's KV goes and what each query attends to, for one step."""
 
     slot_blocks: torch.Tensor  # [T] block id of each new token
     slot_offsets: torch.Tensor  # [T] offset inside that block
-    num_decode: int
-    decode_block_tables: torch.Tensor | None  # [B, max_blocks]
-    decode_mask: torch.Tensor | None  # [B, 1, 1, max_blocks * block_size] bool
+    decodes: list[DecodeGroup]
     prefills: list[PrefillSpan]
 
 
@@ -61,17 +68,16 @@ def paged_attention(
     kv_cache[meta.slot_blocks, 0, meta.slot_offsets] = k
     kv_cache[meta.slot_blocks, 1, meta.slot_offsets] = v
     out = torch.empty_like(q)
-    nd = meta.num_decode
-    if nd:
-        assert meta.decode_block_tables is not None
-        kv = kv_cache[meta.decode_block_tables]  # [B, MB, 2, BS, KVH, D]
-        b, mb, _, bs, kvh, d = kv.shape
-        keys = kv[:, :, 0].reshape(b, mb * bs, kvh, d).transpose(1, 2)  # [B, KVH, L, D]
-        vals = kv[:, :, 1].reshape(b, mb * bs, kvh, d).transpose(1, 2)
+    _, _, bs, kvh, d = kv_cache.shape
+    for g in meta.decodes:
+        b, width = g.block_tables.shape
+        # index the K and V views separately: each gather yields a contiguous [B, MB, BS, ..]
+        keys = kv_cache[:, 0][g.block_tables].view(b, width * bs, kvh, d).transpose(1, 2)  # [B, KVH, L, D]
+        vals = kv_cache[:, 1][g.block_tables].view(b, width * bs, kvh, d).transpose(1, 2)
         o = F.scaled_dot_product_attention(
-            q[:nd].unsqueeze(2), keys, vals, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+            q[g.start : g.end].unsqueeze(2), keys, vals, attn_mask=g.mask, scale=scale, enable_gqa=True
         )  # [B, H, 1, D]
-        out[:nd] = o.squeeze(2)
+        out[g.start : g.end] = o.squeeze(2)
     for span in meta.prefills:
         qs = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         if span.mask is None:  # nothing cached before: attend to the fresh k/v causally
@@ -80,10 +86,8 @@ def paged_attention(
             o = F.scaled_dot_product_attention(qs, keys, vals, is_causal=True, scale=scale, enable_gqa=True)
         else:
             n_keys = span.mask.shape[-1]
-            kv = kv_cache[span.block_table]  # [NBs, 2, BS, KVH, D]
-            kvh, d = kv.shape[-2:]
-            keys = kv[:, 0].reshape(-1, kvh, d)[:n_keys].transpose(0, 1).unsqueeze(0)
-            vals = kv[:, 1].reshape(-1, kvh, d)[:n_keys].transpose(0, 1).unsqueeze(0)
+            keys = kv_cache[:, 0][span.block_table].view(-1, kvh, d)[:n_keys].transpose(0, 1).unsqueeze(0)
+            vals = kv_cache[:, 1][span.block_table].view(-1, kvh, d)[:n_keys].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=span.mask, scale=scale, enable_gqa=True)
         out[span.start : span.end] = o.squeeze(0).transpose(0, 1)
     return out

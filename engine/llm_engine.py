@@ -102,9 +102,9 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
-        logits = self.runner.execute(out)
+        logits, sampled = self.runner.execute(out)
         self.scheduler.update(out)
-        sampling = [s.request for s in out.scheduled if s.samples]
+        sampling = [s.request for s in sampled]
         tokens, logprobs = sample(logits, sampling, self.generator)
         outputs = []
         for req, tok, lp in zip(sampling, tokens, logprobs, strict=True):
