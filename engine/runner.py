@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import AttentionMetadata, DecodeGroup, PrefillSpan, allowed_keys
+from engine.batch import build_batch
 from engine.config import EngineConfig
 from engine.errors import ModelLoadError
 from engine.kv_manager import cdiv
@@ -69,73 +69,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[ScheduledRequest]]:
         """Run one step; logits [N, vocab] and the N scheduled requests they belong to."""
-        input_ids, positions, meta, logits_idx, sampled = self._prepare(out)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta, self.before_layer, self.after_layer)
-        return self.model.compute_logits(hidden[logits_idx]), sampled
-
-    def _prepare(self, out: SchedulerOutput):
-        bs, window = self.block_size, self.model_config.sliding_window
-        ids: list[int] = []
-        pos: list[int] = []
-        blocks: list[int] = []
-        offsets: list[int] = []
-        logits_idx: list[int] = []
-        sampled: list[ScheduledRequest] = []
-
-        def add_tokens(s: ScheduledRequest) -> None:
-            tokens = s.request.all_token_ids
-            for p in range(s.start, s.start + s.num_new_tokens):
-                ids.append(tokens[p])
-                pos.append(p)
-                blocks.append(s.block_ids[p // bs])
-                offsets.append(p % bs)
-            if s.samples:
-                logits_idx.append(len(ids) - 1)
-                sampled.append(s)
-
-        dev = self.device
-        groups = []
-        for members in _decode_groups(out.decodes, bs):
-            first = len(ids)
-            for s in members:
-                add_tokens(s)
-            width = cdiv(members[-1].start + 1, bs)
-            tables = torch.tensor([(s.block_ids[:width] + [0] * width)[:width] for s in members])
-            q_pos = torch.tensor([s.start for s in members])
-            mask = allowed_keys(q_pos, width * bs, window, torch.device("cpu"))[:, None, None, :]
-            groups.append(DecodeGroup(first, len(ids), tables.to(dev), mask.to(dev)))
-        spans = []
-        for s in out.prefills:
-            start = len(ids)
-            add_tokens(s)
-            n_keys = s.start + s.num_new_tokens
-            mask = None
-            if s.start > 0 or (window is not None and n_keys > window):
-                q_pos = torch.arange(s.start, n_keys)
-                mask = allowed_keys(q_pos, n_keys, window, torch.device("cpu"))[None, None].to(dev)
-            table = torch.tensor(s.block_ids[: cdiv(n_keys, bs)], device=dev)
-            spans.append(PrefillSpan(start, len(ids), s.start, table, mask))
-        meta = AttentionMetadata(
-            slot_blocks=torch.tensor(blocks, dtype=torch.long, device=dev),
-            slot_offsets=torch.tensor(offsets, dtype=torch.long, device=dev),
-            decodes=groups,
-            prefills=spans,
+        batch = build_batch(out, self.block_size, self.model_config.sliding_window, self.device)
+        hidden = self.model(
+            batch.input_ids, batch.positions, self.kv_caches, batch.attn, self.before_layer, self.after_layer
         )
-        return (torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta,
-                torch.tensor(logits_idx, dtype=torch.long, device=dev), sampled)
-
-
-def _decode_groups(decodes: list[ScheduledRequest], block_size: int) -> list[list[ScheduledRequest]]:
-    """Decodes sorted by length, cut where a group's longest would exceed twice its shortest.
-
-    Each group is one padded attention call; grouping keeps padding under 2x while the
-    number of calls stays logarithmic in the spread of lengths.
-    """
-    groups: list[list[ScheduledRequest]] = []
-    for s in sorted(decodes, key=lambda s: s.start):
-        blocks = cdiv(s.start + 1, block_size)
-        if groups and blocks <= 2 * cdiv(groups[-1][0].start + 1, block_size):
-            groups[-1].append(s)
-        else:
-            groups.append([s])
-    return groups
+        return self.model.compute_logits(hidden[batch.logits_indices]), batch.sampled

@@ -104,3 +104,15 @@ def test_abort_of_a_waiting_request():
     b = s.waiting[0]
     s.finish(b, "abort")
     assert not s.waiting and b.is_finished
+
+
+def test_decode_groups_keep_padding_under_twice():
+    from engine.batch import decode_groups
+    from engine.scheduler import ScheduledRequest
+
+    def sched(start: int) -> ScheduledRequest:
+        return ScheduledRequest(req(f"r{start}", start + 1), start, 1, [])
+
+    groups = decode_groups([sched(s) for s in (100, 3, 40, 9, 20, 33)], BS)
+    # block counts 1, 3, 6, 9, 11, 26: cut where a group's longest exceeds 2x its shortest
+    assert [[s.start for s in g] for g in groups] == [[3], [9, 20], [33, 40], [100]]
