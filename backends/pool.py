@@ -1,0 +1,165 @@
+"""A preallocated byte pool cut into fixed-size pages, for the cpu and gpu tiers.
+
+Why pages and not a heap: chunks come and go all day, and a first-fit heap over one
+buffer fragments until a free total of gigabytes cannot hold one chunk. With pages any
+free page serves any chunk, so the pool never fragments; a chunk is a list of pages.
+
+Why a LIFO free list of pages pushed back in reverse: a fresh pool hands out pages
+0, 1, 2, ... and a freed chunk returns its pages so that the next chunk of the same size
+gets the same ascending run. Chunks of one model all have one size, so in steady state
+every chunk is a single contiguous run and costs one memcpy, like a slab allocator;
+mixed sizes degrade to a few runs per chunk, never to a failure::
+
+    pages   |0|1|2|3|4|5|6|7|      chunk A = pages 0-2 (one run), B = 3-4, C = 5-7
+    free B  -> free stack [..., 4, 3]  -> next alloc of 2 pages gets 3, 4 again
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+
+class Run(NamedTuple):
+    """``nbytes`` of a chunk's payload stored at byte ``offset`` of the pool."""
+
+    offset: int
+    nbytes: int
+
+
+def pages_to_runs(pages: list[int], page_size: int, nbytes: int) -> list[Run]:
+    """Coalesce consecutive page numbers into byte runs covering exactly ``nbytes``."""
+    runs: list[Run] = []
+    left = nbytes
+    start = prev = pages[0] if pages else 0
+    for p in pages[1:] + [None]:  # type: ignore[operator]
+        if p is not None and p == prev + 1:
+            prev = p
+            continue
+        size = min((prev - start + 1) * page_size, left)
+        runs.append(Run(start * page_size, size))
+        left -= size
+        if p is not None:
+            start = prev = p
+    return runs if nbytes else []
+
+
+def host_array(buf: Any) -> np.ndarray:
+    """A flat uint8 numpy view of a host buffer (memoryview, bytes, array, CPU tensor)."""
+    if isinstance(buf, torch.Tensor):
+        return buf.detach().reshape(-1).view(torch.uint8).numpy()
+    if isinstance(buf, np.ndarray):
+        return buf.reshape(-1).view(np.uint8)
+    return np.frombuffer(buf, dtype=np.uint8)
+
+
+def as_tensor(buf: Any) -> torch.Tensor:
+    """A flat uint8 tensor view of any buffer, host or device, without copying."""
+    if isinstance(buf, torch.Tensor):
+        return buf.detach().reshape(-1).view(torch.uint8)
+    with warnings.catch_warnings():  # read-only sources are only ever read from here
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(host_array(buf))
+
+
+def flat_bytes(buf: Any) -> Any:
+    """A flat uint8 view of a caller's buffer: a tensor stays a tensor (host or device)."""
+    if isinstance(buf, torch.Tensor):
+        return as_tensor(buf)
+    return host_array(buf)
+
+
+def _is_device(buf: Any) -> bool:
+    return isinstance(buf, torch.Tensor) and buf.device.type != "cpu"
+
+
+class PagedPool:
+    """``num_pages`` pages of ``page_size`` bytes in one tensor on ``device``."""
+
+    def __init__(
+        self, capacity: int, page_size: int, device: str = "cpu", pin: bool = False
+    ) -> None:
+        if page_size < 1 or capacity < page_size:
+            raise ValueError(f"pool of {capacity} bytes cannot hold one page of {page_size}")
+        self.page_size = page_size
+        self.num_pages = capacity // page_size
+        self.device = torch.device(device)
+        self.buf = torch.empty(
+            self.num_pages * page_size, dtype=torch.uint8, device=self.device, pin_memory=pin
+        )
+        self._host = self.buf.numpy() if self.device.type == "cpu" else None
+        self._free = list(range(self.num_pages - 1, -1, -1))  # stack: pop() yields 0, 1, 2...
+
+    @property
+    def capacity(self) -> int:
+        return self.num_pages * self.page_size
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def pages_for(self, nbytes: int) -> int:
+        return max(1, -(-nbytes // self.page_size))
+
+    def alloc(self, nbytes: int) -> list[int] | None:
+        """Pages for ``nbytes``, ascending where possible; ``None`` if too few are free."""
+        n = self.pages_for(nbytes)
+        if n > len(self._free):
+            return None
+        pages = self._free[-n:]
+        del self._free[-n:]
+        pages.reverse()
+        return pages
+
+    def release(self, pages: list[int]) -> None:
+        self._free.extend(reversed(pages))
+
+    def write(self, runs: list[Run], src: Any) -> None:
+        """Copy ``src`` (host buffer or tensor) into the pool at ``runs``."""
+        if self._host is not None and not _is_device(src):
+            data = host_array(src)
+            pos = 0
+            for off, n in runs:
+                np.copyto(self._host[off : off + n], data[pos : pos + n])
+                pos += n
+            return
+        data = as_tensor(src)
+        pos = 0
+        for off, n in runs:
+            self.buf[off : off + n].copy_(data[pos : pos + n], non_blocking=True)
+            pos += n
+        self._sync()
+
+    def read(self, runs: list[Run], dst: Any) -> None:
+        """Copy the pool bytes at ``runs`` into ``dst`` (writable host buffer or tensor)."""
+        if self._host is not None and not _is_device(dst):
+            out = host_array(dst)
+            pos = 0
+            for off, n in runs:
+                np.copyto(out[pos : pos + n], self._host[off : off + n])
+                pos += n
+            return
+        out = as_tensor(dst)
+        pos = 0
+        for off, n in runs:
+            out[pos : pos + n].copy_(self.buf[off : off + n], non_blocking=True)
+            pos += n
+        self._sync()
+
+    def _sync(self) -> None:
+        # Copies between pinned host memory and the device are asynchronous; the caller
+        # may reuse its buffer (or we may reuse the pages) as soon as we return.
+        if self.device.type == "cuda" or self.buf.is_pinned():
+            torch.cuda.synchronize()
+
+    def check_integrity(self, used_pages: list[int]) -> None:
+        """Raise unless free and used pages partition the pool exactly once."""
+        seen = self._free + used_pages
+        if len(seen) != self.num_pages or len(set(seen)) != self.num_pages:
+            raise AssertionError(
+                f"pool of {self.num_pages} pages: {len(self._free)} free + {len(used_pages)} used, "
+                f"{len(set(seen))} distinct"
+            )

@@ -1,0 +1,233 @@
+"""The chunk object: one self-describing, checksummed unit of KV that every tier stores.
+
+Wire and file layout (little endian)::
+
+    | magic "KVCK" | u32 header_len | u32 payload_offset | msgpack header | pad | payload |
+    0              4                8                    12                     payload_offset
+
+The header carries the format version, the chunk key, the model fingerprint digest,
+dtype, shape, token count, layout, payload size and the xxh3-64 of the payload. The
+payload is ``[layers, 2, tokens, kv_heads, head_dim]``, layer-major, so one layer is a
+contiguous slice. ``payload_offset`` lets the disk tier pad the header to a page so the
+payload can be read with O_DIRECT straight into an aligned buffer; network tiers use no
+padding. Header and payload always travel as one object (never two keys), so a reader
+can never pair a header with another chunk's payload.
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import msgpack
+import numpy as np
+import xxhash
+
+FORMAT_VERSION = 1
+MAGIC = b"KVCK"
+_PREFIX = struct.Struct("<4sII")
+PREFIX_SIZE = _PREFIX.size  # 12
+HEADER_READ_SIZE = 4096
+"""Bytes a reader fetches first: the prefix and header always fit (keys are 64 hex chars)."""
+
+
+class ChunkError(Exception):
+    """A stored object is not the chunk asked for: corrupt, truncated or foreign. A miss."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkHeader:
+    """Metadata of one chunk; ``checksum`` is the xxh3-64 of the payload bytes."""
+
+    key: str
+    fingerprint: bytes
+    dtype: str
+    shape: tuple[int, ...]
+    num_tokens: int
+    nbytes: int
+    checksum: int
+    layout: str = "LTHD"
+    version: int = FORMAT_VERSION
+
+    def to_msgpack(self) -> bytes:
+        return msgpack.packb(
+            {
+                "v": self.version,
+                "key": self.key,
+                "fp": self.fingerprint,
+                "dtype": self.dtype,
+                "shape": list(self.shape),
+                "tokens": self.num_tokens,
+                "nbytes": self.nbytes,
+                "xxh3": self.checksum,
+                "layout": self.layout,
+            }
+        )
+
+    @classmethod
+    def from_msgpack(cls, raw: bytes | memoryview) -> ChunkHeader:
+        try:
+            d = msgpack.unpackb(raw)
+            if d["v"] != FORMAT_VERSION:
+                raise ChunkError(f"unsupported chunk format version {d['v']}")
+            return cls(
+                key=d["key"],
+                fingerprint=d["fp"],
+                dtype=d["dtype"],
+                shape=tuple(d["shape"]),
+                num_tokens=d["tokens"],
+                nbytes=d["nbytes"],
+                checksum=d["xxh3"],
+                layout=d["layout"],
+                version=d["v"],
+            )
+        except ChunkError:
+            raise
+        except Exception as exc:  # msgpack raises many types on garbage
+            raise ChunkError(f"unreadable chunk header: {exc}") from exc
+
+
+class Chunk(NamedTuple):
+    """A header and its payload bytes (a host memoryview, or a uint8 torch tensor on a device)."""
+
+    header: ChunkHeader
+    payload: Any
+
+    @property
+    def key(self) -> str:
+        return self.header.key
+
+
+class Prefix(NamedTuple):
+    """The fixed-size start of an encoded chunk."""
+
+    header_len: int
+    payload_offset: int
+
+
+def on_device(buf: Any) -> bool:
+    """True for a torch tensor in device memory (numpy arrays also have ``.device``)."""
+    return type(buf).__name__ == "Tensor" and buf.device.type != "cpu"
+
+
+def host_view(buf: Any) -> memoryview:
+    """``as_bytes_view`` of ``buf``, copying it to the host first if it is on a device."""
+    return as_bytes_view(buf.cpu() if on_device(buf) else buf)
+
+
+def checksum(payload: Any) -> int:
+    """xxh3-64 of a host buffer (memoryview, bytes, numpy array)."""
+    return xxhash.xxh3_64_intdigest(payload)
+
+
+def as_bytes_view(data: Any) -> memoryview:
+    """A flat uint8 memoryview over a contiguous host buffer, numpy array or CPU tensor."""
+    if hasattr(data, "detach"):  # torch.Tensor: view as bytes without numpy's dtype limits
+        import torch
+
+        data = data.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    if isinstance(data, np.ndarray):
+        data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    return memoryview(data).cast("B")
+
+
+def make_chunk(
+    key: str,
+    fingerprint: bytes,
+    kv: Any,
+    num_tokens: int,
+    *,
+    dtype: str | None = None,
+    layout: str = "LTHD",
+) -> Chunk:
+    """Build a chunk from ``kv`` shaped ``[layers, 2, tokens, kv_heads, head_dim]``."""
+    shape = tuple(int(s) for s in kv.shape)
+    if dtype is None:
+        dtype = str(kv.dtype).removeprefix("torch.")
+    payload = as_bytes_view(kv)
+    header = ChunkHeader(
+        key, fingerprint, dtype, shape, num_tokens, payload.nbytes, checksum(payload), layout
+    )
+    return Chunk(header, payload)
+
+
+def encode_prefix(header: ChunkHeader, align: int = 0) -> bytes:
+    """The bytes before the payload: prefix, header and, with ``align``, zero padding."""
+    raw = header.to_msgpack()
+    offset = PREFIX_SIZE + len(raw)
+    if align:
+        offset = -(-offset // align) * align
+    out = bytearray(offset)
+    _PREFIX.pack_into(out, 0, MAGIC, len(raw), offset)
+    out[PREFIX_SIZE : PREFIX_SIZE + len(raw)] = raw
+    return bytes(out)
+
+
+def decode_prefix(buf: bytes | memoryview) -> Prefix:
+    """Parse the fixed prefix; raises ChunkError on a foreign or truncated object."""
+    if len(buf) < PREFIX_SIZE:
+        raise ChunkError(f"object of {len(buf)} bytes is shorter than a chunk prefix")
+    magic, header_len, offset = _PREFIX.unpack_from(buf, 0)
+    if magic != MAGIC or offset < PREFIX_SIZE + header_len:
+        raise ChunkError("not a chunk object (bad magic or offsets)")
+    return Prefix(header_len, offset)
+
+
+def decode_header(buf: bytes | memoryview) -> tuple[ChunkHeader, int]:
+    """Header and payload offset from the start of an encoded chunk."""
+    pre = decode_prefix(buf)
+    end = PREFIX_SIZE + pre.header_len
+    if len(buf) < end:
+        raise ChunkError("chunk header truncated")
+    return ChunkHeader.from_msgpack(memoryview(buf)[PREFIX_SIZE:end]), pre.payload_offset
+
+
+def decode(buf: bytes | memoryview) -> Chunk:
+    """A chunk viewing ``buf`` (zero copy). Raises ChunkError if the object is truncated."""
+    header, offset = decode_header(buf)
+    payload = memoryview(buf)[offset:]
+    if payload.nbytes != header.nbytes:
+        raise ChunkError(f"payload is {payload.nbytes} bytes, header says {header.nbytes}")
+    return Chunk(header, payload)
+
+
+def encode(chunk: Chunk) -> bytes:
+    """The whole object as one bytes value (network tiers)."""
+    return encode_prefix(chunk.header) + host_view(chunk.payload)
+
+
+def verify(chunk: Chunk, key: str, fingerprint: bytes | None = None) -> None:
+    """Raise ChunkError unless ``chunk`` is exactly the chunk named ``key``, intact.
+
+    The key and fingerprint checks catch a tier that returns another object than asked
+    for; the checksum catches bit flips and torn writes.
+    """
+    h = chunk.header
+    if h.key != key:
+        raise ChunkError(f"asked for chunk {key[:12]}, object holds {h.key[:12]}")
+    if fingerprint is not None and h.fingerprint != fingerprint:
+        raise ChunkError(f"chunk {key[:12]} was written by another model fingerprint")
+    view = host_view(chunk.payload)
+    if view.nbytes != h.nbytes:
+        raise ChunkError(f"chunk {key[:12]} payload is {view.nbytes} bytes, header says {h.nbytes}")
+    if checksum(view) != h.checksum:
+        raise ChunkError(f"chunk {key[:12]} checksum mismatch")
+
+
+def to_tensor(chunk: Chunk):
+    """The payload as a torch tensor of the header's dtype and shape (zero copy on host)."""
+    import torch
+
+    dtype = getattr(torch, chunk.header.dtype)
+    payload = chunk.payload
+    if not isinstance(payload, torch.Tensor):
+        view = as_bytes_view(payload)
+        if not view.nbytes:
+            payload = torch.empty(0, dtype=torch.uint8)
+        else:
+            with warnings.catch_warnings():  # bytes from a network read: nobody else holds them
+                warnings.simplefilter("ignore", UserWarning)
+                payload = torch.frombuffer(view, dtype=torch.uint8)
+    return payload.view(dtype).view(chunk.header.shape)

@@ -1,0 +1,243 @@
+"""Store configuration: one table of keys, read from defaults < YAML < KVSTORE_* env < CLI.
+
+Keys are dotted (``cpu.size``); the environment variable of a key is ``KVSTORE_`` plus
+the key upper-cased with dots as underscores (``KVSTORE_CPU_SIZE``). Sizes take units
+(``8GiB``, ``512MiB``, ``64KiB``, ``1GB``, or plain bytes). docs/store.md has the table.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+TIERS = ("gpu", "cpu", "disk", "gds", "redis")
+WRITE_POLICIES = ("write_through", "write_back")
+EVICTION_POLICIES = ("s3fifo", "lru")
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and what is allowed."""
+
+
+def parse_size(value: Any, key: str = "size") -> int:
+    """Bytes from ``8GiB`` / ``64KiB`` / ``1GB`` / ``4096`` / an int."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        m = _SIZE.match(str(value))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ConfigError(
+                f"{key}: {value!r} is not a size (examples: 4096, 64KiB, 512MiB, 8GiB)"
+            )
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise ConfigError(f"{key}: size must be positive, got {value!r}")
+    return n
+
+
+def _size(default: str) -> Any:
+    return field(default=parse_size(default), metadata={"size": True})
+
+
+def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def _check_positive(key: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{key}: must be a positive number, got {value!r}")
+
+
+@dataclass(slots=True)
+class TierConfig:
+    """Settings every tier has. ``write_policy`` None inherits the store's."""
+
+    write_policy: str | None = None
+    verify: bool = True  # check key, fingerprint and checksum of every read
+
+    def validate(self, name: str) -> None:
+        if self.write_policy is not None:
+            _check_choice(f"{name}.write_policy", self.write_policy, WRITE_POLICIES)
+
+
+@dataclass(slots=True)
+class PoolConfig(TierConfig):
+    """A memory tier (cpu, gpu): a preallocated pool of pages."""
+
+    size: int = _size("4GiB")
+    page_size: int = _size("64KiB")
+    policy: str = "s3fifo"
+    verify: bool = False  # memory this process owns: checked when it leaves, not on reads
+
+    def validate(self, name: str) -> None:
+        TierConfig.validate(self, name)
+        _check_choice(f"{name}.policy", self.policy, EVICTION_POLICIES)
+        if self.page_size > self.size:
+            raise ConfigError(
+                f"{name}.page_size ({self.page_size}) exceeds {name}.size ({self.size})"
+            )
+
+
+@dataclass(slots=True)
+class DiskConfig(TierConfig):
+    """A directory of chunk files (disk, gds)."""
+
+    path: str = "/var/tmp/kvstore"
+    size: int = _size("64GiB")
+    policy: str = "s3fifo"
+    fsync: bool = True
+    o_direct: bool = False
+
+    def validate(self, name: str) -> None:
+        TierConfig.validate(self, name)
+        _check_choice(f"{name}.policy", self.policy, EVICTION_POLICIES)
+        if not self.path:
+            raise ConfigError(f"{name}.path: must name a directory")
+
+
+@dataclass(slots=True)
+class RedisConfig(TierConfig):
+    """A Redis/Valkey server or cluster."""
+
+    url: str = "redis://localhost:6379/0"
+    namespace: str = "kvstore:"
+    ttl: float | None = None  # seconds; None keeps chunks until the server evicts them
+    connect_timeout: float = 1.0
+    timeout: float = 5.0
+    retry_after: float = 5.0
+    batch_size: int = 64
+
+    def validate(self, name: str) -> None:
+        TierConfig.validate(self, name)
+        from backends.redis import parse_url
+
+        try:
+            parse_url(self.url)
+        except ValueError as exc:
+            raise ConfigError(f"{name}.url: {exc}") from None
+        for key in ("connect_timeout", "timeout", "retry_after", "batch_size"):
+            _check_positive(f"{name}.{key}", getattr(self, key))
+        if self.ttl is not None:
+            _check_positive(f"{name}.ttl", self.ttl)
+
+
+@dataclass(slots=True)
+class StoreConfig:
+    """The whole store. Tiers are listed fastest first."""
+
+    tiers: list[str] = field(default_factory=lambda: ["cpu"])
+    chunk_size: int = 256  # tokens per chunk, a multiple of the engine's block size
+    write_policy: str = "write_through"
+    workers: int = 4  # executor threads for async loads, prefetches and saves
+    io_threads: int = 4  # threads one large batched get/put is split across (1: no split)
+    gpu: PoolConfig = field(default_factory=lambda: PoolConfig(size=parse_size("1GiB")))
+    cpu: PoolConfig = field(default_factory=PoolConfig)
+    disk: DiskConfig = field(default_factory=DiskConfig)
+    gds: DiskConfig = field(default_factory=lambda: DiskConfig(path="/var/tmp/kvstore-gds"))
+    redis: RedisConfig = field(default_factory=RedisConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tiers, str):
+            self.tiers = [t.strip() for t in self.tiers.split(",") if t.strip()]
+        if not self.tiers:
+            raise ConfigError(f"tiers: list at least one of {', '.join(TIERS)}")
+        for t in self.tiers:
+            _check_choice("tiers", t, TIERS)
+        if len(set(self.tiers)) != len(self.tiers):
+            raise ConfigError(f"tiers: {self.tiers} lists a tier twice")
+        _check_choice("write_policy", self.write_policy, WRITE_POLICIES)
+        for key in ("chunk_size", "workers", "io_threads"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be a positive integer, got {getattr(self, key)!r}")
+        for name in TIERS:
+            getattr(self, name).validate(name)
+
+    def tier(self, name: str) -> TierConfig:
+        return getattr(self, name)
+
+    def write_policy_of(self, name: str) -> str:
+        return self.tier(name).write_policy or self.write_policy
+
+    @classmethod
+    def load(
+        cls,
+        path: str | None = None,
+        env: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> StoreConfig:
+        """Defaults, then the YAML file at ``path``, then ``KVSTORE_*`` env, then ``overrides``."""
+        from store.config_load import flatten, read_yaml
+
+        values: dict[str, Any] = {}
+        if path:
+            values.update(flatten(read_yaml(path)))
+        env = os.environ if env is None else env
+        for key in all_keys():
+            var = env_var(key)
+            if var in env:
+                values[key] = env[var]
+        values.update(overrides or {})
+        return from_flat(values)
+
+
+def env_var(key: str) -> str:
+    """``cpu.size`` -> ``KVSTORE_CPU_SIZE``."""
+    return "KVSTORE_" + key.upper().replace(".", "_")
+
+
+def all_keys() -> list[str]:
+    """Every dotted key of the table, in order."""
+    keys = []
+    for f in fields(StoreConfig):
+        if f.name in TIERS:
+            keys += [f"{f.name}.{sub.name}" for sub in fields(_tier_type(f.name))]
+        else:
+            keys.append(f.name)
+    return keys
+
+
+def _tier_type(name: str) -> type:
+    return {
+        "gpu": PoolConfig,
+        "cpu": PoolConfig,
+        "disk": DiskConfig,
+        "gds": DiskConfig,
+        "redis": RedisConfig,
+    }[name]
+
+
+def from_flat(values: Mapping[str, Any]) -> StoreConfig:
+    """Build a config from dotted keys (values typed or strings); unknown keys are errors."""
+    from store.config_load import coerce
+
+    known = set(all_keys())
+    top: dict[str, Any] = {}
+    sub: dict[str, dict[str, Any]] = {t: {} for t in TIERS}
+    for key, raw in values.items():
+        if key not in known:
+            raise ConfigError(f"{key}: unknown key; known keys: {', '.join(sorted(known))}")
+        tier, _, name = key.partition(".")
+        if name:
+            f = next(f for f in fields(_tier_type(tier)) if f.name == name)
+            sub[tier][name] = coerce(key, raw, f)
+        else:
+            f = next(f for f in fields(StoreConfig) if f.name == key)
+            top[key] = coerce(key, raw, f)
+    for t in TIERS:
+        base = _default_tier(t)
+        for name, value in sub[t].items():
+            setattr(base, name, value)
+        top[t] = base
+    return StoreConfig(**top)
+
+
+def _default_tier(name: str) -> TierConfig:
+    f = next(f for f in fields(StoreConfig) if f.name == name)
+    return f.default_factory()  # type: ignore[misc]

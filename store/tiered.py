@@ -1,0 +1,289 @@
+"""TieredStore: ordered tiers behind one get/put/lookup, with promotion and demotion.
+
+Tiers are fastest first (gpu, cpu, disk/gds, redis). Rules:
+
+* ``lookup`` answers the longest stored prefix across tiers. A chunk counts only if
+  every earlier chunk is found in some tier (a prefix is useless past its first hole)::
+
+      keys    c0   c1   c2   c3
+      cpu     x         x          -> lookup = 3 (c0 cpu, c1 disk, c2 cpu; c3 nowhere)
+      disk         x
+
+* ``put`` writes every chunk to the first tier and to each ``write_through`` tier; a
+  ``write_back`` tier gets chunks when the tier above evicts them (demotion), or
+  directly when no tier above could take them.
+* ``get`` asks tiers in order, verifies what comes back (key, fingerprint, xxh3 where
+  the tier's ``verify`` is on), and promotes hits from lower tiers into the tiers above.
+  A corrupt object is a miss, a ``checksum_failures`` count, and is deleted.
+* Pinned chunks (``pin``: being loaded, or leased for a decode node) are never evicted.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+from prometheus_client import CollectorRegistry
+
+from backends.base import Backend, Corrupt
+from store.build import build_tiers
+from store.chunk import Chunk, ChunkError, make_chunk, verify
+from store.config import StoreConfig
+from store.executor import Priority, PriorityExecutor
+from store.keys import ModelFingerprint
+from store.metrics import StoreMetrics, TierStats
+
+log = logging.getLogger(__name__)
+SPLIT_BYTES = 1 << 20
+"""A batch is split across I/O threads into parts of at least this many bytes..."""
+SPLIT_MIN_CHUNK = 256 << 10
+"""...and only if its chunks average at least this size."""
+
+
+class Tier(NamedTuple):
+    """One configured tier."""
+
+    name: str
+    backend: Backend
+    write_policy: str
+    verify: bool
+
+
+class TieredStore:
+    """The store an engine or the daemon uses. ``fingerprint`` binds every chunk read to
+    one model; ``backends`` overrides construction from config (tests, the daemon)."""
+
+    def __init__(
+        self,
+        config: StoreConfig,
+        fingerprint: ModelFingerprint | bytes | None = None,
+        backends: dict[str, Backend] | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.config = config
+        if isinstance(fingerprint, ModelFingerprint):
+            fingerprint = fingerprint.digest()
+        self.fingerprint: bytes | None = fingerprint
+        built = backends if backends is not None else build_tiers(config)
+        self.tiers = [
+            Tier(n, b, config.write_policy_of(n), config.tier(n).verify) for n, b in built.items()
+        ]
+        self.metrics = StoreMetrics(lambda: {t.name: t.backend for t in self.tiers}, registry)
+        self._executor = PriorityExecutor(config.workers)
+        self._io = (
+            ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvstore-io")
+            if config.io_threads > 1
+            else None
+        )
+        self._wire_demotion()
+
+    def _wire_demotion(self) -> None:
+        for upper, lower in zip(self.tiers, self.tiers[1:], strict=False):
+            if lower.write_policy == "write_back":
+                upper.backend.on_evict = lambda chunk, lower=lower: self._write(lower, [chunk])
+
+    # -- chunks ---------------------------------------------------------------------
+    def make_chunk(self, key: str, kv: Any, num_tokens: int) -> Chunk:
+        """A chunk of this store's model from ``kv`` ``[layers, 2, tokens, kv_heads, head_dim]``."""
+        if self.fingerprint is None:
+            raise ValueError("make_chunk needs a store constructed with a model fingerprint")
+        return make_chunk(key, self.fingerprint, kv, num_tokens)
+
+    # -- lookup ---------------------------------------------------------------------
+    def lookup(self, keys: Sequence[str]) -> int:
+        """Number of leading ``keys`` stored somewhere, each tier asked for the rest."""
+        return len(self.locate(keys))
+
+    def locate(self, keys: Sequence[str]) -> list[str]:
+        """The tier name holding each of the leading stored ``keys`` (``lookup`` chunks)."""
+        found: list[str] = []
+        while len(found) < len(keys):
+            before = len(found)
+            for tier in self.tiers:
+                n = self._timed(tier, "contains", tier.backend.contains, keys[len(found) :])
+                found += [tier.name] * n
+                if len(found) == len(keys):
+                    break
+            if len(found) == before:
+                break
+        return found
+
+    # -- put ------------------------------------------------------------------------
+    def put(self, chunks: Sequence[Chunk]) -> int:
+        """Store chunks per the write policies; returns how many some tier now holds."""
+        stored = [False] * len(chunks)
+        for i, tier in enumerate(self.tiers):
+            if i == 0 or tier.write_policy == "write_through":
+                todo = list(range(len(chunks)))
+            else:  # write_back: only what no tier above could take (too big, all pinned)
+                todo = [j for j, ok in enumerate(stored) if not ok]
+            for j, ok in zip(todo, self._write(tier, [chunks[j] for j in todo]), strict=True):
+                stored[j] = stored[j] or ok
+        return sum(stored)
+
+    def _write(self, tier: Tier, chunks: Sequence[Chunk]) -> list[bool]:
+        if not chunks:
+            return []
+        nbytes = sum(c.header.nbytes for c in chunks)
+        ok = self._timed(tier, "put", self._fan_out, tier, nbytes, tier.backend.put, list(chunks))
+        written = sum(c.header.nbytes for c, good in zip(chunks, ok, strict=True) if good)
+        self.metrics.bytes_written.labels(tier.name).inc(written)
+        self.metrics.put_failures.labels(tier.name).inc(len(ok) - sum(ok))
+        return ok
+
+    # -- get ------------------------------------------------------------------------
+    def get(self, keys: Sequence[str], outs: Sequence[Any] | None = None) -> list[Chunk | None]:
+        """Each key's chunk (into ``outs[i]`` when given) or ``None``; hits found in lower
+        tiers are promoted into every tier above."""
+        results: list[Chunk | None] = [None] * len(keys)
+        todo = list(range(len(keys)))
+        for level, tier in enumerate(self.tiers):
+            if not todo:
+                break
+            tier_keys = [keys[i] for i in todo]
+            tier_outs = [outs[i] for i in todo] if outs is not None else None
+            nbytes = sum(_nbytes(o) for o in tier_outs) if tier_outs is not None else 0
+            fetch = functools.partial(self._get_verified, tier)
+            found = self._timed(
+                tier, "get", self._fan_out, tier, nbytes, fetch, tier_keys, tier_outs
+            )
+            for i, chunk in zip(todo, found, strict=True):
+                results[i] = chunk
+            hits = [c for c in found if c is not None]
+            if hits and level:
+                self._promote(level, hits)
+            todo = [i for i in todo if results[i] is None]
+        return results
+
+    def _get_verified(
+        self, tier: Tier, keys: list[str], outs: list[Any] | None
+    ) -> list[Chunk | None]:
+        return self._accept(tier, keys, tier.backend.get(keys, outs))
+
+    def _fan_out(
+        self, tier: Tier, nbytes: int, fn: Any, items: list[Any], *extra: list[Any] | None
+    ) -> list[Any]:
+        """``fn(items, *extra)``, split across the I/O threads when the batch is large.
+
+        Why: file reads release the GIL, verification (xxh3) does not. Several threads
+        each reading and verifying part of a batch overlap one's reads with another's
+        hashing (and one's fsync with another's write), instead of read-all-then-hash-all.
+        Only for backends marked ``parallel_io``: redis-py parses replies in Python, so
+        threads there would mostly contend for the GIL.
+        """
+        parts = min(len(items), self.config.io_threads, nbytes // SPLIT_BYTES)
+        small = nbytes < len(items) * SPLIT_MIN_CHUNK
+        if self._io is None or not tier.backend.parallel_io or parts < 2 or small:
+            # Small chunks cost Python time, not I/O: threads would only fight for the GIL.
+            return fn(items, *extra)
+        bounds = [len(items) * i // parts for i in range(parts + 1)]
+        futures = [
+            self._io.submit(fn, items[a:b], *(e[a:b] if e is not None else None for e in extra))
+            for a, b in zip(bounds, bounds[1:], strict=False)
+        ]
+        return [x for f in futures for x in f.result()]
+
+    def _accept(self, tier: Tier, keys: list[str], got: list[Any]) -> list[Chunk | None]:
+        """Verified chunks of one tier's answer; bad objects are counted and deleted."""
+        out: list[Chunk | None] = []
+        bad: list[str] = []
+        for key, res in zip(keys, got, strict=True):
+            if isinstance(res, Chunk) and tier.verify:
+                try:
+                    verify(res, key, self.fingerprint)
+                except ChunkError as exc:
+                    log.warning("%s tier: dropping chunk %s: %s", tier.name, key[:12], exc)
+                    bad.append(key)
+                    res = Corrupt(key, str(exc))
+            if isinstance(res, Corrupt):
+                self.metrics.checksum_failures.labels(tier.name).inc()
+                res = None
+            out.append(res)
+        hits = [c for c in out if c is not None]
+        self.metrics.hits.labels(tier.name).inc(len(hits))
+        self.metrics.misses.labels(tier.name).inc(len(out) - len(hits))
+        self.metrics.bytes_read.labels(tier.name).inc(sum(c.header.nbytes for c in hits))
+        if bad:
+            tier.backend.delete(bad)
+        return out
+
+    def _promote(self, level: int, chunks: list[Chunk]) -> None:
+        for tier in self.tiers[:level]:
+            self._write(tier, chunks)
+
+    # -- async ----------------------------------------------------------------------
+    def get_async(self, keys: Sequence[str], outs: Sequence[Any] | None = None) -> Future:
+        """``get`` on the executor at load priority; the future holds its result."""
+        return self._executor.submit(Priority.LOAD, self.get, list(keys), outs)
+
+    def prefetch(self, keys: Sequence[str]) -> Future:
+        """Promote the stored prefix of ``keys`` toward the fastest tier, ahead of a load."""
+        return self._executor.submit(Priority.PREFETCH, self._prefetch, list(keys))
+
+    def _prefetch(self, keys: list[str]) -> int:
+        n = self.lookup(keys)
+        if n and self.tiers[0].backend.contains(keys[:n]) < n:
+            self.get(keys[:n])
+        return n
+
+    def put_async(self, chunks: Sequence[Chunk]) -> Future:
+        """``put`` on the executor at save priority (after pending loads and prefetches)."""
+        return self._executor.submit(Priority.SAVE, self.put, list(chunks))
+
+    # -- the rest -------------------------------------------------------------------
+    def delete(self, keys: Sequence[str]) -> int:
+        """Remove keys from every tier; returns how many tier copies were removed."""
+        return sum(t.backend.delete(keys) for t in self.tiers)
+
+    def pin(self, keys: Sequence[str]) -> None:
+        """Keep ``keys`` from eviction in every tier until ``unpin``."""
+        for t in self.tiers:
+            t.backend.pin(keys)
+
+    def unpin(self, keys: Sequence[str]) -> None:
+        for t in self.tiers:
+            t.backend.unpin(keys)
+
+    def stats(self) -> dict[str, TierStats]:
+        """Per-tier figures, fastest tier first."""
+        return {t.name: self.metrics.snapshot(t.name) for t in self.tiers}
+
+    def check_integrity(self) -> None:
+        """Run every backend's own invariant check."""
+        for t in self.tiers:
+            check = getattr(t.backend, "check_integrity", None)
+            if check is not None:
+                check()
+
+    def close(self) -> None:
+        """Finish queued work, then close every tier."""
+        self._executor.shutdown(wait=True)
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+        for t in self.tiers:
+            t.backend.close()
+
+    def __enter__(self) -> TieredStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _timed(self, tier: Tier, op: str, fn: Any, *args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return fn(*args)
+        finally:
+            self.metrics.latency.labels(tier.name, op).observe(time.perf_counter() - start)
+
+
+def _nbytes(buf: Any) -> int:
+    """Size of a caller's buffer (numpy array, tensor, memoryview), 0 for None."""
+    if buf is None:
+        return 0
+    n = getattr(buf, "nbytes", None)
+    return int(n) if n is not None else memoryview(buf).nbytes
