@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from backends.base import Backend, GetResult, Usage
+from backends.pins import PinCounts
 from backends.pool import PagedPool, Run, flat_bytes, pages_to_runs
 from store.chunk import Chunk, ChunkHeader
 from store.policy import POLICIES
@@ -51,7 +52,7 @@ class CPUBackend(Backend):
         self.policy = POLICIES[policy](self.pool.num_pages)
         self._entries: dict[str, _Entry] = {}
         self._writing: set[str] = set()  # keys whose payload is being copied in
-        self._pins: dict[str, int] = {}
+        self._pins = PinCounts()
         self._deferred: dict[str, list[list[int]]] = {}  # pages of deleted-while-pinned keys
         self._lock = threading.Lock()
         self.on_evict = None
@@ -144,8 +145,8 @@ class CPUBackend(Backend):
         with self._lock:
             entries = [None if self._closed else self._entries.get(k) for k in keys]
             hits = [k for k, e in zip(keys, entries, strict=True) if e is not None]
+            self._pins.pin(hits)
             for key in hits:
-                self._pins[key] = self._pins.get(key, 0) + 1
                 self.policy.touch(key)
         results: list[GetResult] = [None] * len(keys)
         try:
@@ -189,17 +190,11 @@ class CPUBackend(Backend):
 
     def pin(self, keys: Sequence[str]) -> None:
         with self._lock:
-            for key in keys:
-                self._pins[key] = self._pins.get(key, 0) + 1
+            self._pins.pin(keys)
 
     def unpin(self, keys: Sequence[str]) -> None:
         with self._lock:
-            for key in keys:
-                left = self._pins.get(key, 0) - 1
-                if left > 0:
-                    self._pins[key] = left
-                    continue
-                self._pins.pop(key, None)
+            for key in self._pins.unpin(keys):
                 for pages in self._deferred.pop(key, []):
                     self.pool.release(pages)
 

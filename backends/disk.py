@@ -23,6 +23,7 @@ from typing import Any
 
 from backends.base import Backend, Corrupt, GetResult, Usage
 from backends.diskio import read_chunk_file, scan_chunk_files, write_chunk_file
+from backends.pins import PinCounts
 from backends.pool import flat_bytes
 from store.chunk import HEADER_READ_SIZE, Chunk, ChunkError
 from store.policy import POLICIES
@@ -54,7 +55,7 @@ class DiskBackend(Backend):
         self.policy = POLICIES[policy](capacity)
         self._sizes: dict[str, int] = {}
         self._writing: set[str] = set()
-        self._pins: dict[str, int] = {}
+        self._pins = PinCounts()
         self._used = 0
         self._lock = threading.Lock()
         self.on_evict = None
@@ -200,17 +201,11 @@ class DiskBackend(Backend):
 
     def pin(self, keys: Sequence[str]) -> None:
         with self._lock:
-            for key in keys:
-                self._pins[key] = self._pins.get(key, 0) + 1
+            self._pins.pin(keys)
 
     def unpin(self, keys: Sequence[str]) -> None:
         with self._lock:
-            for key in keys:
-                left = self._pins.get(key, 0) - 1
-                if left > 0:
-                    self._pins[key] = left
-                else:
-                    self._pins.pop(key, None)
+            self._pins.unpin(keys)
 
     def usage(self) -> Usage:
         with self._lock:
