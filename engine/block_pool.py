@@ -14,6 +14,7 @@ class KVBlock:
     ref_cnt: int = 0
     block_hash: BlockHash | None = None
     token_ids: tuple[int, ...] | None = None  # the tokens whose KV it holds, to confirm hits
+    parent_hash: BlockHash | None = None  # the previous block's hash, for KV events
     prev: KVBlock | None = None  # free-queue links; None when not queued
     next: KVBlock | None = None
 
@@ -65,7 +66,8 @@ class BlockPool:
     """Owns every block. A block is either referenced (ref_cnt > 0) or in the free queue;
     a free block may still hold cached KV (its hash stays in the map) until it is reused.
 
-    ``events`` records ``("stored" | "removed", block_hash)`` for the KV-event publisher.
+    ``events`` records ``("stored" | "removed" | "cleared", block_hash)`` for the KV-event
+    publisher (``connector.events.engine_events`` turns them into typed events).
     """
 
     def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
@@ -115,11 +117,17 @@ class BlockPool:
             if b.ref_cnt == 0:
                 self.free_queue.append(b)
 
-    def cache_block(self, block: KVBlock, block_hash: BlockHash, token_ids: tuple[int, ...]) -> None:
+    def cache_block(
+        self,
+        block: KVBlock,
+        block_hash: BlockHash,
+        token_ids: tuple[int, ...],
+        parent_hash: BlockHash | None = None,
+    ) -> None:
         """Record that ``block`` now holds the full block named ``block_hash``."""
         if not self.enable_caching or block.block_hash is not None:
             return
-        block.block_hash, block.token_ids = block_hash, token_ids
+        block.block_hash, block.token_ids, block.parent_hash = block_hash, token_ids, parent_hash
         if block_hash not in self.cached:  # a duplicate keeps the first block as the hit
             self.cached[block_hash] = block
             self.events.append(("stored", block_hash))
@@ -129,7 +137,7 @@ class BlockPool:
         if self.free_queue.size != len(self.blocks):
             return False
         for b in self.blocks:
-            b.block_hash = b.token_ids = None
+            b.block_hash = b.token_ids = b.parent_hash = None
         self.cached.clear()
         self.events.append(("cleared", b""))
         return True
@@ -145,7 +153,7 @@ class BlockPool:
         if self.cached.get(h) is block:
             del self.cached[h]
             self.events.append(("removed", h))
-        block.block_hash = block.token_ids = None
+        block.block_hash = block.token_ids = block.parent_hash = None
 
     def check_integrity(self) -> None:
         """Raise if ref counts, the free queue and the hash map disagree."""

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from engine.errors import EngineError
+
+if TYPE_CHECKING:
+    from store.config import StoreConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,6 +31,39 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-prefix-caching", action="store_true")
+    kv = p.add_argument_group("KV connector (save and load KV through a tiered store)")
+    kv.add_argument("--kv-connector", default="none", help="none or tiered")
+    kv.add_argument("--kv-config", default=None, help="store YAML file (docs/store.md)")
+    kv.add_argument("--kv-load-failure-policy", default="recompute", help="recompute or fail")
+    kv.add_argument("--kv-load-timeout", type=float, default=5.0, help="seconds a load may take")
+    kv.add_argument("--kv-save-decoded", action="store_true", help="also save generated tokens' KV")
+    kv.add_argument("--kv-chunk-size", default=None, help="tokens per stored chunk")
+    kv.add_argument("--kv-cpu-size", default=None, help="cpu tier size, e.g. 4GiB")
+    kv.add_argument("--kv-disk-path", default=None, help="adds a disk tier in this directory")
+    kv.add_argument("--kv-disk-size", default=None, help="disk tier size, e.g. 64GiB")
+    kv.add_argument("--kv-redis-url", default=None, help="adds a redis/valkey tier, e.g. redis://host:6379/0")
+
+
+def kv_config_from_args(args: argparse.Namespace) -> StoreConfig | None:
+    """The store config of ``--kv-config`` with the ``--kv-*`` tier flags over it.
+
+    A tier flag adds its tier when the file does not list it (tiers stay fastest first).
+    """
+    from store.config import TIERS, ConfigError, StoreConfig
+
+    flags = {"chunk_size": args.kv_chunk_size, "cpu.size": args.kv_cpu_size,
+             "disk.path": args.kv_disk_path, "disk.size": args.kv_disk_size,
+             "redis.url": args.kv_redis_url}  # fmt: skip
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if args.kv_connector == "none":
+        if overrides or args.kv_config:
+            raise ConfigError("--kv-config and the --kv-* tier flags need --kv-connector tiered")
+        return None
+    base = StoreConfig.load(args.kv_config)
+    tiers = set(base.tiers)
+    tiers.update(t for t in ("cpu", "disk", "redis") if any(k.startswith(t + ".") for k in overrides))
+    overrides["tiers"] = [t for t in TIERS if t in tiers]
+    return StoreConfig.load(args.kv_config, overrides=overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _generate(args: argparse.Namespace) -> int:
     from engine import LLM, SamplingParams
+    from store.config import ConfigError
+
+    try:
+        kv_config = kv_config_from_args(args)
+    except ConfigError as e:
+        print(f"engine: error: {e}", file=sys.stderr)
+        return 2
 
     params = SamplingParams(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -58,9 +102,12 @@ def _generate(args: argparse.Namespace) -> int:
         args.model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, block_size=args.block_size,
-        enable_prefix_caching=not args.no_prefix_caching,
+        enable_prefix_caching=not args.no_prefix_caching, kv_connector=args.kv_connector,
+        kv_config=kv_config, kv_load_failure_policy=args.kv_load_failure_policy,
+        kv_load_timeout=args.kv_load_timeout, kv_save_decoded=args.kv_save_decoded,
     )
-    out = llm.generate([args.prompt], params)[0]
+    with llm:  # close() finishes pending KV saves before the process exits
+        out = llm.generate([args.prompt], params)[0]
     if args.json:
         print(json.dumps({"model": args.model, "prompt": args.prompt, **out.to_dict()}, indent=2))
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -41,6 +42,12 @@ class EngineConfig:
     ``kv_cache_memory`` sizes the paged KV cache (bytes or ``"2GiB"``). Unset, it is
     ``gpu_memory_utilization`` of the free GPU memory on CUDA, and on the CPU what
     ``max_num_seqs`` full-length sequences need, capped at 2 GiB.
+
+    ``kv_connector`` names the connector that saves and loads KV outside the engine
+    (``none`` or ``tiered``); ``kv_config`` configures it (for ``tiered``: a store YAML
+    path, a mapping of store keys, or a ``store.config.StoreConfig``). A load that fails
+    or takes longer than ``kv_load_timeout`` seconds is recomputed
+    (``kv_load_failure_policy="recompute"``) or fails its request (``"fail"``).
     """
 
     model: str = "tiny"
@@ -55,6 +62,12 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None
     seed: int = 0
+    kv_connector: str = "none"
+    kv_config: Any = None
+    kv_load_failure_policy: str = "recompute"
+    kv_load_timeout: float = 5.0
+    kv_save_decoded: bool = False  # also save generated tokens' KV (a later turn reuses it)
+    enable_kv_events: bool = False  # keep typed KV events for take_kv_events()
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -70,6 +83,24 @@ class EngineConfig:
             raise InvalidRequestError("gpu_memory_utilization must be in (0, 1]")
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_size(self.kv_cache_memory, "kv_cache_memory")
+        self._check_kv_connector()
+
+    def _check_kv_connector(self) -> None:
+        from connector.base import LOAD_FAILURE_POLICIES, connector_names
+
+        if self.kv_connector not in connector_names():
+            raise InvalidRequestError(
+                f"kv_connector must be one of {', '.join(connector_names())}, got {self.kv_connector!r}"
+            )
+        if self.kv_load_failure_policy not in LOAD_FAILURE_POLICIES:
+            raise InvalidRequestError(
+                f"kv_load_failure_policy must be one of {', '.join(LOAD_FAILURE_POLICIES)}, "
+                f"got {self.kv_load_failure_policy!r}"
+            )
+        if not self.kv_load_timeout > 0:
+            raise InvalidRequestError(f"kv_load_timeout must be > 0 seconds, got {self.kv_load_timeout}")
+        if self.kv_config is not None and self.kv_connector == "none":
+            raise InvalidRequestError("kv_config is set but kv_connector is 'none'")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

@@ -11,3 +11,7 @@ class InvalidRequestError(EngineError, ValueError):
 
 class ModelLoadError(EngineError):
     """A model name or checkpoint cannot be loaded (unknown preset, missing or broken files)."""
+
+
+class KVLoadError(EngineError):
+    """Loading a request's KV from the connector failed under ``kv_load_failure_policy="fail"``."""

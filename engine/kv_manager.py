@@ -79,7 +79,8 @@ class KVCacheManager:
         n_full = req.num_computed_tokens // bs
         tokens = req.all_token_ids
         for i in range(start, n_full):
-            self.pool.cache_block(blocks[i], req.block_hashes[i], tuple(tokens[i * bs : (i + 1) * bs]))
+            parent = req.block_hashes[i - 1] if i else None
+            self.pool.cache_block(blocks[i], req.block_hashes[i], tuple(tokens[i * bs : (i + 1) * bs]), parent)
         self._num_registered[req.request_id] = max(start, n_full)
 
     def free(self, req: Request) -> None:

@@ -21,6 +21,16 @@ class LLM:
     def __init__(self, model: str = "tiny", **kwargs) -> None:
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
 
+    def close(self) -> None:
+        """Finish pending KV saves (a ``kv_connector``'s store) and release them."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

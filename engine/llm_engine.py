@@ -5,19 +5,24 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.config import EngineConfig
-from engine.errors import InvalidRequestError
+from engine.errors import InvalidRequestError, KVLoadError
 from engine.kv_manager import KVCacheManager
-from engine.loader import open_model
+from engine.loader import ModelSource, open_model
 from engine.outputs import RequestMetrics, RequestOutput
 from engine.request import Request
 from engine.runner import ModelRunner
 from engine.sampler import sample
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
+
+if TYPE_CHECKING:
+    from connector.base import KVConnectorBase
+    from connector.events import KVCacheEvent
 
 Prompt = str | Sequence[int]
 
@@ -33,14 +38,51 @@ class LLMEngine:
         self.tokenizer = source.tokenizer
         self.runner = ModelRunner(config, source)
         self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.connector = self._make_connector(source)
+        if self.connector is not None:
+            self.runner.attach_connector(self.connector)
         sched_cfg = SchedulerConfig(
-            config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill
+            config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
+            config.enable_kv_events,
         )
-        self.scheduler = Scheduler(sched_cfg, self.kv)
+        self.scheduler = Scheduler(sched_cfg, self.kv, self.connector)
         self.eos_token_ids = frozenset(source.config.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.generator = torch.Generator().manual_seed(config.seed)
         self._ids = itertools.count()
+
+    def _make_connector(self, source: ModelSource) -> KVConnectorBase | None:
+        """The configured KV connector bound to this model, or None for ``none``."""
+        if self.config.kv_connector == "none":
+            return None
+        from connector.base import ConnectorContext, create_connector
+        from connector.setup import model_fingerprint
+
+        mc, r = source.config, self.runner
+        ctx = ConnectorContext(
+            model_fingerprint(source, r.dtype), self.config.block_size, mc.num_layers,
+            mc.num_kv_heads, mc.head_dim, r.dtype, r.device, self.config.kv_config,
+            self.config.kv_load_failure_policy, self.config.kv_load_timeout,
+            self.config.enable_kv_events, self.config.kv_save_decoded,
+        )  # fmt: skip
+        try:
+            return create_connector(self.config.kv_connector, ctx)
+        except (ValueError, TypeError) as e:  # the store's ConfigError is a ValueError
+            raise InvalidRequestError(f"kv connector {self.config.kv_connector}: {e}") from None
+
+    def close(self) -> None:
+        """Finish the connector's pending saves and release its store. Idempotent."""
+        if self.connector is not None:
+            self.connector.shutdown()
+            self.connector = None
+            self.scheduler.connector = None
+            self.runner.connector = None
+            self.runner.before_layer = self.runner.after_layer = None
+
+    def take_kv_events(self) -> list[KVCacheEvent]:
+        """KV events since the last call (``enable_kv_events``): the engine cache's and the
+        connector's, in ``connector.events`` types."""
+        return self.scheduler.take_kv_events()
 
     @property
     def max_model_len(self) -> int:
@@ -103,7 +145,10 @@ class LLMEngine:
         if not out.scheduled:
             return []
         logits, sampled = self.runner.execute(out)
-        self.scheduler.update(out)
+        ok = set(self.scheduler.update(out))
+        if len(ok) < len(sampled):  # failed KV loads: those rows read wrong KV, drop them
+            rows = [i for i, s in enumerate(sampled) if s.request in ok]
+            logits, sampled = logits[rows], [sampled[i] for i in rows]
         sampling = [s.request for s in sampled]
         tokens, logprobs = sample(logits, sampling, self.generator)
         outputs = []
@@ -114,7 +159,20 @@ class LLMEngine:
                 self.scheduler.finish(req, reason)
                 self.requests.pop(req.request_id, None)
             outputs.append(self.make_output(req))
+        if out.load_failed and self.config.kv_load_failure_policy == "fail":
+            self._fail_loads(out.load_failed)
         return outputs
+
+    def _fail_loads(self, failed: list[Request]) -> None:
+        """``kv_load_failure_policy="fail"``: abort the requests and say why."""
+        why = self.connector.load_error(failed[0].request_id) if self.connector else None
+        for req in failed:
+            self.abort_request(req.request_id)
+        ids = ", ".join(r.request_id for r in failed)
+        raise KVLoadError(
+            f"loading KV for request(s) {ids} failed ({why or 'unknown error'}); "
+            "kv_load_failure_policy is 'fail' (use 'recompute' to recompute instead)"
+        )
 
     def _stop_reason(self, req: Request) -> str | None:
         tok, p = req.output_token_ids[-1], req.params
@@ -148,7 +206,7 @@ class LLMEngine:
             num_prompt_tokens=len(req.prompt_token_ids),
             num_cached_tokens=max(req.num_cached_tokens, 0),
             num_preemptions=req.num_preemptions,
-            kv_sources={"engine": max(req.num_cached_tokens, 0)},
+            kv_sources=dict(req.kv_sources) or {"engine": max(req.num_cached_tokens, 0)},
         )
         return RequestOutput(
             req.request_id, list(req.prompt_token_ids), list(ids), text, req.finish_reason,

@@ -52,5 +52,6 @@ class RequestOutput:
                 "ttft_s": m.ttft,
                 "e2e_s": (m.finished_time - m.arrival_time) if m.finished_time else None,
                 "num_preemptions": m.num_preemptions,
+                "kv_sources": dict(m.kv_sources),
             },
         }

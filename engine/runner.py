@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from engine.batch import build_batch
@@ -11,6 +13,9 @@ from engine.kv_manager import cdiv
 from engine.loader import ModelSource
 from engine.models.llama import LayerHook, LlamaForCausalLM
 from engine.scheduler import ScheduledRequest, SchedulerOutput
+
+if TYPE_CHECKING:
+    from connector.base import KVConnectorBase
 
 CPU_KV_CAP = 2 * 2**30
 
@@ -36,6 +41,15 @@ class ModelRunner:
         self.max_model_len = min(limit, mc.max_position_embeddings, self.num_blocks * self.block_size)
         self.before_layer: LayerHook | None = None
         self.after_layer: LayerHook | None = None
+        self.connector: KVConnectorBase | None = None
+
+    def attach_connector(self, connector: KVConnectorBase) -> None:
+        """Route every step's KV through ``connector``: its loads land before each layer's
+        attention, its saves read each layer's KV right after."""
+        connector.register_kv_caches(self.kv_caches)
+        self.connector = connector
+        self.before_layer = lambda i, kv: connector.wait_for_layer_load(i)
+        self.after_layer = lambda i, kv: connector.save_kv_layer(i, kv)
 
     def _build_model(self, source: ModelSource) -> LlamaForCausalLM:
         names = source.weight_names
@@ -70,7 +84,13 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[ScheduledRequest]]:
         """Run one step; logits [N, vocab] and the N scheduled requests they belong to."""
         batch = build_batch(out, self.block_size, self.model_config.sliding_window, self.device)
-        hidden = self.model(
-            batch.input_ids, batch.positions, self.kv_caches, batch.attn, self.before_layer, self.after_layer
-        )
+        if self.connector is not None and out.connector_meta is not None:
+            self.connector.start_load_kv(out.connector_meta)
+        try:
+            hidden = self.model(
+                batch.input_ids, batch.positions, self.kv_caches, batch.attn, self.before_layer, self.after_layer
+            )
+        finally:
+            if self.connector is not None:
+                self.connector.wait_for_save()
         return self.model.compute_logits(hidden[batch.logits_indices]), batch.sampled

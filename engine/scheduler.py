@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.kv_manager import KVCacheManager
 from engine.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from connector.base import KVConnectorBase, KVConnectorMetadata
+    from connector.events import KVCacheEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,6 +19,7 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     enable_chunked_prefill: bool = True
+    enable_kv_events: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +40,8 @@ class SchedulerOutput:
     decodes: list[ScheduledRequest] = field(default_factory=list)  # one new token each
     prefills: list[ScheduledRequest] = field(default_factory=list)  # several new tokens
     preempted: list[Request] = field(default_factory=list)
+    connector_meta: KVConnectorMetadata | None = None  # the connector's loads and saves
+    load_failed: list[Request] = field(default_factory=list)  # set by update(): KV recomputes
 
     @property
     def scheduled(self) -> list[ScheduledRequest]:
@@ -51,13 +59,21 @@ class Scheduler:
     chunk), then waiting requests are admitted, their prefix-cache hits skipped and their
     prompts chunked to what is left. When blocks run out the most recently admitted
     running request is preempted: its blocks are freed and it recomputes later.
+
+    With a KV connector, an admitted request's prompt may continue past its prefix-cache
+    hits with tokens the connector loads (external tokens: they need blocks but no
+    compute budget); a load that fails is recomputed from its first failed block.
     """
 
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(
+        self, config: SchedulerConfig, kv: KVCacheManager, connector: KVConnectorBase | None = None
+    ) -> None:
         self.config = config
         self.kv = kv
+        self.connector = connector
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self._kv_events: list[KVCacheEvent] = []
 
     def add_request(self, req: Request) -> None:
         self.waiting.append(req)
@@ -70,6 +86,8 @@ class Scheduler:
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted:
             self._schedule_waiting(out, budget)
+        if self.connector is not None:
+            out.connector_meta = self.connector.build_connector_meta(out)
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -91,24 +109,44 @@ class Scheduler:
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            cached = self.kv.find_cached_prefix(req)
-            num_cached = len(cached) * self.kv.block_size
-            num_new = req.num_tokens - num_cached
-            if num_new > budget:
-                if not self.config.enable_chunked_prefill:
-                    break
-                num_new = budget
-            if not self.kv.allocate_slots(req, num_new, cached):
+            num_new = self._admit(self.waiting[0], budget)
+            if num_new is None:
                 break
-            self.waiting.popleft()
-            req.num_computed_tokens = num_cached
-            if req.num_cached_tokens < 0:
-                req.num_cached_tokens = num_cached
+            req = self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             self._add_scheduled(out, req, num_new)
             budget -= num_new
+
+    def _admit(self, req: Request, budget: int) -> int | None:
+        """Give ``req`` its cached prefix, external tokens and blocks for its first chunk;
+        the number of tokens it computes now, or None (nothing changed) if it cannot run."""
+        cached = self.kv.find_cached_prefix(req)
+        num_cached = len(cached) * self.kv.block_size
+        num_external = self._external_tokens(req, num_cached)
+        num_new = req.num_tokens - num_cached - num_external
+        if num_new > budget:
+            if not self.config.enable_chunked_prefill:
+                return None
+            num_new = budget
+        if not self.kv.allocate_slots(req, num_external + num_new, cached):
+            return None
+        req.num_computed_tokens = num_cached + num_external
+        if self.connector is not None:
+            self.connector.update_state_after_alloc(req, self.kv.block_ids(req.request_id), num_external)
+        if req.num_cached_tokens < 0:  # metrics describe the first admission
+            req.num_cached_tokens = num_cached
+            req.kv_sources = {"engine": num_cached}
+            if self.connector is not None:
+                req.kv_sources.update(self.connector.external_token_sources(req))
+        return num_new
+
+    def _external_tokens(self, req: Request, num_cached: int) -> int:
+        """Prompt tokens after the engine's prefix the connector can load (0 without one)."""
+        if self.connector is None:
+            return 0
+        n, _ = self.connector.get_num_new_matched_tokens(req, num_cached)
+        return min(n or 0, req.num_tokens - 1 - num_cached)  # one token always computes
 
     def _add_scheduled(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
         s = ScheduledRequest(req, req.num_computed_tokens, num_new, self.kv.block_ids(req.request_id))
@@ -122,17 +160,55 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def update(self, out: SchedulerOutput) -> list[Request]:
-        """Advance progress after the step ran; returns the requests that sampled a token."""
+        """Advance progress after the step ran; returns the requests that sampled a token.
+
+        A request whose KV load failed in this step goes back to its first failed block
+        (it recomputes from there) and samples nothing: its logits read wrong KV.
+        """
+        failed = self.connector.get_block_ids_with_load_errors() if self.connector else set()
         sampled = []
         for s in out.scheduled:
             req = s.request
             if req.is_finished:  # aborted while the step ran
                 continue
+            good_end = self._first_failed_token(s, failed) if failed else None
+            if good_end is not None:
+                self._recompute_from(req, good_end)
+                out.load_failed.append(req)
+                continue
             req.num_computed_tokens += s.num_new_tokens
             self.kv.register_full_blocks(req)
             if s.samples:
                 sampled.append(req)
+        self._collect_kv_events()
         return sampled
+
+    def _first_failed_token(self, s: ScheduledRequest, failed: set[int]) -> int | None:
+        bad = next((i for i, b in enumerate(s.block_ids) if b in failed), None)
+        return None if bad is None else bad * self.kv.block_size
+
+    def _recompute_from(self, req: Request, good_end: int) -> None:
+        req.num_computed_tokens = good_end
+        self.kv.register_full_blocks(req)
+        if req.kv_sources and self.connector is not None:  # count only what really loaded
+            req.kv_sources = {"engine": req.kv_sources.get("engine", 0),
+                              **self.connector.external_token_sources(req, good_end)}  # fmt: skip
+
+    def _collect_kv_events(self) -> None:
+        """Turn this step's block-pool records into typed events (or drop them)."""
+        raw = self.kv.pool.take_events()
+        if not self.config.enable_kv_events:
+            return
+        from connector.events import engine_events
+
+        self._kv_events += engine_events(raw, self.kv.pool.cached, self.kv.block_size)
+
+    def take_kv_events(self) -> list[KVCacheEvent]:
+        """Events of the engine's cache (medium ``GPU``) and of the connector's media."""
+        events, self._kv_events = self._kv_events, []
+        if self.connector is not None:
+            events += self.connector.take_events()
+        return events
 
     def finish(self, req: Request, reason: str) -> None:
         """Remove ``req`` from the queues and free its blocks."""
@@ -142,6 +218,8 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        if self.connector is not None:
+            self.connector.request_finished(req, self.kv.block_ids(req.request_id))
         self.kv.free(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason

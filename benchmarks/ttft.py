@@ -1,0 +1,181 @@
+"""TTFT cold vs warm through the tiered connector, per tier, against the load limit.
+
+    python benchmarks/ttft.py [--lengths 1024,4096,8192] [--tiers cpu,disk,redis]
+        [--redis-url URL] [--disk-path DIR] [--json bench-results/ttft.json]
+
+Model: the ``bench`` preset (12 layers, 4 KV heads x 64, float32 on the CPU: 24 KiB of
+KV per token). Each prompt is random token ids from a fixed seed per length.
+
+Per length:
+  off     the engine without a connector (``kv_connector="none"``), a cold prompt:
+          the baseline the connector must not slow down.
+  cold    connector on, the store empty for this prompt (nothing to hit; the prompt's
+          chunks are staged and saved as it runs).
+  warm    the same prompt again, its whole chunks loaded from the tier (the engine's
+          own prefix cache is off, so every hit comes from the store); best of
+          ``--repeats``. The last ``len % chunk`` tokens (at least one) still compute.
+  limit   the load alone at the tier's measured get bandwidth (``store.bench``, chunks
+          of the same size as here) plus one decode step: loaded bytes / GB/s + step.
+
+TTFT is ``RequestMetrics.ttft`` (arrival to first token) of a single request. The
+redis tier needs a server: ``--redis-url``, or a private ``redis-server`` is started
+when the binary is installed (otherwise the tier is skipped with a note).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine import LLM, SamplingParams  # noqa: E402
+from engine.presets import PRESETS  # noqa: E402
+from store.bench import bench_config, bench_tier  # noqa: E402
+from store.config import from_flat  # noqa: E402
+
+MODEL = "bench"
+CHUNK = 256
+
+
+def prompt(length: int) -> list[int]:
+    rng = random.Random(length)
+    return [rng.randrange(3, PRESETS[MODEL].vocab_size) for _ in range(length)]
+
+
+def ttft(llm: LLM, ids: list[int], max_tokens: int = 1) -> tuple[float, float | None, dict]:
+    """(TTFT s, the following decode step s or None, kv_sources) of one request."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    out = llm.generate([ids], params)[0]
+    m = out.metrics
+    step = (m.finished_time - m.first_token_time) if max_tokens == 2 else None
+    return m.ttft, step, dict(m.kv_sources)
+
+
+def store_flat(tier: str, args: argparse.Namespace, need: int) -> dict:
+    flat = {"tiers": [tier], "chunk_size": CHUNK, "cpu.size": max(need, 2**28)}
+    if tier == "disk":
+        flat.update({"disk.path": args.disk_path, "disk.size": 2 * need, "disk.fsync": False})
+    if tier == "redis":
+        flat["redis.url"] = args.redis_url
+    return flat
+
+
+def tier_get_gbps(tier: str, flat: dict, chunk_bytes: int) -> float:
+    """The tier's get bandwidth for chunks of ``chunk_bytes`` (``kvstore bench``'s method)."""
+    cfg = bench_config(tier, chunk_bytes, from_flat(flat), total=32 * chunk_bytes)
+    return bench_tier(tier, chunk_bytes, cfg, total=32 * chunk_bytes).get
+
+
+def start_redis() -> tuple[subprocess.Popen | None, str | None]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None, None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([binary, "--port", str(port), "--save", "", "--appendonly", "no",
+                             "--maxmemory", "0"], stdout=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(0.5)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def engine_kwargs(max_len: int) -> dict:
+    return dict(enable_prefix_caching=False, kv_cache_memory="1GiB", max_num_seqs=4,
+                max_num_batched_tokens=2048, max_model_len=max_len + 16)  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> dict:
+    lengths = [int(x) for x in args.lengths.split(",")]
+    tiers = [t for t in args.tiers.split(",") if t]
+    mc = PRESETS[MODEL]
+    per_token = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * 4
+    need = per_token * max(lengths) * 2
+    kw = engine_kwargs(max(lengths))
+    results: dict = {"model": MODEL, "chunk_size": CHUNK, "kv_bytes_per_token": per_token,
+                     "lengths": lengths, "off": {}, "tiers": {}}  # fmt: skip
+    off = LLM(MODEL, **kw)
+    ttft(off, prompt(64))  # warm-up: first-call allocations
+    for n in lengths:
+        results["off"][n] = ttft(off, prompt(n))[0]
+        print(f"off     {n:>6} tokens  ttft {results['off'][n]:.3f}s", flush=True)
+    del off
+    for tier in tiers:
+        if tier == "redis" and args.redis_url is None:
+            print("redis: no --redis-url and no redis-server binary; skipped")
+            continue
+        flat = store_flat(tier, args, need)
+        gbps = tier_get_gbps(tier, flat, CHUNK * per_token)
+        llm = LLM(MODEL, kv_connector="tiered", kv_config=flat, **kw)
+        ttft(llm, prompt(64))
+        rows = {}
+        for n in lengths:
+            ids = prompt(n)
+            cold = ttft(llm, ids)[0]
+            llm.engine.connector.flush()
+            warm, steps, srcs = [], [], {}
+            for _ in range(args.repeats):
+                t, step, srcs = ttft(llm, ids, max_tokens=2)
+                warm.append(t)
+                steps.append(step)
+            loaded = srcs.get(tier, 0)
+            limit = loaded * per_token / (gbps * 1e9) + min(steps)
+            rows[n] = {"cold": cold, "warm": min(warm), "decode_step": min(steps),
+                       "loaded_tokens": loaded, "load_limit": limit, "get_gbps": gbps}  # fmt: skip
+            print(f"{tier:<7} {n:>6} tokens  cold {cold:.3f}s  warm {min(warm):.3f}s  "
+                  f"limit {limit:.3f}s  ({loaded} tokens loaded at {gbps:.2f} GB/s)", flush=True)  # fmt: skip
+        llm.close()
+        results["tiers"][tier] = rows
+    return results
+
+
+def table(res: dict) -> str:
+    lines = [f"{'tier':<6} {'tokens':>6} {'off s':>8} {'cold s':>8} {'warm s':>8} "
+             f"{'cold/warm':>9} {'limit s':>8} {'warm/limit':>10} {'on/off':>7}"]  # fmt: skip
+    for tier, rows in res["tiers"].items():
+        for n, r in rows.items():
+            off = res["off"][n]
+            lines.append(
+                f"{tier:<6} {n:>6} {off:>8.3f} {r['cold']:>8.3f} {r['warm']:>8.3f} "
+                f"{r['cold'] / r['warm']:>8.1f}x {r['load_limit']:>8.3f} "
+                f"{r['warm'] / r['load_limit']:>9.2f}x {r['cold'] / off:>6.2f}x"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--lengths", default="1024,4096,8192")
+    p.add_argument("--tiers", default="cpu,disk,redis")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--redis-url", default=None)
+    p.add_argument("--disk-path", default=None)
+    p.add_argument("--json", default="bench-results/ttft.json")
+    args = p.parse_args()
+    proc = None
+    if "redis" in args.tiers and args.redis_url is None:
+        proc, args.redis_url = start_redis()
+    tmp = tempfile.TemporaryDirectory(prefix="ttft-disk-")
+    args.disk_path = args.disk_path or tmp.name
+    try:
+        res = run(args)
+    finally:
+        if proc is not None:
+            proc.terminate()
+        tmp.cleanup()
+    print(table(res))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(res, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

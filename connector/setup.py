@@ -1,0 +1,75 @@
+"""Connector set-up from the engine's side: the model fingerprint and the store config.
+
+The fingerprint binds every stored chunk to the exact model that computed it: KV from
+other weights, another dtype or another layout must never load (DESIGN.md, "The one
+key"). The weights digest is xxh3-128 over the checkpoint's safetensors files (read
+once, streamed; ~GB/s), or, for a built-in preset, a digest of its shape and seed, which
+determine its random weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import xxhash
+
+from engine.loader import ModelSource
+from engine.presets import PRESET_SEED, PRESETS
+from store.config import StoreConfig
+from store.config_load import flatten
+from store.keys import ModelFingerprint, sha256_cbor
+
+_READ = 8 << 20
+
+
+def weights_digest(source: ModelSource) -> str:
+    """A digest of ``source``'s weights that two processes (or machines) agree on."""
+    if source.name in PRESETS:
+        shape = json.dumps(PRESETS[source.name].to_hf(), sort_keys=True)
+        return "preset-sha256:" + sha256_cbor((shape, PRESET_SEED)).hex()[:32]
+    h = xxhash.xxh3_128()
+    for f in sorted(Path(source.name).glob("*.safetensors")):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(_READ):
+                h.update(block)
+    return "xxh3-128:" + h.hexdigest()
+
+
+def model_fingerprint(source: ModelSource, dtype: torch.dtype) -> ModelFingerprint:
+    """The fingerprint of ``source`` run in ``dtype`` (single rank: tp 0 of 1).
+
+    The model name is the preset name or the checkpoint directory's base name, not its
+    full path, so two machines holding one checkpoint under different paths agree.
+    """
+    mc = source.config
+    name = source.name if source.name in PRESETS else Path(source.name).name
+    return ModelFingerprint(
+        model=name,
+        weights_digest=weights_digest(source),
+        dtype=str(dtype).removeprefix("torch."),
+        num_layers=mc.num_layers,
+        num_kv_heads=mc.num_kv_heads,
+        head_dim=mc.head_dim,
+    )
+
+
+def resolve_store_config(kv_config: Any) -> StoreConfig:
+    """A ``StoreConfig`` from a YAML path, a (nested or dotted) mapping, a StoreConfig or
+    ``None`` (defaults). ``KVSTORE_*`` environment variables apply to paths, mappings and
+    None, as for the daemon."""
+    if isinstance(kv_config, StoreConfig):
+        return kv_config
+    if kv_config is None:
+        return StoreConfig.load()
+    if isinstance(kv_config, (str, Path)):
+        return StoreConfig.load(str(kv_config))
+    if isinstance(kv_config, Mapping):
+        return StoreConfig.load(overrides=flatten(dict(kv_config)))
+    raise TypeError(
+        f"kv_config must be a store YAML path, a mapping or a StoreConfig, got {type(kv_config).__name__}"
+    )

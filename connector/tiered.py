@@ -1,0 +1,266 @@
+"""TieredConnector: the engine's KV saved to and loaded from a ``TieredStore``.
+
+Scheduler side: on admission, the store's longest stored prefix of the prompt (whole
+chunks, keys from ``store.keys.chunk_refs`` bound to the model fingerprint) beyond the
+engine's own prefix-cache hits becomes external tokens; each step's metadata lists the
+loads planned at admission and the whole prompt chunks that step completes.
+
+Worker side (``connector/transfer.py``): loads are fetched into staging buffers and each
+layer's share is written into the paged cache just before that layer's attention;
+saves copy each layer's blocks out right after its attention, and one ``put_async``
+per step sends the whole chunks. A load that fails or misses its deadline leaves the
+rest of the request to recompute (``recompute``) or fails it (``fail``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import Future, wait
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from connector.base import ConnectorContext, KVConnectorBase
+from connector.events import BlockStored, KVCacheEvent, coalesce_stored, tier_medium
+from connector.plan import (
+    PendingSaveInfo,
+    RequestState,
+    TieredConnectorMetadata,
+    plan_load,
+    plan_saves,
+)
+from connector.setup import resolve_store_config
+from connector.transfer import LoadResult, StepTransfers
+from store.keys import ChunkRef, chunk_refs
+from store.tiered import TieredStore
+
+if TYPE_CHECKING:
+    from engine.request import Request
+    from engine.scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+
+def lookup_tiers(store: TieredStore, keys: Sequence[str]) -> list[str]:
+    """The tier holding each of the leading stored ``keys``: ``TieredStore.lookup``'s
+    walk (a hole in every tier ends the prefix), also saying where each chunk is."""
+    found: list[str] = []
+    while len(found) < len(keys):
+        before = len(found)
+        for tier in store.tiers:
+            n = tier.backend.contains(keys[len(found) :])
+            found += [tier.name] * n
+            if len(found) == len(keys):
+                break
+        if len(found) == before:
+            break
+    return found
+
+
+class TieredConnector(KVConnectorBase):
+    """A connector over one ``TieredStore`` built from ``context.kv_config``."""
+
+    def __init__(self, context: ConnectorContext, store: TieredStore | None = None) -> None:
+        super().__init__(context)
+        config = store.config if store is not None else resolve_store_config(context.kv_config)
+        if config.chunk_size % context.block_size:
+            raise ValueError(
+                f"store chunk_size {config.chunk_size} is not a multiple of the engine's "
+                f"block_size {context.block_size}"
+            )
+        self.store = store if store is not None else TieredStore(config, context.fingerprint)
+        self.chunk_size = config.chunk_size
+        self._requests: dict[str, RequestState] = {}
+        self._load_failed: dict[str, int] = {}  # request id -> first token to recompute
+        self._pending_info: dict[str, PendingSaveInfo] = {}
+        self._puts: list[tuple[Future, list[str]]] = []
+        self._events: list[BlockStored] = []
+        self._kv_caches: list[torch.Tensor] = []
+        self._step: StepTransfers | None = None
+        self._failed_ids: set[str] = set()
+        self._failed_blocks: set[int] = set()
+        self.last_load_results: list[LoadResult] = []
+
+    # -- scheduler side ---------------------------------------------------------------
+    def chunk_refs(self, request: Request, decoded: bool = False) -> list[ChunkRef]:
+        """The store chunks of ``request``'s prompt, or with ``decoded`` of all its tokens
+        so far (whole chunks only)."""
+        bs = self.context.block_size
+        hashes = request.block_hashes
+        if not decoded:
+            hashes = hashes[: len(request.prompt_token_ids) // bs]
+        return chunk_refs(hashes, bs, self.chunk_size, self.context.fingerprint)
+
+    def _state(self, request: Request) -> RequestState:
+        st = self._requests.get(request.request_id)
+        if st is None:
+            st = self._requests[request.request_id] = RequestState(self.chunk_refs(request))
+        return st
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int, bool]:
+        st = self._state(request)
+        st.tiers = lookup_tiers(self.store, [r.key for r in st.refs])
+        st.saved_upto = max(st.saved_upto, st.stored_end)  # stored chunks need no save
+        # A load must leave one prompt token to compute (its step yields the next token):
+        # it stops at the last full block before the prompt's last token, maybe mid-chunk.
+        bs = self.context.block_size
+        st.hit_end = min(st.stored_end, (request.num_tokens - 1) // bs * bs)
+        return max(0, st.hit_end - num_computed_tokens), False
+
+    def update_state_after_alloc(
+        self, request: Request, block_ids: list[int], num_external_tokens: int
+    ) -> None:
+        st = self._state(request)
+        st.load, st.load_start, st.load_end = None, 0, 0
+        if num_external_tokens <= 0:
+            return
+        end = st.hit_end
+        st.load_start, st.load_end = end - num_external_tokens, end
+        st.load = plan_load(st, request.request_id, block_ids, st.load_start, end)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> TieredConnectorMetadata:
+        meta = TieredConnectorMetadata()
+        bs = self.context.block_size
+        for rid, good_end in self._load_failed.items():  # resave what recomputes
+            st = self._requests.get(rid)
+            if st is not None:
+                st.saved_upto = min(st.saved_upto, good_end - good_end % self.chunk_size)
+        self._load_failed.clear()
+        for s in scheduler_output.scheduled:
+            st = self._requests.get(s.request.request_id)
+            if st is None:
+                continue
+            if st.load is not None:
+                meta.loads.append(st.load)
+                st.load = None
+            if (
+                self.context.save_decoded
+                and len(s.request.block_hashes) * bs >= st.refs_end + self.chunk_size
+            ):
+                st.refs = self.chunk_refs(
+                    s.request, decoded=True
+                )  # generated tokens filled a chunk
+            saves = plan_saves(
+                st, s.request.request_id, s.block_ids, s.start + s.num_new_tokens, bs
+            )
+            for spec in saves if self.context.enable_kv_events else ():
+                self._pending_info[spec.key] = self._save_info(s.request, spec.start, spec.end)
+            meta.saves += saves
+        return meta
+
+    def _save_info(self, request: Request, start: int, end: int) -> PendingSaveInfo:
+        bs = self.context.block_size
+        hashes = request.block_hashes[start // bs : end // bs]
+        parent = request.block_hashes[start // bs - 1] if start else None
+        return PendingSaveInfo(list(hashes), parent, list(request.all_token_ids[start:end]))
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        # Saves were copied out of the paged cache during the steps: the blocks may go now.
+        self._requests.pop(request.request_id, None)
+        return False, None
+
+    def external_token_sources(self, request: Request, end: int | None = None) -> dict[str, int]:
+        st = self._requests.get(request.request_id)
+        return st.sources(end) if st is not None else {}
+
+    def take_events(self) -> list[KVCacheEvent]:
+        """``BlockStored`` for chunks whose save completed, one medium per tier written
+        (only with ``context.enable_kv_events``)."""
+        self._reap_puts()
+        events, self._events = coalesce_stored(self._events), []
+        return events
+
+    def _reap_puts(self) -> None:
+        """Turn completed saves into events (or forget them when nobody asked for events)."""
+        done = [(f, keys) for f, keys in self._puts if f.done()]
+        self._puts = [(f, keys) for f, keys in self._puts if not f.done()]
+        media = [
+            t.name
+            for i, t in enumerate(self.store.tiers)
+            if i == 0 or t.write_policy == "write_through"
+        ]
+        for fut, keys in done:
+            infos = [self._pending_info.pop(k) for k in keys if k in self._pending_info]
+            if not self.context.enable_kv_events or fut.exception() is not None:
+                continue
+            if fut.result() < len(keys):
+                continue  # put() counts, it does not say which chunk failed: claim none
+            for tier in media:
+                self._events += [BlockStored(i.block_hashes, i.parent, i.token_ids, self.context.block_size,
+                                             medium=tier_medium(tier)) for i in infos]  # fmt: skip
+
+    # -- worker side ------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: Sequence[torch.Tensor]) -> None:
+        self._kv_caches = list(kv_caches)
+
+    def start_load_kv(self, metadata: TieredConnectorMetadata) -> None:
+        self._failed_ids, self._failed_blocks = set(), set()
+        self.last_load_results = []
+        if not metadata.loads and not metadata.saves:
+            self._step = None
+            return
+        self._step = StepTransfers(
+            self.context, self.store, self.chunk_size, self._kv_caches, metadata
+        )
+        self._step.start_loads()
+
+    def wait_for_layer_load(self, layer: int) -> None:
+        step = self._step
+        if step is None or not step.meta.loads:
+            return
+        if step.copies is None:
+            step.resolve_loads()
+            self._record_failures(step.results)
+        step.load_layer(layer)
+
+    def _record_failures(self, results: list[LoadResult]) -> None:
+        self.last_load_results = results
+        bs = self.context.block_size
+        for r in results:
+            if r.error is None:
+                continue
+            if self.context.load_failure_policy == "fail":
+                log.error("kv load for %s failed: %s", r.spec.request_id, r.error)
+            self._failed_ids.add(r.spec.request_id)
+            self._failed_blocks.update(r.spec.block_ids[r.good_end // bs : r.spec.end // bs])
+            self._load_failed[r.spec.request_id] = r.good_end
+
+    def save_kv_layer(
+        self, layer: int, kv_layer: torch.Tensor, attn_metadata: Any = None, **kwargs: Any
+    ) -> None:
+        if self._step is not None and self._step.meta.saves:
+            self._step.save_layer(layer, kv_layer, self._failed_ids)
+
+    def wait_for_save(self) -> None:
+        step, self._step = self._step, None
+        if step is None or not step.meta.saves:
+            return
+        chunks, specs = step.finish_saves(self._failed_ids)
+        for spec in step.meta.saves:
+            if spec.request_id in self._failed_ids:
+                self._pending_info.pop(spec.key, None)
+        if chunks:
+            self._puts.append((self.store.put_async(chunks), [s.key for s in specs]))
+        self._reap_puts()
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return set(self._failed_blocks)
+
+    def load_error(self, request_id: str) -> str | None:
+        """Why the last step's load for ``request_id`` stopped short (None: it did not)."""
+        return next(
+            (r.error for r in self.last_load_results if r.spec.request_id == request_id), None
+        )
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every save handed to the store so far is stored (tests, shutdown)."""
+        wait([f for f, _ in self._puts], timeout=timeout)
+
+    def shutdown(self) -> None:
+        self.flush()
+        self.store.close()
