@@ -57,18 +57,20 @@ def allowed_keys(
     return mask
 
 
-def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-    """Keys and values of the blocks in ``block_tables`` [B, MB] as one contiguous
-    ``[2, B, KVH, MB * BS, D]`` tensor.
+def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of the blocks in ``block_tables`` [B, MB], each ``[B, KVH, MB*BS, D]``.
 
-    ``index_select`` on the contiguous cache copies whole blocks (fast); indexing the
-    strided ``kv_cache[:, 0]`` view instead is several times slower on the CPU. One
-    permuting copy then gives SDPA the contiguous ``[B, KVH, L, D]`` it wants.
+    ``index_select`` on the ``kv_cache[:, 0]`` / ``[:, 1]`` views copies whole blocks (one
+    contiguous run each), so each gather is a single copy; the results are returned as
+    transposed views, which SDPA reads through their strides without another copy.
+    (Advanced indexing ``view[tables]`` is several times slower on the CPU.)
     """
     b, mb = block_tables.shape
     _, _, bs, kvh, d = kv_cache.shape
-    blocks = torch.index_select(kv_cache, 0, block_tables.reshape(-1))  # [B*MB, 2, BS, KVH, D]
-    return blocks.view(b, mb, 2, bs, kvh, d).permute(2, 0, 4, 1, 3, 5).reshape(2, b, kvh, mb * bs, d)
+    flat = block_tables.reshape(-1)
+    keys = torch.index_select(kv_cache[:, 0], 0, flat).view(b, mb * bs, kvh, d).transpose(1, 2)
+    vals = torch.index_select(kv_cache[:, 1], 0, flat).view(b, mb * bs, kvh, d).transpose(1, 2)
+    return keys, vals
 
 
 def paged_attention(
@@ -82,12 +84,15 @@ def paged_attention(
     kv_cache[meta.slot_blocks, 0, meta.slot_offsets] = k
     kv_cache[meta.slot_blocks, 1, meta.slot_offsets] = v
     out = torch.empty_like(q)
+    kvh = kv_cache.shape[3]
     for g in meta.decodes:
-        kv = gather_kv(kv_cache, g.block_tables)  # [2, B, KVH, L, D]
-        o = F.scaled_dot_product_attention(
-            q[g.start : g.end].unsqueeze(2), kv[0], kv[1], attn_mask=g.mask, scale=scale, enable_gqa=True
-        )  # [B, H, 1, D]
-        out[g.start : g.end] = o.squeeze(2)
+        keys, vals = gather_kv(kv_cache, g.block_tables)  # [B, KVH, L, D]
+        b, h, d = g.end - g.start, q.shape[1], q.shape[2]
+        # One query per request: the h // kvh query heads sharing a KV head become that
+        # head's "query rows" (HF's repeat_kv grouping), so no K/V is expanded for GQA.
+        qg = q[g.start : g.end].view(b, kvh, h // kvh, d)
+        o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=g.mask, scale=scale)
+        out[g.start : g.end] = o.view(b, h, d)
     for span in meta.prefills:
         qs = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         if span.mask is None:  # nothing cached before: attend to the fresh k/v causally
@@ -96,7 +101,8 @@ def paged_attention(
             o = F.scaled_dot_product_attention(qs, keys, vals, is_causal=True, scale=scale, enable_gqa=True)
         else:
             n_keys = span.mask.shape[-1]
-            kv = gather_kv(kv_cache, span.block_table[None])[:, :, :, :n_keys]  # [2, 1, KVH, n_keys, D]
-            o = F.scaled_dot_product_attention(qs, kv[0], kv[1], attn_mask=span.mask, scale=scale, enable_gqa=True)
+            keys, vals = gather_kv(kv_cache, span.block_table[None])  # [1, KVH, L, D]
+            keys, vals = keys[:, :, :n_keys], vals[:, :, :n_keys]
+            o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=span.mask, scale=scale, enable_gqa=True)
         out[span.start : span.end] = o.squeeze(0).transpose(0, 1)
     return out
