@@ -2,34 +2,21 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from engine.errors import InvalidRequestError
-
-_SIZE_UNITS = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
-               "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "T": 10**12,
-               "TB": 10**12}
+from store import config as store_config
 
 
 def parse_size(value: int | str, name: str = "size") -> int:
-    """Bytes from an int or a string such as ``512MiB``, ``2GiB``, ``1.5GB``."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        n = value
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
-        unit = m.group(2).upper() if m else None
-        if m is None or unit not in _SIZE_UNITS:
-            raise InvalidRequestError(
-                f"{name}: cannot read {value!r} as a size (use bytes or e.g. 512MiB, 2GiB)"
-            )
-        n = int(float(m.group(1)) * _SIZE_UNITS[unit])
-    if n <= 0:
-        raise InvalidRequestError(f"{name} must be positive, got {value!r}")
-    return n
+    """Bytes from an int or a string such as ``512MiB`` (the store's parser, engine errors)."""
+    try:
+        return store_config.parse_size(value, name)
+    except store_config.ConfigError as e:
+        raise InvalidRequestError(str(e)) from None
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
