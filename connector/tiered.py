@@ -42,22 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def lookup_tiers(store: TieredStore, keys: Sequence[str]) -> list[str]:
-    """The tier holding each of the leading stored ``keys``: ``TieredStore.lookup``'s
-    walk (a hole in every tier ends the prefix), also saying where each chunk is."""
-    found: list[str] = []
-    while len(found) < len(keys):
-        before = len(found)
-        for tier in store.tiers:
-            n = tier.backend.contains(keys[len(found) :])
-            found += [tier.name] * n
-            if len(found) == len(keys):
-                break
-        if len(found) == before:
-            break
-    return found
-
-
 class TieredConnector(KVConnectorBase):
     """A connector over one ``TieredStore`` built from ``context.kv_config``."""
 
@@ -102,7 +86,7 @@ class TieredConnector(KVConnectorBase):
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int, bool]:
         st = self._state(request)
-        st.tiers = lookup_tiers(self.store, [r.key for r in st.refs])
+        st.tiers = self.store.locate([r.key for r in st.refs])
         st.saved_upto = max(st.saved_upto, st.stored_end)  # stored chunks need no save
         # A load must leave one prompt token to compute (its step yields the next token):
         # it stops at the last full block before the prompt's last token, maybe mid-chunk.
