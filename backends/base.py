@@ -107,6 +107,7 @@ REGISTRY: dict[str, tuple[str, str, str | None]] = {
     "gds": ("backends.gds", "GDSBackend", "gpu"),
     "redis": ("backends.redis", "RedisBackend", None),
     "valkey": ("backends.redis", "RedisBackend", None),
+    "remote": ("backends.remote", "RemoteBackend", None),
 }
 """Backend name -> where its class lives. Modules import lazily, on first use."""
 

@@ -19,6 +19,11 @@ def build_backend(name: str, config: StoreConfig) -> Backend:
         return create_backend(
             name, path=t.path, capacity=t.size, policy=t.policy, fsync=t.fsync, o_direct=t.o_direct
         )
+    if name == "remote":
+        return create_backend(
+            "remote", url=t.url, token_file=t.token_file, timeout=t.timeout,
+            connect_timeout=t.connect_timeout, retry_after=t.retry_after, transport=t.transport,
+        )  # fmt: skip
     return create_backend(
         "redis", url=t.url, namespace=t.namespace, ttl=t.ttl, connect_timeout=t.connect_timeout,
         timeout=t.timeout, retry_after=t.retry_after, batch_size=t.batch_size,

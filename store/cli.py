@@ -1,4 +1,4 @@
-"""The ``kvstore`` console script: ``bench`` today; ``serve`` and ``stats`` come with issue 5.
+"""The ``kvstore`` console script: ``serve`` (the daemon), ``stats`` (its table), ``bench``.
 
 Bad input is one line on stderr and exit status 2.
 """
@@ -54,8 +54,16 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-replay", action="store_true", help="skip the trace replay table")
     b.add_argument("--json", nargs="?", const="kvstore-bench.json", default=None, metavar="PATH",
                    help="also write results as JSON (default path kvstore-bench.json)")  # fmt: skip
-    for name in ("serve", "stats"):
-        sub.add_parser(name, help="not yet available (issue 5)")
+    b.add_argument("--url", help="measure a running daemon (kvstore://host:port) instead of tiers")
+    b.add_argument("--auth-token-file", help="with --url: file holding the daemon's bearer token")
+    b.add_argument("--transports", default="stream,shm,grpc",
+                   help="with --url: bulk paths to measure (stream, shm, grpc)")  # fmt: skip
+    from store.daemon.commands import add_client_arguments, add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", help="run the kvstore daemon"))
+    st = sub.add_parser("stats", help="print a daemon's per-tier figures")
+    add_client_arguments(st)
+    st.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return p
 
 
@@ -89,10 +97,13 @@ def _configured(key: str, args: argparse.Namespace) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command in ("serve", "stats"):
-        print(f"kvstore {args.command}: not yet available (issue 5)", file=sys.stderr)
-        return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "stats":
+        return _stats(args)
+    if args.url:
+        return _bench_daemon(args)
     try:
         overrides = _overrides(args.set)
         config = StoreConfig.load(args.config, overrides=overrides)
@@ -123,6 +134,64 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from store.daemon.commands import daemon_config, serve_options
+    from store.daemon.serve import run
+
+    try:
+        config = daemon_config(args, _overrides(args.set))
+        options = serve_options(args)
+    except ConfigError as exc:
+        _fail(str(exc))
+    try:
+        return run(config, options)
+    except OSError as exc:  # a port in use, a disk path that cannot be created
+        _fail(f"cannot start: {exc}")
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from store.daemon.commands import client_of, print_stats
+    from store.stream import RemoteError
+
+    try:
+        client = client_of(args)
+    except ConfigError as exc:
+        _fail(str(exc))
+    try:
+        print_stats(client.stats(), args.url, args.json)
+    except RemoteError as exc:
+        print(f"kvstore stats: {args.url}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    return 0
+
+
+def _bench_daemon(args: argparse.Namespace) -> int:
+    from store.daemon.bench import run_daemon_bench
+    from store.daemon.commands import client_of
+
+    try:
+        sizes = [parse_size(s, "--sizes") for s in args.sizes.split(",") if s.strip()]
+        total = parse_size(args.total, "--total")
+        client = client_of(args)
+    except ConfigError as exc:
+        _fail(str(exc))
+    transports = [t.strip() for t in args.transports.split(",") if t.strip()]
+    bad = [t for t in transports if t not in ("stream", "shm", "grpc")]
+    if bad or not transports:
+        _fail(f"--transports: {','.join(bad) or 'nothing'}; choose from stream, shm, grpc")
+    try:
+        report = run_daemon_bench(client, sizes, total, transports)
+    finally:
+        client.close()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

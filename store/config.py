@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-TIERS = ("gpu", "cpu", "disk", "gds", "redis")
+TIERS = ("gpu", "cpu", "disk", "gds", "redis", "remote")
+REMOTE_TRANSPORTS = ("auto", "shm", "stream", "grpc")
 WRITE_POLICIES = ("write_through", "write_back")
 EVICTION_POLICIES = ("s3fifo", "lru")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -129,6 +130,30 @@ class RedisConfig(TierConfig):
 
 
 @dataclass(slots=True)
+class RemoteConfig(TierConfig):
+    """A kvstore daemon (``kvstore serve``); ``kvstore://host:port`` in ``tiers`` sets ``url``."""
+
+    url: str = "kvstore://127.0.0.1:50051"
+    token_file: str | None = None  # file holding the daemon's bearer token
+    transport: str = "auto"  # bulk data: auto (shm on the same host, else stream), shm, stream, grpc
+    timeout: float = 5.0
+    connect_timeout: float = 1.0
+    retry_after: float = 1.0  # first back-off after an error; doubles up to 30 s
+
+    def validate(self, name: str) -> None:
+        TierConfig.validate(self, name)
+        from store.client import parse_url
+
+        try:
+            parse_url(self.url)
+        except ValueError as exc:
+            raise ConfigError(f"{name}.url: {exc}") from None
+        _check_choice(f"{name}.transport", self.transport, REMOTE_TRANSPORTS)
+        for key in ("timeout", "connect_timeout", "retry_after"):
+            _check_positive(f"{name}.{key}", getattr(self, key))
+
+
+@dataclass(slots=True)
 class StoreConfig:
     """The whole store. Tiers are listed fastest first."""
 
@@ -142,10 +167,14 @@ class StoreConfig:
     disk: DiskConfig = field(default_factory=DiskConfig)
     gds: DiskConfig = field(default_factory=lambda: DiskConfig(path="/var/tmp/kvstore-gds"))
     redis: RedisConfig = field(default_factory=RedisConfig)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.tiers, str):
             self.tiers = [t.strip() for t in self.tiers.split(",") if t.strip()]
+        for i, t in enumerate(self.tiers):
+            if isinstance(t, str) and t.startswith("kvstore://"):  # a daemon named by its url
+                self.remote.url, self.tiers[i] = t, "remote"
         if not self.tiers:
             raise ConfigError(f"tiers: list at least one of {', '.join(TIERS)}")
         for t in self.tiers:
@@ -210,6 +239,7 @@ def _tier_type(name: str) -> type:
         "disk": DiskConfig,
         "gds": DiskConfig,
         "redis": RedisConfig,
+        "remote": RemoteConfig,
     }[name]
 
 

@@ -1,0 +1,460 @@
+"""Client of a ``kvstore serve`` daemon: gRPC for control, a socket stream or shared memory
+for bulk data.
+
+``transport`` chooses the bulk path of ``get`` and ``put``:
+
+* ``shm``: payloads cross through a shared-memory region (same host only);
+* ``stream``: payloads on the daemon's stream port, straight into the caller's buffers;
+* ``grpc``: payloads inline in gRPC messages (slowest; what other languages would use);
+* ``auto`` (default): ``shm`` when the daemon can map this client's region, else ``stream``.
+
+Every blocking step has a deadline (``timeout``). Errors surface as ``RemoteError``
+(a gRPC status name and message) or ``OSError``; backends/remote.py turns them into
+misses. Thread-safe: each concurrent caller borrows its own stream connection.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import grpc
+import numpy as np
+
+from backends.pool import flat_bytes, host_array
+from store.chunk import Chunk, ChunkError, decode_header, encode_prefix, host_view, on_device
+from store.proto import kvstore_pb2 as pb
+from store.proto import kvstore_pb2_grpc as pb_grpc
+from store.shm import Region
+from store.stream import RemoteError, check_reply, recv_frame, recv_into, send_frame, tune
+
+TRANSPORTS = ("auto", "shm", "stream", "grpc")
+DEFAULT_PORT = 50051
+WINDOW_START = 64  # payloads in a region start past the nonce, cache-line aligned
+MAX_REGION_BYTES = 1 << 30
+
+
+class Address(NamedTuple):
+    host: str
+    port: int
+
+
+def parse_url(url: str) -> Address:
+    """``kvstore://host:port`` (port defaults to 50051; IPv6 hosts in brackets)."""
+    scheme, sep, rest = url.partition("://")
+    if scheme != "kvstore" or not sep or not rest or "/" in rest.rstrip("/"):
+        raise ValueError(f"daemon url {url!r}: expected kvstore://host:port")
+    rest = rest.rstrip("/")
+    host, port = rest, str(DEFAULT_PORT)
+    if rest.startswith("["):
+        host, _, tail = rest[1:].partition("]")
+        port = tail.removeprefix(":") or port
+    elif ":" in rest:
+        host, _, port = rest.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"daemon url {url!r}: expected kvstore://host:port")
+    return Address(host, int(port))
+
+
+class _Conn:
+    """One stream connection, optionally with a shared-memory region attached."""
+
+    def __init__(self, sock: socket.socket, region: Region | None) -> None:
+        self.sock = sock
+        self.region = region
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.region is not None:
+            self.region.close()
+
+
+class KVStoreClient:
+    """A connection to the daemon at ``url``; see the module docstring."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None = None,
+        timeout: float = 5.0,
+        connect_timeout: float = 1.0,
+        transport: str = "auto",
+        client_name: str | None = None,
+        region_bytes: int = 64 << 20,
+    ) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport {transport!r} is not one of {', '.join(TRANSPORTS)}")
+        self.address = parse_url(url)
+        self.url = url
+        self.token = token
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.transport = transport
+        self.region_bytes = region_bytes
+        name = client_name or f"{socket.gethostname()}:{os.getpid()}"
+        self._metadata = [("x-kvstore-client", name)]
+        self._name = name
+        if token:
+            self._metadata.append(("authorization", f"Bearer {token}"))
+        host = f"[{self.address.host}]" if ":" in self.address.host else self.address.host
+        self._channel = grpc.insecure_channel(
+            f"{host}:{self.address.port}",
+            options=[("grpc.max_receive_message_length", 1 << 30),
+                     ("grpc.max_send_message_length", 1 << 30),
+                     ("grpc.initial_reconnect_backoff_ms", 100),
+                     ("grpc.min_reconnect_backoff_ms", 100),
+                     ("grpc.max_reconnect_backoff_ms", 2000)],
+        )  # fmt: skip
+        self._stub = pb_grpc.KVStoreStub(self._channel)
+        self._idle: list[_Conn] = []
+        self._lock = threading.Lock()
+        self._stream_port: int | None = None
+        self._shm_ok: bool | None = None if transport in ("auto", "shm") else False
+        self._limits: dict[str, int] = {}
+
+    # -- control (gRPC) -------------------------------------------------------------
+    def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return getattr(self._stub, method)(
+                request, timeout=timeout or self.timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise _remote_error(exc) from None
+
+    def health(self, timeout: float | None = None) -> pb.HealthReply:
+        reply = self._call("Health", pb.HealthRequest(), timeout or self.connect_timeout)
+        self._stream_port = reply.stream_port
+        return reply
+
+    def lookup(self, keys: Sequence[str]) -> list[str]:
+        """The tier holding each leading stored key (its length is the stored prefix)."""
+        return list(self._call("Lookup", pb.LookupRequest(keys=list(keys))).tiers)
+
+    def delete(self, keys: Sequence[str]) -> int:
+        return self._call("Delete", pb.DeleteRequest(keys=list(keys))).removed
+
+    def stats(self) -> pb.StatsReply:
+        return self._call("Stats", pb.StatsRequest())
+
+    # -- bulk -----------------------------------------------------------------------
+    def put(
+        self,
+        chunks: Sequence[Chunk],
+        fingerprint: bytes | None = None,
+        transport: str | None = None,
+    ) -> list[bool]:
+        """Store chunks; per chunk whether the daemon holds it. Bad input: RemoteError."""
+        transport = transport or self.transport
+        if transport == "grpc":
+            return self._grpc_put(chunks, fingerprint)
+        out: list[bool] = []
+        for group in self._put_groups(chunks):
+            out += self._on_conn(transport, self._shm_put, self._stream_put, group, fingerprint)
+        return out
+
+    def get(
+        self,
+        keys: Sequence[str],
+        outs: Sequence[Any] | None = None,
+        fingerprint: bytes | None = None,
+        transport: str | None = None,
+    ) -> list[Chunk | None]:
+        """Each key's chunk or None; payloads land in ``outs[i]`` where given and large
+        enough (host buffers; device tensors are filled through a host copy)."""
+        transport = transport or self.transport
+        results: list[Chunk | None] = [None] * len(keys)
+        if not keys:
+            return results
+        if transport == "grpc":
+            self._grpc_get(list(keys), outs, fingerprint, results)
+            return results
+        self._on_conn(
+            transport, self._shm_get, self._stream_get, list(keys), outs, fingerprint, results
+        )
+        return results
+
+    def _on_conn(self, transport: str, shm: Any, stream: Any, *args: Any) -> Any:
+        """``shm(conn, *args)`` or ``stream(conn, *args)`` on a borrowed connection.
+
+        A pooled connection may be dead (the daemon restarted): a failure to even send on
+        one that was idle is retried once on a fresh connection. Gets and puts are
+        idempotent (keys name content), so a retry never stores anything twice."""
+        for attempt in (0, 1):
+            reused = bool(self._idle)
+            try:
+                with self._borrow(transport) as conn:
+                    run = shm if conn.region is not None and transport != "stream" else stream
+                    return run(conn, *args)
+            except (ConnectionError, BrokenPipeError) as exc:
+                if attempt or not reused or isinstance(exc, TimeoutError):
+                    raise
+                with self._lock:
+                    stale, self._idle = self._idle, []
+                for conn in stale:
+                    conn.close()
+        raise AssertionError("unreachable")
+
+    # -- stream path ----------------------------------------------------------------
+    def _stream_get(self, conn: _Conn, keys: list[str], outs: Any, fp: Any, results: list) -> None:
+        send_frame(conn.sock, {"op": "get", "keys": keys, "fp": fp})
+        for meta in _replies(conn.sock):
+            for index, raw in meta.get("part", ()):
+                header = _header(raw, index, len(keys))
+                dst, final = _destination(outs, index, header.nbytes)
+                recv_into(conn.sock, memoryview(dst))
+                results[index] = Chunk(header, _deliver(dst, final, header.nbytes))
+
+    def _stream_put(self, conn: _Conn, chunks: Sequence[Chunk], fp: Any) -> list[bool]:
+        views = [host_view(c.payload) for c in chunks]  # sizes as sent, whatever headers say
+        rows = [
+            [encode_prefix(c.header), v.nbytes, b""] for c, v in zip(chunks, views, strict=True)
+        ]
+        send_frame(conn.sock, {"op": "put", "fp": fp, "chunks": rows}, *views)
+        return list(check_reply(recv_frame(conn.sock))["stored"])
+
+    # -- shared-memory path ---------------------------------------------------------
+    def _shm_get(self, conn: _Conn, keys: list[str], outs: Any, fp: Any, results: list) -> None:
+        start = 0
+        while start < len(keys):
+            region = conn.region
+            assert region is not None
+            send_frame(conn.sock, {"op": "get", "keys": keys[start:], "fp": fp, "region": True,
+                                   "offset": WINDOW_START, "length": region.size - WINDOW_START})  # fmt: skip
+            done = 0
+            for meta in _replies(conn.sock):
+                if "part" not in meta:
+                    done = meta["done"]
+                    break
+                for index, raw, offset in meta["part"]:
+                    header = _header(raw, index, len(keys) - start)
+                    src = region.array[
+                        WINDOW_START + offset : WINDOW_START + offset + header.nbytes
+                    ]
+                    if src.nbytes != header.nbytes:
+                        raise RemoteError("INTERNAL", "daemon placed a payload outside the region")
+                    dst, final = _destination(outs, start + index, header.nbytes)
+                    np.copyto(dst, src)
+                    results[start + index] = Chunk(header, _deliver(dst, final, header.nbytes))
+            if done == 0:  # the next payload does not fit: a bigger region, or the socket
+                if not self._grow(conn, 2 * region.size):
+                    self._stream_get(
+                        conn, keys[start:], _tail(outs, start), fp, _Offset(results, start)
+                    )
+                    return
+            start += done
+
+    def _shm_put(self, conn: _Conn, chunks: Sequence[Chunk], fp: Any) -> list[bool]:
+        need = WINDOW_START + sum(_aligned(host_view(c.payload).nbytes) for c in chunks)
+        if conn.region is None or (need > conn.region.size and not self._grow(conn, need)):
+            return self._stream_put(conn, chunks, fp)
+        region = conn.region
+        rows, pos = [], 0
+        for c in chunks:
+            n = host_view(c.payload).nbytes
+            np.copyto(
+                region.array[WINDOW_START + pos : WINDOW_START + pos + n],
+                host_array(host_view(c.payload)),
+            )
+            rows.append([encode_prefix(c.header), n, b"", pos])
+            pos += _aligned(n)
+        send_frame(conn.sock, {"op": "put", "fp": fp, "chunks": rows, "region": True,
+                               "offset": WINDOW_START, "length": region.size - WINDOW_START})  # fmt: skip
+        return list(check_reply(recv_frame(conn.sock))["stored"])
+
+    def _grow(self, conn: _Conn, size: int) -> bool:
+        """Replace the connection's region by one of at least ``size`` bytes."""
+        size = max(size, 2 * (conn.region.size if conn.region else 0))
+        if size > MAX_REGION_BYTES:
+            return False
+        region = self._attach(conn.sock, size)
+        if region is None:
+            return False
+        if conn.region is not None:
+            conn.region.close()
+        conn.region = region
+        return True
+
+    def _attach(self, sock: socket.socket, size: int) -> Region | None:
+        """A region the daemon has mapped, or None if it cannot (another host)."""
+        region = Region.create(size)
+        try:
+            send_frame(sock, {"op": "attach", "name": region.name, "nonce": region.nonce})
+            check_reply(recv_frame(sock))
+            return region
+        except RemoteError as exc:
+            if exc.code != "INVALID_ARGUMENT":
+                raise
+            region.close()
+            self._shm_ok = False
+            return None
+        finally:
+            region.unlink()  # both sides have it mapped (or it failed): the name can go
+
+    # -- gRPC path ------------------------------------------------------------------
+    def _grpc_put(self, chunks: Sequence[Chunk], fp: bytes | None) -> list[bool]:
+        """One client-streamed Put per request-sized group, one message per chunk."""
+        out: list[bool] = []
+        for group in self._put_groups(chunks):
+            msgs = (
+                pb.PutRequest(fingerprint=fp or b"", chunks=[pb.Chunk(
+                    header=encode_prefix(c.header), payload=bytes(host_view(c.payload)))])
+                for c in group
+            )  # fmt: skip
+            out += self._call("Put", msgs).stored
+        return out
+
+    def _grpc_get(self, keys: list[str], outs: Any, fp: Any, results: list) -> None:
+        try:
+            for reply in self._call("Get", pb.GetRequest(keys=keys, fingerprint=fp or b"")):
+                header = _header(reply.chunk.header, reply.index, len(keys))
+                dst, final = _destination(outs, reply.index, header.nbytes)
+                np.copyto(dst, np.frombuffer(reply.chunk.payload, np.uint8))
+                results[reply.index] = Chunk(header, _deliver(dst, final, header.nbytes))
+        except grpc.RpcError as exc:
+            raise _remote_error(exc) from None
+
+    # -- connections ----------------------------------------------------------------
+    def _put_groups(self, chunks: Sequence[Chunk]) -> Iterator[Sequence[Chunk]]:
+        """Chunks in requests within the daemon's batch and request-size limits."""
+        max_batch = self._limits.get("max_batch", 1024)
+        max_bytes = self._limits.get("max_request_bytes", 64 << 20)
+        start, size = 0, 0
+        for i, c in enumerate(chunks):
+            if i > start and (i - start >= max_batch or size + c.header.nbytes > max_bytes):
+                yield chunks[start:i]
+                start, size = i, 0
+            size += c.header.nbytes
+        if start < len(chunks):
+            yield chunks[start:]
+
+    def _borrow(self, transport: str) -> _Borrowed:
+        return _Borrowed(self, transport)
+
+    def _take(self, transport: str) -> _Conn:
+        with self._lock:
+            for i, conn in enumerate(self._idle):
+                if transport == "stream" or (conn.region is not None) == bool(self._shm_ok):
+                    return self._idle.pop(i)
+        return self._connect(transport)
+
+    def _connect(self, transport: str) -> _Conn:
+        if self._stream_port is None:
+            self.health()
+        sock = socket.create_connection(
+            (self.address.host, self._stream_port), timeout=self.connect_timeout
+        )
+        try:
+            tune(sock)
+            sock.settimeout(self.timeout)
+            send_frame(sock, {"op": "hello", "token": self.token, "client": self._name})
+            self._limits = check_reply(recv_frame(sock))
+            region = None
+            if transport != "stream" and self._shm_ok is not False:
+                region = self._attach(sock, self.region_bytes)
+                self._shm_ok = region is not None
+            return _Conn(sock, region)
+        except BaseException:
+            sock.close()
+            raise
+
+    def _release(self, conn: _Conn, ok: bool) -> None:
+        if not ok:
+            conn.close()
+            self._stream_port = None  # the daemon may have restarted elsewhere
+            return
+        with self._lock:
+            self._idle.append(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+        self._channel.close()
+
+    def __enter__(self) -> KVStoreClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Borrowed:
+    """``with client._borrow(t) as conn``: a connection, returned to the pool if the
+    request completed, closed if anything went wrong (the stream may be out of step)."""
+
+    def __init__(self, client: KVStoreClient, transport: str) -> None:
+        self.client, self.transport = client, transport
+
+    def __enter__(self) -> _Conn:
+        self.conn = self.client._take(self.transport)
+        return self.conn
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.client._release(self.conn, exc_type is None)
+
+
+class _Offset:
+    """A view of ``results`` from ``start`` (for finishing a get on another path)."""
+
+    def __init__(self, results: list, start: int) -> None:
+        self.results, self.start = results, start
+
+    def __setitem__(self, i: int, v: Any) -> None:
+        self.results[self.start + i] = v
+
+
+def _replies(sock: socket.socket) -> Iterator[dict[str, Any]]:
+    """The frames of one answer: parts, then the final ``ok`` frame (an error frame raises)."""
+    while True:
+        meta = check_reply(recv_frame(sock))
+        yield meta
+        if "part" not in meta:
+            return
+
+
+def _header(raw: Any, index: Any, n: int) -> Any:
+    if not isinstance(index, int) or not 0 <= index < n:
+        raise RemoteError("INTERNAL", f"daemon answered for key index {index!r} of {n}")
+    try:
+        return decode_header(raw)[0]
+    except ChunkError as exc:
+        raise RemoteError("INTERNAL", f"daemon sent an unreadable header: {exc}") from None
+
+
+def _destination(outs: Any, index: int, nbytes: int) -> tuple[np.ndarray, Any]:
+    """Where to land a payload: the caller's host buffer if it fits, else a new array.
+    Returns (host buffer, the caller's device tensor to copy into afterwards, or None)."""
+    out = outs[index] if outs is not None else None
+    if out is not None and not on_device(out):
+        flat = host_array(flat_bytes(out))
+        if flat.nbytes >= nbytes:
+            return flat[:nbytes], None
+    return np.empty(nbytes, dtype=np.uint8), out if out is not None and on_device(out) else None
+
+
+def _deliver(dst: np.ndarray, device_out: Any, nbytes: int) -> Any:
+    if device_out is None:
+        return dst
+    target = flat_bytes(device_out)[:nbytes]
+    import torch
+
+    target.copy_(torch.from_numpy(dst))
+    return target
+
+
+def _tail(outs: Any, start: int) -> Any:
+    return None if outs is None else list(outs)[start:]
+
+
+def _aligned(n: int) -> int:
+    return -(-n // 64) * 64
+
+
+def _remote_error(exc: grpc.RpcError) -> RemoteError:
+    code = exc.code() if hasattr(exc, "code") else None
+    name = code.name if code is not None else "UNKNOWN"
+    return RemoteError(name, exc.details() if hasattr(exc, "details") else str(exc))

@@ -1,0 +1,106 @@
+"""``kvstore serve``: host one TieredStore behind the gRPC API, the stream port and /metrics.
+
+Start-up order: store, stream port, gRPC, metrics; then one line on stdout,
+``kvstore serve: grpc HOST:PORT stream PORT metrics PORT``, for supervisors and tests.
+SIGTERM (or SIGINT) drains: new requests get UNAVAILABLE, those in flight finish (up to
+``drain_timeout`` seconds), then the ports close and the store closes its tiers (the
+disk tier's files stay for the next start). Exit status 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+
+from prometheus_client import start_http_server
+
+from store.config import StoreConfig
+from store.daemon.activity import Activity
+from store.daemon.grpc_api import KVStoreServicer, start_grpc
+from store.daemon.service import Limits, StoreService
+from store.daemon.stream_server import StreamServer
+from store.tiered import TieredStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ServeOptions:
+    """Where and how the daemon listens. Port 0 picks a free port (tests)."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    stream_port: int = 0  # 0: any free port; clients learn it from Health
+    metrics_port: int | None = 9400  # None: no /metrics
+    token: str | None = None
+    limits: Limits = Limits()
+    drain_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("port", "stream_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"{name} must be 0-65535, got {getattr(self, name)}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be 0-65535, got {self.metrics_port}")
+        if self.token is not None and not self.token.strip():
+            raise ValueError("the auth token is empty")
+
+
+class Daemon:
+    """A running daemon; ``stop`` drains and closes it."""
+
+    def __init__(self, config: StoreConfig, options: ServeOptions) -> None:
+        self.options = options
+        self.store = TieredStore(config)
+        self.activity = Activity(self.store.metrics.registry)
+        self.service = StoreService(self.store, options.limits)
+        self.streams = StreamServer(self.service, self.activity, options.token)
+        self.stream_port = self.streams.start(options.host, options.stream_port)
+        max_message = options.limits.max_chunk_bytes + (1 << 20)
+        servicer = KVStoreServicer(self.service, self.activity, self.stream_port)
+        self.grpc, self.port = start_grpc(
+            servicer, f"{options.host}:{options.port}", options.token, max_message
+        )
+        self.metrics_port = None
+        self._http = None
+        if options.metrics_port is not None:
+            self._http, _ = start_http_server(
+                options.metrics_port, options.host, registry=self.store.metrics.registry
+            )
+            self.metrics_port = self._http.server_port
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        """Drain in-flight requests, then close ports and store. Idempotent."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        if not self.activity.drain(self.options.drain_timeout):
+            log.warning("drain timed out with %d requests in flight", self.activity.in_flight)
+        self.grpc.stop(grace=1.0).wait()
+        self.streams.stop()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+        self.store.close()
+
+
+def run(config: StoreConfig, options: ServeOptions) -> int:
+    """Serve until SIGTERM/SIGINT, then drain and return 0."""
+    daemon = Daemon(config, options)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(
+        f"kvstore serve: grpc {options.host}:{daemon.port} stream {daemon.stream_port} "
+        f"metrics {daemon.metrics_port or '-'} tiers {','.join(config.tiers)}",
+        flush=True,
+    )
+    while not stop.wait(3600):
+        pass
+    log.warning("signal received: draining %d requests in flight", daemon.activity.in_flight)
+    daemon.stop()
+    print("kvstore serve: stopped", flush=True)
+    return 0

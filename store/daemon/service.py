@@ -1,0 +1,250 @@
+"""What the daemon does, whatever the transport: checked requests against one TieredStore.
+
+The gRPC API and the bulk stream are thin adapters over ``StoreService``. Every request
+is checked whole before anything is stored (``BadRequest`` names the first problem), so
+bad input never touches a stored chunk.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from backends.pool import host_array
+from store.chunk import Chunk, ChunkError, ChunkHeader, checksum, decode_header
+from store.keys import chunk_key
+from store.metrics import TierStats
+from store.tiered import TieredStore
+
+KEY = re.compile(r"^[0-9a-f]{64}$")
+PART_BYTES = 4 << 20
+"""A get is answered in parts of about this many payload bytes, so the client copies
+one part out while the daemon fetches the next."""
+
+
+class BadRequest(ValueError):
+    """The request is malformed or over a limit: INVALID_ARGUMENT, nothing stored."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-request bounds (``kvstore serve --max-batch`` ...)."""
+
+    max_batch: int = 4096  # keys or chunks in one request
+    max_chunk_bytes: int = 64 << 20  # payload of one chunk
+    max_request_bytes: int = 256 << 20  # payload bytes of one put request
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_chunk_bytes", "max_request_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+class Placed(NamedTuple):
+    """A hit of a get: the key's position in the request, its header, where its payload is
+    (byte offset in the client's window, or None when it follows the frame inline)."""
+
+    index: int
+    header: ChunkHeader
+    offset: int | None
+    payload: Any
+
+
+class SizeIndex:
+    """Payload size of recently seen keys, so a get can place payloads in a client's
+    shared-memory window before reading them. A key names content, so its size never
+    changes; the index forgets the oldest keys past ``capacity``."""
+
+    def __init__(self, capacity: int = 1 << 20) -> None:
+        self.capacity = capacity
+        self._sizes: OrderedDict[str, int] = OrderedDict()
+
+    def get(self, key: str) -> int | None:
+        return self._sizes.get(key)
+
+    def add(self, key: str, nbytes: int) -> None:
+        self._sizes[key] = nbytes
+        if len(self._sizes) > self.capacity:
+            self._sizes.popitem(last=False)
+
+
+class StoreService:
+    """Checked lookup/put/get/delete/stats over ``store`` (which the caller owns)."""
+
+    def __init__(self, store: TieredStore, limits: Limits | None = None) -> None:
+        self.store = store
+        self.limits = limits or Limits()
+        self.sizes = SizeIndex()
+
+    # -- checks ---------------------------------------------------------------------
+    def check_keys(self, keys: Any) -> list[str]:
+        if not isinstance(keys, (list, tuple)) and not hasattr(keys, "__len__"):
+            raise BadRequest("keys must be a list of strings")
+        if len(keys) > self.limits.max_batch:
+            raise BadRequest(f"{len(keys)} keys exceed the batch limit of {self.limits.max_batch}")
+        for k in keys:
+            if not isinstance(k, str) or not KEY.match(k):
+                raise BadRequest(
+                    f"malformed key {str(k)[:80]!r}: expected 64 lowercase hex characters"
+                )
+        return list(keys)
+
+    def check_chunk(
+        self, header_raw: Any, payload: Any, fingerprint: bytes | None, block_hash: bytes | None
+    ) -> Chunk:
+        """The chunk a put names, if it is well formed and intact; else BadRequest."""
+        try:
+            header, _ = decode_header(bytes(header_raw))
+        except (ChunkError, TypeError) as exc:
+            raise BadRequest(f"unreadable chunk header: {exc}") from None
+        key = header.key
+        if not isinstance(key, str) or not KEY.match(key):
+            raise BadRequest(
+                f"malformed key {str(key)[:80]!r}: expected 64 lowercase hex characters"
+            )
+        if header.nbytes > self.limits.max_chunk_bytes:
+            raise BadRequest(
+                f"chunk {key[:12]} of {header.nbytes} bytes exceeds the limit of {self.limits.max_chunk_bytes}"
+            )
+        view = memoryview(payload).cast("B")
+        if view.nbytes != header.nbytes:
+            raise BadRequest(
+                f"chunk {key[:12]}: payload is {view.nbytes} bytes, header says {header.nbytes}"
+            )
+        if fingerprint and header.fingerprint != fingerprint:
+            raise BadRequest(f"chunk {key[:12]} names another model fingerprint than the request")
+        if block_hash and chunk_key(header.fingerprint, bytes(block_hash)) != key:
+            raise BadRequest(f"chunk {key[:12]}: key does not match its fingerprint and block hash")
+        if checksum(view) != header.checksum:
+            raise BadRequest(f"chunk {key[:12]}: payload checksum mismatch")
+        return Chunk(header, view)
+
+    def check_put_size(self, count: int, nbytes: int) -> None:
+        if count > self.limits.max_batch:
+            raise BadRequest(f"{count} chunks exceed the batch limit of {self.limits.max_batch}")
+        if nbytes > self.limits.max_request_bytes:
+            raise BadRequest(
+                f"put of {nbytes} payload bytes exceeds the request limit of {self.limits.max_request_bytes}"
+            )
+
+    # -- operations -----------------------------------------------------------------
+    def lookup(self, keys: Sequence[str]) -> list[str]:
+        """The tier of each leading stored key."""
+        return self.store.locate(self.check_keys(keys))
+
+    def put(self, chunks: Sequence[Chunk]) -> list[bool]:
+        """Store already-checked chunks; per chunk, whether some tier holds it now."""
+        for c in chunks:
+            self.sizes.add(c.key, c.header.nbytes)
+        result = self.store.put(chunks)
+        stored = getattr(result, "stored", None)  # PutResult: per chunk
+        if stored is not None:
+            return list(stored)
+        if result == len(chunks):
+            return [True] * len(chunks)
+        return [self.store.lookup([c.key]) == 1 for c in chunks]  # rare: a tier refused some
+
+    def delete(self, keys: Sequence[str]) -> int:
+        return self.store.delete(self.check_keys(keys))
+
+    def stats(self) -> dict[str, TierStats]:
+        return self.store.stats()
+
+    def get_parts(self, keys: Sequence[str], fingerprint: bytes | None) -> Iterator[list[Placed]]:
+        """Hits of ``keys`` in parts of about PART_BYTES, payloads in fresh buffers."""
+        keys = self.check_keys(keys)
+        start = 0
+        while start < len(keys):
+            end = self._part_end(keys, start)
+            got = self.store.get(keys[start:end])
+            yield self._hits(start, got, fingerprint, [None] * (end - start))
+            start = end
+
+    def get_into(
+        self, keys: Sequence[str], fingerprint: bytes | None, window: np.ndarray
+    ) -> Iterator[list[Placed] | int]:
+        """Hits of ``keys`` written into ``window`` (a client's shared memory), in parts.
+
+        Payloads of keys whose size is known go straight from the tiers into the window;
+        others are fetched, then copied. Keys are taken in order while they fit; the last
+        item yielded is how many keys were handled (the client asks again for the rest).
+        """
+        keys = self.check_keys(keys)
+        pos = start = 0
+        while start < len(keys):
+            end = self._part_end(keys, start)
+            offsets: list[int | None] = []
+            for k in keys[start:end]:
+                size = self.sizes.get(k)
+                if size is not None and pos + size > window.nbytes:
+                    break
+                offsets.append(None if size is None else pos)
+                pos += _aligned(size or 0)
+            if not offsets:
+                break
+            part, pos, stop = self._fetch_into(keys, start, offsets, window, pos, fingerprint)
+            yield part
+            if stop is not None:
+                start = stop
+                break
+            start += len(offsets)
+            if start < end:  # the next known-size payload does not fit
+                break
+        yield start
+
+    def _fetch_into(
+        self,
+        keys: list[str],
+        start: int,
+        offsets: list[int | None],
+        window: np.ndarray,
+        pos: int,
+        fingerprint: bytes | None,
+    ) -> tuple[list[Placed], int, int | None]:
+        """One part of ``get_into``: placed hits, the next free position, and the index of
+        the first unknown-size hit that did not fit (None when all did)."""
+        part = keys[start : start + len(offsets)]
+        outs = [
+            None if o is None else window[o : o + self.sizes.get(k)]  # type: ignore[operator]
+            for k, o in zip(part, offsets, strict=True)
+        ]
+        placed: list[Placed] = []
+        for p in self._hits(start, self.store.get(part, outs), fingerprint, offsets):
+            if p.offset is None:  # size was unknown: copy into the window if it fits
+                n = p.header.nbytes
+                if pos + n > window.nbytes:
+                    return placed, pos, p.index
+                np.copyto(window[pos : pos + n], host_array(p.payload))
+                p = p._replace(offset=pos)
+                pos += _aligned(n)
+            placed.append(p)
+        return placed, pos, None
+
+    def _part_end(self, keys: Sequence[str], start: int) -> int:
+        """End of the part starting at ``start``: about PART_BYTES of known sizes."""
+        total, end = 0, start
+        while end < len(keys) and (end == start or total < PART_BYTES):
+            total += self.sizes.get(keys[end]) or PART_BYTES // 16
+            end += 1
+        return end
+
+    def _hits(
+        self, base: int, got: list[Chunk | None], fingerprint: bytes | None, offsets: list[Any]
+    ) -> list[Placed]:
+        out = []
+        for i, (chunk, offset) in enumerate(zip(got, offsets, strict=True)):
+            if chunk is None or (fingerprint and chunk.header.fingerprint != fingerprint):
+                continue
+            self.sizes.add(chunk.key, chunk.header.nbytes)
+            out.append(Placed(base + i, chunk.header, offset, chunk.payload))
+        return out
+
+
+def _aligned(n: int) -> int:
+    """Payloads start on 64-byte boundaries in a window (cache lines, aligned copies)."""
+    return -(-n // 64) * 64

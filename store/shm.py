@@ -1,0 +1,92 @@
+"""Shared-memory regions between a kvstore client and the daemon on the same host.
+
+A client creates a region (a file in ``/dev/shm``, mapped), tells the daemon its name
+and a random nonce written at its start, and the daemon maps the same file. If the
+daemon reads the nonce back, both run on one host and bulk data can skip the network:
+on a get the daemon copies payloads from its tiers straight into the region and the
+client copies them out (one memcpy on each side); a put is the same in reverse.
+
+Why a named file and not ``multiprocessing.shared_memory``: Python 3.11's attaching
+side registers the segment with its resource tracker, which unlinks it when *that*
+process exits; the daemon must never remove a client's memory. The client unlinks the
+name as soon as the daemon has mapped it, so a client killed with -9 leaks nothing.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import secrets
+
+import numpy as np
+
+SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
+NAME = re.compile(r"^kvstore-[0-9a-f]{32}$")
+NONCE_BYTES = 16
+
+
+class RegionError(ValueError):
+    """A region name or size a daemon refuses, or a file that is not a usable region."""
+
+
+class Region:
+    """``size`` bytes of memory mapped from ``SHM_DIR/name``; ``array`` is a uint8 view."""
+
+    def __init__(self, name: str, fd: int, size: int) -> None:
+        self.name = name
+        self.size = size
+        self._mmap: mmap.mmap | None = mmap.mmap(fd, size)
+        os.close(fd)
+        self.array = np.frombuffer(self._mmap, dtype=np.uint8)
+
+    @classmethod
+    def create(cls, size: int) -> Region:
+        """A new region of ``size`` bytes, its first bytes a fresh nonce (client side)."""
+        name = f"kvstore-{secrets.token_hex(16)}"
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, max(size, NONCE_BYTES))
+        except OSError:
+            os.close(fd)
+            os.unlink(os.path.join(SHM_DIR, name))
+            raise
+        region = cls(name, fd, max(size, NONCE_BYTES))
+        region.array[:NONCE_BYTES] = np.frombuffer(secrets.token_bytes(NONCE_BYTES), np.uint8)
+        return region
+
+    @classmethod
+    def attach(cls, name: str, max_size: int) -> Region:
+        """Map the client region ``name`` (daemon side); refuses foreign names and sizes."""
+        if not isinstance(name, str) or not NAME.match(name):
+            raise RegionError(f"region name {name!r} is not of the form kvstore-<32 hex>")
+        try:
+            fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise RegionError(f"region {name} cannot be opened here: {exc.strerror}") from None
+        size = os.fstat(fd).st_size
+        if not NONCE_BYTES <= size <= max_size:
+            os.close(fd)
+            raise RegionError(f"region {name} is {size} bytes; allowed {NONCE_BYTES}-{max_size}")
+        return cls(name, fd, size)
+
+    @property
+    def nonce(self) -> bytes:
+        return bytes(self.array[:NONCE_BYTES])
+
+    def unlink(self) -> None:
+        """Remove the name; the mapping stays valid in every process that has it."""
+        try:
+            os.unlink(os.path.join(SHM_DIR, self.name))
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        """Unmap. Views still held elsewhere keep the memory alive until they go."""
+        m, self._mmap = self._mmap, None
+        self.array = np.empty(0, dtype=np.uint8)
+        if m is not None:
+            try:
+                m.close()
+            except BufferError:  # a caller still views the region; the GC unmaps it later
+                pass

@@ -1,0 +1,95 @@
+"""Start ``kvstore serve`` as a real subprocess on free ports, for the daemon tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from store.chunk import Chunk, make_chunk
+from store.keys import sha256_cbor
+
+READY = re.compile(r"grpc (\S+):(\d+) stream (\d+) metrics (\d+|-)")
+FP = b"\x07" * 32
+
+
+@dataclass
+class DaemonProc:
+    """A running daemon: its process, gRPC url and metrics port."""
+
+    proc: subprocess.Popen
+    port: int
+    metrics_port: int | None
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"kvstore://127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 20) -> int:
+        """SIGTERM, wait; the exit status (-9 if it had to be killed)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                return -9
+        return self.proc.returncode
+
+
+def start_daemon(*args: str, port: int = 0, timeout: float = 60) -> DaemonProc:
+    """``kvstore serve --port PORT --metrics-port 0 ARGS``, once it prints its ready line."""
+    argv = [sys.executable, "-m", "store.cli", "serve", "--port", str(port),
+            "--metrics-port", "0", "--drain-timeout", "5", *args]  # fmt: skip
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
+        if ready:
+            line = proc.stdout.readline()  # type: ignore[union-attr]
+            if not line and proc.poll() is not None:
+                break
+            seen.append(line)
+            m = READY.search(line)
+            if m:
+                metrics = None if m.group(4) == "-" else int(m.group(4))
+                return DaemonProc(proc, int(m.group(2)), metrics, list(args))
+        elif proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"kvstore serve did not start: {''.join(seen)[-2000:]}")
+
+
+def key(i: int, tag: str = "") -> str:
+    """A well-formed chunk key (64 lowercase hex)."""
+    return sha256_cbor(f"{tag}-{i}").hex()
+
+
+def chunk(i: int, size: int = 4096, tag: str = "", fp: bytes = FP) -> Chunk:
+    kv = np.random.default_rng(i).integers(0, 256, size, dtype=np.uint8).reshape(1, 2, -1, 1, 1)
+    return make_chunk(key(i, tag), fp, kv, kv.shape[2], dtype="uint8")
+
+
+def same(got: Chunk | None, want: Chunk) -> bool:
+    return (
+        got is not None
+        and got.header == want.header
+        and bytes(np.asarray(got.payload)) == bytes(want.payload)
+    )

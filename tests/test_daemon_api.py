@@ -1,0 +1,217 @@
+"""Every RPC of a real ``kvstore serve`` process, through the client, the remote backend and
+a TieredStore with a remote tier; bad input and limits; metrics."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+from daemon_proc import FP, chunk, key, same, start_daemon
+
+from backends.base import create_backend
+from store.chunk import ChunkHeader, encode_prefix, make_chunk
+from store.cli import main
+from store.client import KVStoreClient, parse_url
+from store.config import from_flat
+from store.keys import chunk_key
+from store.proto import kvstore_pb2 as pb
+from store.stream import RemoteError
+from store.tiered import TieredStore
+
+TRANSPORTS = ["stream", "shm", "grpc"]
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    disk = tmp_path_factory.mktemp("daemon-disk")
+    d = start_daemon("--cpu-size", "64MiB", "--disk-path", str(disk), "--disk-size", "256MiB",
+                     "--max-batch", "64", "--max-chunk-size", "1MiB", "--set", "disk.fsync=false")  # fmt: skip
+    yield d
+    assert d.terminate() == 0
+
+
+@pytest.fixture
+def client(daemon):
+    with KVStoreClient(daemon.url, timeout=10) as c:
+        yield c
+
+
+def test_health_names_tiers_and_limits(client):
+    h = client.health()
+    assert (h.status, list(h.tiers), h.max_batch, h.max_chunk_bytes) == (
+        "serving", ["cpu", "disk"], 64, 1 << 20)  # fmt: skip
+    assert h.stream_port > 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_put_lookup_get_delete(client, transport):
+    chunks = [chunk(i, tag=transport) for i in range(5)]
+    keys = [c.key for c in chunks]
+    assert client.put(chunks[:3], transport=transport) == [True] * 3
+    assert client.lookup(keys) == ["cpu"] * 3
+    got = client.get(keys, transport=transport)
+    assert [same(g, c) for g, c in zip(got, chunks, strict=True)] == [True] * 3 + [False] * 2
+    outs = [np.full(4096 + 8, 9, np.uint8) for _ in keys]
+    got = client.get(keys[::-1], outs, transport=transport)
+    assert got[:2] == [None, None] and same(got[4], chunks[0])
+    assert np.shares_memory(np.asarray(got[4].payload), outs[4]) and (outs[4][4096:] == 9).all()
+    assert client.delete(keys[:2]) == 4  # cpu and disk copies
+    assert client.lookup(keys) == []
+
+
+def test_get_larger_than_the_shared_memory_region(daemon):
+    with KVStoreClient(daemon.url, transport="shm", region_bytes=1 << 20) as c:
+        chunks = [chunk(i, size=300_000, tag="big") for i in range(8)]  # 2.4 MB > 1 MiB
+        assert c.put(chunks) == [True] * 8
+        got = c.get([x.key for x in chunks])
+        assert all(same(g, x) for g, x in zip(got, chunks, strict=True))
+
+
+def test_fingerprint_filters_gets(client):
+    c = chunk(1, tag="fp")
+    client.put([c], fingerprint=FP)
+    assert client.get([c.key], fingerprint=b"\x08" * 32) == [None]
+    assert same(client.get([c.key], fingerprint=FP)[0], c)
+
+
+def test_remote_backend_is_a_tier(daemon):
+    b = create_backend("remote", url=daemon.url)
+    try:
+        chunks = [chunk(i, tag="backend") for i in range(4)]
+        assert b.put(chunks) == [True] * 4
+        assert b.contains([c.key for c in chunks] + [key(99)]) == 4
+        assert all(same(g, c) for g, c in zip(b.get([c.key for c in chunks]), chunks, strict=True))
+        usage = b.usage()
+        assert usage.items >= 8 and usage.bytes_capacity == (64 << 20) + (256 << 20)
+        assert b.delete([chunks[0].key]) == 2
+    finally:
+        b.close()
+
+
+def test_tiered_store_shares_through_the_remote_tier(daemon):
+    config = from_flat({"tiers": f"cpu,{daemon.url}", "cpu.size": "4MiB", "workers": 1})
+    assert config.tiers == ["cpu", "remote"] and config.remote.url == daemon.url
+    kv = np.arange(2 * 2 * 16 * 2 * 8, dtype=np.float32).reshape(2, 2, 16, 2, 8)
+    keys = [key(i, "tiered") for i in range(3)]
+    with TieredStore(config, FP) as a:
+        assert a.put([a.make_chunk(k, kv + i, 16) for i, k in enumerate(keys)]) == 3
+    with TieredStore(config, FP) as b:  # another engine: its cpu tier is empty
+        assert b.locate(keys) == ["remote"] * 3
+        outs = [np.empty_like(kv) for _ in keys]
+        got = b.get(keys, outs)
+        assert all(g is not None for g in got)
+        assert all(np.array_equal(o, kv + i) for i, o in enumerate(outs))
+        assert b.locate(keys) == ["cpu"] * 3  # promoted
+
+
+# -- bad input ------------------------------------------------------------------------
+def _tampered(c, **changes):
+    fields = {f: getattr(c.header, f) for f in ChunkHeader.__slots__}
+    return c._replace(header=ChunkHeader(**(fields | changes)))
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_bad_puts_are_refused_and_store_nothing(client, transport):
+    good, fresh = chunk(1, tag="keep" + transport), chunk(2, tag="new" + transport)
+    client.put([good], transport=transport)
+    bad = {
+        "checksum": _tampered(chunk(3), checksum=1),
+        "oversized": make_chunk(
+            key(4), FP, np.zeros((1, 2, 1, 1, (1 << 20) // 2 + 1), np.uint8), 1
+        ),
+        "malformed key": _tampered(chunk(5), key="../../etc/passwd"),
+        "short payload": _tampered(chunk(6), nbytes=4097),
+    }
+    for what, c in bad.items():
+        with pytest.raises(RemoteError) as exc:
+            client.put([fresh, c], transport=transport)
+        assert exc.value.code == "INVALID_ARGUMENT", what
+    with pytest.raises(RemoteError, match="fingerprint"):
+        client.put([chunk(7)], fingerprint=b"\x01" * 32, transport=transport)
+    assert client.lookup([fresh.key]) == []
+    assert same(client.get([good.key], transport=transport)[0], good)  # still intact
+
+
+def test_a_key_must_match_its_fingerprint_and_block_hash(client):
+    block = b"\x05" * 32
+    right = chunk_key(FP, block)
+    c = make_chunk(right, FP, np.zeros((1, 2, 4, 1, 1), np.uint8), 4, dtype="uint8")
+    ok = pb.Chunk(header=encode_prefix(c.header), payload=bytes(c.payload), block_hash=block)
+    assert list(client._call("Put", iter([pb.PutRequest(chunks=[ok])])).stored) == [True]
+    other = make_chunk(chunk_key(b"\x09" * 32, block), FP, np.zeros((1, 2, 4, 1, 1), np.uint8), 4)
+    bad = pb.Chunk(
+        header=encode_prefix(other.header), payload=bytes(other.payload), block_hash=block
+    )
+    with pytest.raises(RemoteError, match="key does not match") as exc:
+        client._call("Put", iter([pb.PutRequest(chunks=[bad])]))
+    assert exc.value.code == "INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_malformed_keys_and_batches_over_the_limit(client, transport):
+    for keys in (["not-hex"], ["A" * 64], [key(i) for i in range(65)], [""]):
+        with pytest.raises(RemoteError) as exc:
+            client.get(keys, transport=transport)
+        assert exc.value.code == "INVALID_ARGUMENT"
+    for call in (client.lookup, client.delete):
+        with pytest.raises(RemoteError, match="malformed key"):
+            call(["../x"])
+    assert client.get([key(1, "after")], transport=transport) == [None]  # connection still fine
+
+
+def test_unknown_method_is_unimplemented(daemon):
+    host, port = parse_url(daemon.url)
+    with grpc.insecure_channel(f"{host}:{port}") as ch:
+        call = ch.unary_unary("/kvstore.v1.KVStore/Frobnicate")
+        with pytest.raises(grpc.RpcError) as exc:
+            call(b"", timeout=5)
+    assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_unknown_stream_op_is_refused(client):
+    from store.stream import check_reply, recv_frame, send_frame
+
+    with client._borrow("stream") as conn:
+        send_frame(conn.sock, {"op": "format_disk"})
+        with pytest.raises(RemoteError) as exc:
+            check_reply(recv_frame(conn.sock))
+    assert exc.value.code == "UNIMPLEMENTED"
+
+
+# -- operations -----------------------------------------------------------------------
+def test_metrics_and_stats_table(daemon, client, capsys):
+    c = chunk(1, tag="metrics")
+    client.put([c])
+    client.get([c.key, key(2, "metrics")])
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=5)
+        .read()
+        .decode()
+    )
+    for name in ('kvstore_tier_hits_total{tier="cpu"}', 'kvstore_tier_misses_total{tier="disk"}',
+                 'kvstore_tier_capacity_bytes{tier="disk"}', "kvstore_tier_evictions_total",
+                 "kvstore_tier_checksum_failures_total", "kvstore_tier_op_seconds_bucket",
+                 "kvstore_daemon_requests_total{client=", "kvstore_daemon_in_flight"):  # fmt: skip
+        assert name in text, name
+    assert main(["stats", "--url", daemon.url]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[:3] == ["tier", "items", "used"]
+    assert [line.split()[0] for line in out[2:]] == ["cpu", "disk"]
+
+
+def test_stats_of_a_dead_daemon_fails_quickly(capsys):
+    assert main(["stats", "--url", "kvstore://127.0.0.1:9"]) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_bench_against_the_daemon_writes_json(daemon, tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--url", daemon.url, "--sizes", "64KiB", "--total", "512KiB",
+                 "--json", str(out)]) == 0  # fmt: skip
+    import json
+
+    (row,) = json.loads(out.read_text())["rows"]
+    assert set(row["gbps"]) >= {"raw_put", "raw_get", "memcpy", "stream_get", "shm_get", "grpc_put"}
+    assert all(v > 0 for v in row["gbps"].values())
