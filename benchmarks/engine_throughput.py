@@ -89,7 +89,9 @@ def _cpu_seconds() -> tuple[float, float]:
     try:
         with open("/proc/stat") as f:
             fields = [int(x) for x in f.readline().split()[1:]]
-        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf(
+            "SC_CLK_TCK"
+        )  # minus idle, iowait
     except (OSError, ValueError, IndexError):
         busy = float("nan")
     return busy, mine
@@ -104,7 +106,9 @@ def timed_mode(results: dict, name: str, fn):
     busy1, mine1 = _cpu_seconds()
     res["other_cores"] = max(0.0, ((busy1 - busy0) - (mine1 - mine0)) / (time.perf_counter() - t0))
     results[name] = res
-    log(f"{name}: {res['output_tok_s']:.1f} out tok/s (other processes used {res['other_cores']:.2f} cores)")
+    log(
+        f"{name}: {res['output_tok_s']:.1f} out tok/s (other processes used {res['other_cores']:.2f} cores)"
+    )
     return toks
 
 
@@ -136,11 +140,13 @@ def prepare_checkpoint(path: Path | None, preset: str) -> tuple[Path, int]:
 # --------------------------------------------------------------------------- engine
 
 
-def run_engine(ckpt: Path, workload: list[Request]) -> tuple[dict, list[list[int]]]:
+def run_engine(
+    ckpt: Path, workload: list[Request], device: str = "cpu"
+) -> tuple[dict, list[list[int]]]:
     from engine import LLM, SamplingParams
 
     t = time.perf_counter()
-    llm = LLM(model=str(ckpt), **ENGINE_LIMITS)
+    llm = LLM(model=str(ckpt), device=device, dtype="float32", **ENGINE_LIMITS)
     load_s = time.perf_counter() - t
 
     def params(n: int) -> SamplingParams:
@@ -196,14 +202,14 @@ def _first_token_timer():
     return FirstTokenTimer()
 
 
-def load_hf(ckpt: Path):
+def load_hf(ckpt: Path, device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
-    return model.eval()
+    return model.to(device).eval()
 
 
 def _hf_generate(model, batch: list[Request], pad_id: int):
@@ -221,18 +227,20 @@ def _hf_generate(model, batch: list[Request], pad_id: int):
     timer = _first_token_timer()
     with torch.inference_mode():
         out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
             max_new_tokens=new,
             min_new_tokens=new,
             do_sample=False,
             pad_token_id=pad_id,
             streamer=timer,
         )
-    return out[:, longest:], timer.first_token_time
+    return out[:, longest:].cpu(), timer.first_token_time
 
 
-def run_hf(model, workload: list[Request], batch_size: int, order: str, pad_id: int) -> tuple[dict, list[list[int]]]:
+def run_hf(
+    model, workload: list[Request], batch_size: int, order: str, pad_id: int
+) -> tuple[dict, list[list[int]]]:
     idx = list(range(len(workload)))
     if batch_size > 1 and order == "prompt":
         idx.sort(key=lambda i: len(workload[i].prompt_token_ids), reverse=True)
@@ -278,7 +286,10 @@ def run_hf(model, workload: list[Request], batch_size: int, order: str, pad_id: 
 def _vllm_ld_preload(venv: Path) -> str | None:
     """tcmalloc + Intel OpenMP, as vLLM's CPU install guide recommends (when present)."""
     libs = []
-    for cand in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4"):
+    for cand in (
+        "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+        "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
+    ):
         if os.path.exists(cand):
             libs.append(cand)
             break
@@ -288,7 +299,9 @@ def _vllm_ld_preload(venv: Path) -> str | None:
     return ":".join(libs) if libs else None
 
 
-def run_vllm(ckpt: Path, workload: list[Request], venv: Path, args) -> tuple[dict | None, list[list[int]] | None, str]:
+def run_vllm(
+    ckpt: Path, workload: list[Request], venv: Path, args
+) -> tuple[dict | None, list[list[int]] | None, str]:
     py = venv / "bin" / "python"
     if not py.exists():
         return None, None, f"skipped: {py} not found (run: bash benchmarks/setup_vllm_cpu.sh)"
@@ -307,10 +320,20 @@ def run_vllm(ckpt: Path, workload: list[Request], venv: Path, args) -> tuple[dic
         if preload and "LD_PRELOAD" not in env:
             env["LD_PRELOAD"] = preload
         cmd = [
-            str(py), str(HERE / "vllm_runner.py"), "--model", str(ckpt), "--workload", str(wl), "--out", str(out),
-            "--max-num-seqs", str(ENGINE_LIMITS["max_num_seqs"]),
-            "--max-num-batched-tokens", str(ENGINE_LIMITS["max_num_batched_tokens"]),
-            "--kv-cache-gib", str(KV_CACHE_GIB),
+            str(py),
+            str(HERE / "vllm_runner.py"),
+            "--model",
+            str(ckpt),
+            "--workload",
+            str(wl),
+            "--out",
+            str(out),
+            "--max-num-seqs",
+            str(ENGINE_LIMITS["max_num_seqs"]),
+            "--max-num-batched-tokens",
+            str(ENGINE_LIMITS["max_num_batched_tokens"]),
+            "--kv-cache-gib",
+            str(KV_CACHE_GIB),
         ]
         if args.vllm_enforce_eager:
             cmd.append("--enforce-eager")
@@ -318,7 +341,14 @@ def run_vllm(ckpt: Path, workload: list[Request], venv: Path, args) -> tuple[dic
         log_path.parent.mkdir(parents=True, exist_ok=True)
         log(f"vllm: {' '.join(cmd[1:3])} ... (log: {log_path})")
         with open(log_path, "w") as lf:
-            proc = subprocess.run(cmd, cwd=tmp, env=env, stdout=lf, stderr=subprocess.STDOUT, timeout=args.vllm_timeout)
+            proc = subprocess.run(
+                cmd,
+                cwd=tmp,
+                env=env,
+                stdout=lf,
+                stderr=subprocess.STDOUT,
+                timeout=args.vllm_timeout,
+            )
         if proc.returncode != 0 or not out.exists():
             tail = log_path.read_text(errors="replace")[-2000:]
             return None, None, f"failed (exit {proc.returncode}); log tail:\n{tail}"
@@ -358,24 +388,52 @@ def fmt_table(results: dict[str, dict], ratios: dict[str, float]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Engine vs HF transformers vs vLLM-cpu throughput on the bench preset.")
+    p = argparse.ArgumentParser(
+        description="Engine vs HF transformers vs vLLM-cpu throughput on the bench preset."
+    )
     p.add_argument("--num-requests", type=int, default=None, help="default 64 (16 with --quick)")
     p.add_argument("--quick", action="store_true", help="a smaller run: 16 requests")
     p.add_argument("--modes", default="engine,hf,vllm", help="comma list of engine, hf, vllm")
-    p.add_argument("--json", default=str(REPO / "bench-results" / "engine_throughput.json"), help="write results here")
+    p.add_argument(
+        "--json",
+        default=str(REPO / "bench-results" / "engine_throughput.json"),
+        help="write results here",
+    )
     p.add_argument("--seed", type=int, default=0, help="workload RNG seed")
     p.add_argument("--preset", default="bench")
-    p.add_argument("--checkpoint", type=Path, default=None, help="use this HF checkpoint dir instead of writing the preset")
-    p.add_argument("--hf-batch-sizes", default="1,8,16", help="HF generate() batch sizes (1 = sequential)")
-    p.add_argument("--hf-seq-requests", type=int, default=16,
-                   help="hf_seq runs only the first N requests (default 16; 0 = all): batch-1 throughput does "
-                        "not depend on how many run, and all 64 one by one take ~20 min on 2 cores")
-    p.add_argument("--hf-order", choices=("prompt", "arrival"), default="prompt",
-                   help="HF batches: sort requests by prompt length (least padding) or keep arrival order")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (engine and HF; both float32)")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="use this HF checkpoint dir instead of writing the preset",
+    )
+    p.add_argument(
+        "--hf-batch-sizes", default="1,8,16", help="HF generate() batch sizes (1 = sequential)"
+    )
+    p.add_argument(
+        "--hf-seq-requests",
+        type=int,
+        default=16,
+        help="hf_seq runs only the first N requests (default 16; 0 = all): batch-1 throughput does "
+        "not depend on how many run, and all 64 one by one take ~20 min on 2 cores",
+    )
+    p.add_argument(
+        "--hf-order",
+        choices=("prompt", "arrival"),
+        default="prompt",
+        help="HF batches: sort requests by prompt length (least padding) or keep arrival order",
+    )
     p.add_argument("--vllm-venv", type=Path, default=DEFAULT_VLLM_VENV)
-    p.add_argument("--vllm-reserved-cpus", type=int, default=None,
-                   help="VLLM_CPU_NUM_OF_RESERVED_CPU for vLLM (its default reserves 1 core for the front end)")
-    p.add_argument("--vllm-enforce-eager", action="store_true", help="run vLLM without torch.compile")
+    p.add_argument(
+        "--vllm-reserved-cpus",
+        type=int,
+        default=None,
+        help="VLLM_CPU_NUM_OF_RESERVED_CPU for vLLM (its default reserves 1 core for the front end)",
+    )
+    p.add_argument(
+        "--vllm-enforce-eager", action="store_true", help="run vLLM without torch.compile"
+    )
     p.add_argument("--vllm-timeout", type=int, default=1800)
     args = p.parse_args(argv)
     if args.num_requests is None:
@@ -394,8 +452,10 @@ def main(argv: list[str] | None = None) -> int:
 
     ckpt, vocab = prepare_checkpoint(args.checkpoint, args.preset)
     workload = make_workload(args.num_requests, seed=args.seed, vocab_size=vocab)
-    log(f"workload: {len(workload)} requests, {sum(len(r.prompt_token_ids) for r in workload)} prompt tokens, "
-        f"{sum(r.max_tokens for r in workload)} output tokens; torch threads {torch.get_num_threads()}")
+    log(
+        f"workload: {len(workload)} requests, {sum(len(r.prompt_token_ids) for r in workload)} prompt tokens, "
+        f"{sum(r.max_tokens for r in workload)} output tokens; torch threads {torch.get_num_threads()}"
+    )
 
     results: dict[str, dict] = {}
     tokens: dict[str, list[list[int]]] = {}
@@ -412,14 +472,27 @@ def main(argv: list[str] | None = None) -> int:
             "benchmark": "engine_throughput",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "workload": {
-                "num_requests": len(workload), "seed": args.seed, "prompt_len": [32, 1024], "output_len": [16, 256],
+                "num_requests": len(workload),
+                "seed": args.seed,
+                "prompt_len": [32, 1024],
+                "output_len": [16, 256],
                 "prompt_tokens": sum(len(r.prompt_token_ids) for r in workload),
-                "output_tokens": sum(r.max_tokens for r in workload), "vocab_size": vocab,
+                "output_tokens": sum(r.max_tokens for r in workload),
+                "vocab_size": vocab,
             },
-            "model": {"preset": args.preset, "checkpoint": str(ckpt), "dtype": "float32"},
+            "model": {
+                "preset": args.preset,
+                "checkpoint": str(ckpt),
+                "dtype": "float32",
+                "device": args.device,
+            },
             "machine": {
-                "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-                "torch": torch.__version__, "platform": platform.platform(),
+                "cpus": os.cpu_count(),
+                "torch_threads": torch.get_num_threads(),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "platform": platform.platform(),
+                "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
             },
             "results": results,
             "hf_best": hf_best,
@@ -442,11 +515,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if "engine" in args.modes:
         log("engine: running")
-        tokens["engine"] = timed_mode(results, "engine", lambda: run_engine(ckpt, workload))
+        tokens["engine"] = timed_mode(
+            results, "engine", lambda: run_engine(ckpt, workload, args.device)
+        )
         save(final=False)
 
     if "hf" in args.modes:
-        model = load_hf(ckpt)
+        model = load_hf(ckpt, args.device)
         pad_id = model.generation_config.pad_token_id
         pad_id = 0 if pad_id is None else int(pad_id if isinstance(pad_id, int) else pad_id[0])
         for bs in args.hf_batch_sizes:
@@ -455,7 +530,9 @@ def main(argv: list[str] | None = None) -> int:
             wl = workload
             if bs == 1 and 0 < args.hf_seq_requests < len(workload):
                 wl = workload[: args.hf_seq_requests]
-            tokens[name] = timed_mode(results, name, lambda bs=bs, wl=wl: run_hf(model, wl, bs, args.hf_order, pad_id))
+            tokens[name] = timed_mode(
+                results, name, lambda bs=bs, wl=wl: run_hf(model, wl, bs, args.hf_order, pad_id)
+            )
             if len(wl) < len(workload):
                 results[name]["subset"] = f"first {len(wl)} of {len(workload)} requests"
             save(final=False)
@@ -481,9 +558,13 @@ def main(argv: list[str] | None = None) -> int:
     hf_names = [n for n in results if n.startswith("hf_")]
     hf_best = max(hf_names, key=lambda n: results[n]["output_tok_s"]) if hf_names else None
     if "engine" in results and hf_best:
-        ratios[f"engine / HF best ({hf_best})"] = results["engine"]["output_tok_s"] / results[hf_best]["output_tok_s"]
+        ratios[f"engine / HF best ({hf_best})"] = (
+            results["engine"]["output_tok_s"] / results[hf_best]["output_tok_s"]
+        )
     if "engine" in results and "vllm" in results:
-        ratios["engine / vLLM-cpu"] = results["engine"]["output_tok_s"] / results["vllm"]["output_tok_s"]
+        ratios["engine / vLLM-cpu"] = (
+            results["engine"]["output_tok_s"] / results["vllm"]["output_tok_s"]
+        )
 
     names = list(tokens)
     for i, a in enumerate(names):
@@ -492,10 +573,17 @@ def main(argv: list[str] | None = None) -> int:
 
     table = fmt_table(results, ratios)
     print(table)
-    busy = [f"{n} ({r['other_cores']:.2f})" for n, r in results.items() if r.get("other_cores", 0) > 0.25]
+    busy = [
+        f"{n} ({r['other_cores']:.2f})"
+        for n, r in results.items()
+        if r.get("other_cores", 0) > 0.25
+    ]
     if busy:
-        print("warning: other processes kept cores busy during " + ", ".join(busy)
-              + "; those figures are lower than on an idle machine")
+        print(
+            "warning: other processes kept cores busy during "
+            + ", ".join(busy)
+            + "; those figures are lower than on an idle machine"
+        )
     if agree:
         print("identical greedy outputs: " + ", ".join(f"{k} {v:.0%}" for k, v in agree.items()))
     for k, v in notes.items():

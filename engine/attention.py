@@ -5,8 +5,10 @@ One step's tokens are flattened into a batch ``[T]`` laid out as::
     | decode tokens (one per request) | prefill span 0 | prefill span 1 | ...
       0 .. num_decode-1                 start..end       start..end
 
-Decodes, sorted by length, are attended in a few padded, masked SDPA calls over their
-gathered blocks (one call per group of similar lengths, so padding stays small); each
+Decodes are attended either by the paged kernel (``engine/paged_kernel.py``: one call
+for all of them, reading KV blocks in place; the CPU default) or, sorted by length, in a
+few padded, masked SDPA calls over their gathered blocks (one call per group of similar
+lengths, so padding stays small; the CUDA path and the fallback); each
 prefill span (a request computing several tokens, maybe after a cached prefix) gets its
 own call with a causal mask offset by the tokens already in the cache.
 """
@@ -14,6 +16,7 @@ own call with a causal mask offset by the tokens already in the cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +33,16 @@ class PrefillSpan:
 
 @dataclass(slots=True)
 class DecodeGroup:
+    """One query token per request. Either ``mask`` is set (gather + SDPA) or
+    ``positions`` and ``kernel`` are (the paged kernel reads keys ``pos - window + 1 .. pos``)."""
+
     start: int  # slice of the flattened batch: one query token per request
     end: int
     block_tables: torch.Tensor  # [B, max_blocks] long, padded with block 0
-    mask: torch.Tensor  # [B, 1, 1, max_blocks * block_size] bool
+    mask: torch.Tensor | None = None  # [B, 1, 1, max_blocks * block_size] bool
+    positions: torch.Tensor | None = None  # [B] long: each query's position
+    window: int = 0  # sliding window for the kernel, 0 for none
+    kernel: ModuleType | None = None
 
 
 @dataclass(slots=True)
@@ -57,7 +66,9 @@ def allowed_keys(
     return mask
 
 
-def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_kv(
+    kv_cache: torch.Tensor, block_tables: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of the blocks in ``block_tables`` [B, MB], each ``[B, KVH, MB*BS, D]``.
 
     ``index_select`` on the ``kv_cache[:, 0]`` / ``[:, 1]`` views copies whole blocks (one
@@ -86,23 +97,31 @@ def paged_attention(
     out = torch.empty_like(q)
     kvh = kv_cache.shape[3]
     for g in meta.decodes:
+        if g.kernel is not None:
+            g.kernel.paged_decode(q[g.start : g.end].contiguous(), out[g.start : g.end], kv_cache,
+                                  g.block_tables, g.positions, g.window, scale)  # fmt: skip
+            continue
         keys, vals = gather_kv(kv_cache, g.block_tables)  # [B, KVH, L, D]
         b, h, d = g.end - g.start, q.shape[1], q.shape[2]
         # One query per request: the h // kvh query heads sharing a KV head become that
         # head's "query rows" (HF's repeat_kv grouping), so no K/V is expanded for GQA.
         qg = q[g.start : g.end].view(b, kvh, h // kvh, d)
         o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=g.mask, scale=scale)
-        out[g.start : g.end] = o.view(b, h, d)
+        out[g.start : g.end] = o.reshape(b, h, d)  # CUDA SDPA may return it non-contiguous
     for span in meta.prefills:
         qs = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
         if span.mask is None:  # nothing cached before: attend to the fresh k/v causally
             keys = k[span.start : span.end].transpose(0, 1).unsqueeze(0)
             vals = v[span.start : span.end].transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(qs, keys, vals, is_causal=True, scale=scale, enable_gqa=True)
+            o = F.scaled_dot_product_attention(
+                qs, keys, vals, is_causal=True, scale=scale, enable_gqa=True
+            )
         else:
             n_keys = span.mask.shape[-1]
             keys, vals = gather_kv(kv_cache, span.block_table[None])  # [1, KVH, L, D]
             keys, vals = keys[:, :, :n_keys], vals[:, :, :n_keys]
-            o = F.scaled_dot_product_attention(qs, keys, vals, attn_mask=span.mask, scale=scale, enable_gqa=True)
+            o = F.scaled_dot_product_attention(
+                qs, keys, vals, attn_mask=span.mask, scale=scale, enable_gqa=True
+            )
         out[span.start : span.end] = o.squeeze(0).transpose(0, 1)
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -47,11 +48,24 @@ class _Tokens:
 
 
 def build_batch(
-    out: SchedulerOutput, block_size: int, window: int | None, device: torch.device
+    out: SchedulerOutput,
+    block_size: int,
+    window: int | None,
+    device: torch.device,
+    kernel: ModuleType | None = None,
 ) -> StepBatch:
-    """Decodes first (grouped by length), then one span per prefill, as attention expects."""
+    """Decodes first (one group for the paged ``kernel``, else grouped by length), then
+    one span per prefill, as attention expects."""
     toks = _Tokens(block_size)
-    decodes = [_decode_group(toks, g, block_size, window, device) for g in decode_groups(out.decodes, block_size)]
+    if kernel is not None:
+        decodes = (
+            [_kernel_group(toks, out.decodes, block_size, window, device, kernel)]
+            if out.decodes
+            else []
+        )
+    else:
+        groups = decode_groups(out.decodes, block_size)
+        decodes = [_decode_group(toks, g, block_size, window, device) for g in groups]
     prefills = [_prefill_span(toks, s, block_size, window, device) for s in out.prefills]
 
     def long(values: list[int]) -> torch.Tensor:
@@ -62,7 +76,11 @@ def build_batch(
 
 
 def _decode_group(
-    toks: _Tokens, members: list[ScheduledRequest], bs: int, window: int | None, device: torch.device
+    toks: _Tokens,
+    members: list[ScheduledRequest],
+    bs: int,
+    window: int | None,
+    device: torch.device,
 ) -> DecodeGroup:
     first = len(toks.ids)
     for s in members:
@@ -74,6 +92,24 @@ def _decode_group(
     return DecodeGroup(first, len(toks.ids), tables.to(device), mask.to(device))
 
 
+def _kernel_group(
+    toks: _Tokens,
+    members: list[ScheduledRequest],
+    bs: int,
+    window: int | None,
+    device: torch.device,
+    kernel: ModuleType,
+) -> DecodeGroup:
+    first = len(toks.ids)
+    for s in members:
+        toks.add(s)
+    width = max(cdiv(s.start + 1, bs) for s in members)
+    tables = torch.tensor([(s.block_ids[:width] + [0] * width)[:width] for s in members])
+    positions = torch.tensor([s.start for s in members])
+    return DecodeGroup(first, len(toks.ids), tables.to(device), positions=positions.to(device),
+                       window=window or 0, kernel=kernel)  # fmt: skip
+
+
 def _prefill_span(
     toks: _Tokens, s: ScheduledRequest, bs: int, window: int | None, device: torch.device
 ) -> PrefillSpan:
@@ -82,7 +118,9 @@ def _prefill_span(
     n_keys = s.start + s.num_new_tokens
     mask = None
     if s.start > 0 or (window is not None and n_keys > window):
-        mask = allowed_keys(torch.arange(s.start, n_keys), n_keys, window, CPU)[None, None].to(device)
+        mask = allowed_keys(torch.arange(s.start, n_keys), n_keys, window, CPU)[None, None].to(
+            device
+        )
     table = torch.tensor(s.block_ids[: cdiv(n_keys, bs)], device=device)
     return PrefillSpan(first, len(toks.ids), s.start, table, mask)
 

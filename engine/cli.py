@@ -22,15 +22,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="preset name (tiny, bench) or checkpoint directory")
+    p.add_argument(
+        "--model", default="tiny", help="preset name (tiny, bench) or checkpoint directory"
+    )
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--kv-cache-memory", default=None, help="KV cache size, e.g. 512MiB (default: sized for max-num-seqs)")
+    p.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        help="KV cache size, e.g. 512MiB (default: sized for max-num-seqs)",
+    )
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--attention-backend", default="auto", help="auto, paged (CPU kernel) or sdpa")
     kv = p.add_argument_group("KV connector (save and load KV through a tiered store)")
     kv.add_argument("--kv-connector", default="none", help="none or tiered")
     kv.add_argument("--kv-config", default=None, help="store YAML file (docs/store.md)")
@@ -41,7 +48,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     kv.add_argument("--kv-cpu-size", default=None, help="cpu tier size, e.g. 4GiB")
     kv.add_argument("--kv-disk-path", default=None, help="adds a disk tier in this directory")
     kv.add_argument("--kv-disk-size", default=None, help="disk tier size, e.g. 64GiB")
-    kv.add_argument("--kv-redis-url", default=None, help="adds a redis/valkey tier, e.g. redis://host:6379/0")
+    kv.add_argument(
+        "--kv-redis-url", default=None, help="adds a redis/valkey tier, e.g. redis://host:6379/0"
+    )
 
 
 def kv_config_from_args(args: argparse.Namespace) -> StoreConfig | None:
@@ -61,7 +70,9 @@ def kv_config_from_args(args: argparse.Namespace) -> StoreConfig | None:
         return None
     base = StoreConfig.load(args.kv_config)
     tiers = set(base.tiers)
-    tiers.update(t for t in ("cpu", "disk", "redis") if any(k.startswith(t + ".") for k in overrides))
+    tiers.update(
+        t for t in ("cpu", "disk", "redis") if any(k.startswith(t + ".") for k in overrides)
+    )
     overrides["tiers"] = [t for t in TIERS if t in tiers]
     return StoreConfig.load(args.kv_config, overrides=overrides)
 
@@ -95,16 +106,29 @@ def _generate(args: argparse.Namespace) -> int:
         return 2
 
     params = SamplingParams(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        max_tokens=args.max_tokens, seed=args.seed, stop=args.stop,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        stop=args.stop,
     )
     llm = LLM(
-        args.model, dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, block_size=args.block_size,
-        enable_prefix_caching=not args.no_prefix_caching, kv_connector=args.kv_connector,
-        kv_config=kv_config, kv_load_failure_policy=args.kv_load_failure_policy,
-        kv_load_timeout=args.kv_load_timeout, kv_save_decoded=args.kv_save_decoded,
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        kv_cache_memory=args.kv_cache_memory,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        enable_prefix_caching=not args.no_prefix_caching,
+        kv_connector=args.kv_connector,
+        kv_config=kv_config,
+        kv_load_failure_policy=args.kv_load_failure_policy,
+        kv_load_timeout=args.kv_load_timeout,
+        kv_save_decoded=args.kv_save_decoded,
+        attention_backend=args.attention_backend,
     )
     with llm:  # close() finishes pending KV saves before the process exits
         out = llm.generate([args.prompt], params)[0]

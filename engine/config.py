@@ -19,6 +19,7 @@ def parse_size(value: int | str, name: str = "size") -> int:
         raise InvalidRequestError(str(e)) from None
 
 
+ATTENTION_BACKENDS = ("auto", "paged", "sdpa")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -35,6 +36,11 @@ class EngineConfig:
     path, a mapping of store keys, or a ``store.config.StoreConfig``). A load that fails
     or takes longer than ``kv_load_timeout`` seconds is recomputed
     (``kv_load_failure_policy="recompute"``) or fails its request (``"fail"``).
+
+    ``attention_backend`` picks decode attention: ``paged`` is the CPU kernel that reads
+    KV blocks in place (``engine/csrc``, compiled on first use), ``sdpa`` gathers the
+    blocks and calls PyTorch's SDPA (the CUDA path), ``auto`` takes ``paged`` on the CPU
+    when it builds and ``sdpa`` otherwise.
     """
 
     model: str = "tiny"
@@ -55,10 +61,13 @@ class EngineConfig:
     kv_load_timeout: float = 5.0
     kv_save_decoded: bool = False  # also save generated tokens' KV (a later turn reuses it)
     enable_kv_events: bool = False  # keep typed KV events for take_kv_events()
+    attention_backend: str = "auto"  # auto | paged (the CPU kernel) | sdpa
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise InvalidRequestError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise InvalidRequestError(
+                f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}"
+            )
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise InvalidRequestError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -68,6 +77,10 @@ class EngineConfig:
             raise InvalidRequestError(f"max_model_len must be >= 2, got {self.max_model_len}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise InvalidRequestError("gpu_memory_utilization must be in (0, 1]")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise InvalidRequestError(
+                f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
+            )
         if self.kv_cache_memory is not None:
             self.kv_cache_memory = parse_size(self.kv_cache_memory, "kv_cache_memory")
         self._check_kv_connector()
@@ -85,7 +98,9 @@ class EngineConfig:
                 f"got {self.kv_load_failure_policy!r}"
             )
         if not self.kv_load_timeout > 0:
-            raise InvalidRequestError(f"kv_load_timeout must be > 0 seconds, got {self.kv_load_timeout}")
+            raise InvalidRequestError(
+                f"kv_load_timeout must be > 0 seconds, got {self.kv_load_timeout}"
+            )
         if self.kv_config is not None and self.kv_connector == "none":
             raise InvalidRequestError("kv_config is set but kv_connector is 'none'")
 

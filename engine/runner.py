@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
 
+from engine import paged_kernel
 from engine.batch import build_batch
 from engine.config import EngineConfig
 from engine.errors import ModelLoadError
@@ -31,14 +33,25 @@ class ModelRunner:
         self.block_size = config.block_size
         self.model = self._build_model(source)
         self.bytes_per_block = (
-            mc.num_layers * 2 * self.block_size * mc.num_kv_heads * mc.head_dim * self.dtype.itemsize
+            mc.num_layers
+            * 2
+            * self.block_size
+            * mc.num_kv_heads
+            * mc.head_dim
+            * self.dtype.itemsize
         )
         self.num_blocks = self._num_blocks()
         kv_shape = (self.num_blocks, 2, self.block_size, mc.num_kv_heads, mc.head_dim)
         # zeros, not empty: masked-out slots are multiplied by 0 and must not hold NaN
-        self.kv_caches = [torch.zeros(kv_shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_layers)]
+        self.kv_caches = [
+            torch.zeros(kv_shape, dtype=self.dtype, device=self.device)
+            for _ in range(mc.num_layers)
+        ]
         limit = config.max_model_len or mc.max_position_embeddings
-        self.max_model_len = min(limit, mc.max_position_embeddings, self.num_blocks * self.block_size)
+        self.max_model_len = min(
+            limit, mc.max_position_embeddings, self.num_blocks * self.block_size
+        )
+        self.kernel = self._attention_kernel()
         self.before_layer: LayerHook | None = None
         self.after_layer: LayerHook | None = None
         self.connector: KVConnectorBase | None = None
@@ -50,6 +63,22 @@ class ModelRunner:
         self.connector = connector
         self.before_layer = lambda i, kv: connector.wait_for_layer_load(i)
         self.after_layer = lambda i, kv: connector.save_kv_layer(i, kv)
+
+    def _attention_kernel(self) -> ModuleType | None:
+        """The paged decode kernel where ``attention_backend`` asks for it (see EngineConfig)."""
+        wanted = self.config.attention_backend
+        if wanted == "sdpa" or (wanted == "auto" and self.device.type != "cpu"):
+            return None
+        if self.device.type != "cpu":
+            raise ModelLoadError(
+                "attention_backend 'paged' is a CPU kernel; use 'sdpa' or 'auto' on CUDA"
+            )
+        kernel = paged_kernel.load()
+        if kernel is None and wanted == "paged":
+            raise ModelLoadError(
+                "attention_backend 'paged': the kernel could not be built (see the log)"
+            )
+        return kernel
 
     def _build_model(self, source: ModelSource) -> LlamaForCausalLM:
         names = source.weight_names
@@ -71,7 +100,9 @@ class ModelRunner:
                 mem = int(free * self.config.gpu_memory_utilization)
             else:
                 limit = self.config.max_model_len or self.model_config.max_position_embeddings
-                wanted = self.config.max_num_seqs * cdiv(limit, self.block_size) * self.bytes_per_block
+                wanted = (
+                    self.config.max_num_seqs * cdiv(limit, self.block_size) * self.bytes_per_block
+                )
                 mem = min(wanted, CPU_KV_CAP)
         n = int(mem) // self.bytes_per_block
         if n < 1:
@@ -83,12 +114,19 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[ScheduledRequest]]:
         """Run one step; logits [N, vocab] and the N scheduled requests they belong to."""
-        batch = build_batch(out, self.block_size, self.model_config.sliding_window, self.device)
+        batch = build_batch(
+            out, self.block_size, self.model_config.sliding_window, self.device, self.kernel
+        )
         if self.connector is not None and out.connector_meta is not None:
             self.connector.start_load_kv(out.connector_meta)
         try:
             hidden = self.model(
-                batch.input_ids, batch.positions, self.kv_caches, batch.attn, self.before_layer, self.after_layer
+                batch.input_ids,
+                batch.positions,
+                self.kv_caches,
+                batch.attn,
+                self.before_layer,
+                self.after_layer,
             )
         finally:
             if self.connector is not None:

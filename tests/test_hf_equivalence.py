@@ -40,9 +40,12 @@ def test_batch_of_one(case):
         assert llm.generate([prompt], greedy())[0].token_ids == ref
 
 
-def test_batch_of_several(case):
+@pytest.mark.parametrize("attention", ["paged", "sdpa"])
+def test_batch_of_several(case, attention):
     path, prompts, refs = case
-    outs = LLM(path).generate(prompts, greedy())
+    llm = LLM(path, attention_backend=attention, device="cpu" if attention == "paged" else "auto")
+    assert (llm.engine.runner.kernel is not None) == (attention == "paged")
+    outs = llm.generate(prompts, greedy())
     assert [o.token_ids for o in outs] == refs
 
 
