@@ -29,7 +29,7 @@ from store.chunk import Chunk, ChunkError, decode_header, encode_prefix, host_vi
 from store.proto import kvstore_pb2 as pb
 from store.proto import kvstore_pb2_grpc as pb_grpc
 from store.shm import Region
-from store.stream import RemoteError, check_reply, recv_frame, recv_into, send_frame, tune
+from store.stream import RemoteError, check_reply, recv_buffers, recv_frame, send_frame, tune
 
 TRANSPORTS = ("auto", "shm", "stream", "grpc")
 DEFAULT_PORT = 50051
@@ -198,13 +198,13 @@ class KVStoreClient:
         raise AssertionError("unreachable")
 
     # -- stream path ----------------------------------------------------------------
-    def _stream_get(self, conn: _Conn, keys: list[str], outs: Any, fp: Any, results: list) -> None:
+    def _stream_get(self, conn: _Conn, keys: list[str], outs: Any, fp: Any, results: Any) -> None:
         send_frame(conn.sock, {"op": "get", "keys": keys, "fp": fp})
         for meta in _replies(conn.sock):
-            for index, raw in meta.get("part", ()):
-                header = _header(raw, index, len(keys))
-                dst, final = _destination(outs, index, header.nbytes)
-                recv_into(conn.sock, memoryview(dst))
+            part = [(index, _header(raw, index, len(keys))) for index, raw in meta.get("part", ())]
+            places = [_destination(outs, index, h.nbytes) for index, h in part]
+            recv_buffers(conn.sock, [memoryview(dst) for dst, _ in places])  # one scattered read
+            for (index, header), (dst, final) in zip(part, places, strict=True):
                 results[index] = Chunk(header, _deliver(dst, final, header.nbytes))
 
     def _stream_put(self, conn: _Conn, chunks: Sequence[Chunk], fp: Any) -> list[bool]:

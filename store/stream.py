@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import msgpack
@@ -26,6 +27,7 @@ import msgpack
 PROTOCOL_VERSION = 1
 MAX_META_BYTES = 8 << 20
 _LEN = struct.Struct("<I")
+_IOV_MAX = 512  # buffers per sendmsg / recvmsg_into call (Linux allows 1024)
 
 
 class StreamClosed(ConnectionError):
@@ -44,9 +46,7 @@ class RemoteError(Exception):
 def send_frame(sock: socket.socket, meta: dict[str, Any], *payloads: Any) -> None:
     """Send one frame, then ``payloads`` (buffers) back to back."""
     raw = msgpack.packb(meta)
-    sock.sendall(_LEN.pack(len(raw)) + raw)
-    for buf in payloads:
-        sock.sendall(buf)
+    send_buffers(sock, [_LEN.pack(len(raw)) + raw, *payloads])
 
 
 def recv_into(sock: socket.socket, view: memoryview) -> None:
@@ -57,6 +57,38 @@ def recv_into(sock: socket.socket, view: memoryview) -> None:
         if not r:
             raise StreamClosed("stream closed mid-payload")
         got += r
+
+
+def send_buffers(sock: socket.socket, buffers: Sequence[Any]) -> None:
+    """``sendall`` of many buffers with few system calls (gathered ``sendmsg``)."""
+    views = [v for v in (memoryview(b).cast("B") for b in buffers) if v.nbytes]
+    i = 0
+    while i < len(views):
+        sent = sock.sendmsg(views[i : i + _IOV_MAX])
+        i = _advance(views, i, sent)
+
+
+def recv_buffers(sock: socket.socket, views: Sequence[memoryview]) -> None:
+    """Fill writable byte views in order with few system calls (scattered ``recvmsg_into``)."""
+    views = [v for v in views if v.nbytes]
+    i = 0
+    while i < len(views):
+        got = sock.recvmsg_into(views[i : i + _IOV_MAX])[0]
+        if not got:
+            raise StreamClosed("stream closed mid-payload")
+        i = _advance(views, i, got)
+
+
+def _advance(views: list[memoryview], i: int, n: int) -> int:
+    """Drop ``n`` done bytes from ``views[i:]``; the index of the first unfinished view."""
+    while n and i < len(views):
+        if n >= views[i].nbytes:
+            n -= views[i].nbytes
+            i += 1
+        else:
+            views[i] = views[i][n:]
+            n = 0
+    return i
 
 
 def recv_bytes(sock: socket.socket, n: int) -> bytearray:

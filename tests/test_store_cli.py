@@ -59,12 +59,6 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
     assert message in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("command", ["serve", "stats"])
-def test_serve_and_stats_are_not_there_yet(command, capsys):
-    assert main([command]) == 2
-    assert "not yet available (issue 5)" in capsys.readouterr().err
-
-
 def _plain_lru(requests: list[Request], capacity: int) -> float:
     """The trace README's reference: a prefix-chain LRU of ``capacity`` blocks."""
     cache: OrderedDict[tuple, None] = OrderedDict()

@@ -98,6 +98,10 @@ class StoreService:
         self, header_raw: Any, payload: Any, fingerprint: bytes | None, block_hash: bytes | None
     ) -> Chunk:
         """The chunk a put names, if it is well formed and intact; else BadRequest."""
+        if not isinstance(header_raw, (bytes, bytearray, memoryview)):
+            raise BadRequest("a chunk header must be bytes")
+        if block_hash is not None and not isinstance(block_hash, (bytes, bytearray)):
+            raise BadRequest("a block hash must be bytes")
         try:
             header, _ = decode_header(bytes(header_raw))
         except (ChunkError, TypeError) as exc:
