@@ -1,7 +1,8 @@
 """Multi-round QA (LMCache's workload): TTFT and throughput with and without the connector.
 
     python benchmarks/multi_round_qa.py [--users 4] [--rounds 3] [--system 1000]
-        [--question 100] [--answer 16] [--max-num-seqs 2] [--json bench-results/multi_round_qa.json]
+        [--question 100] [--answer 16] [--max-num-seqs 2] [--device cpu|cuda]
+        [--json bench-results/multi_round_qa.json]
 
 ``--users`` users hold conversations of ``--rounds`` rounds. Every prompt is a shared
 system prompt (``--system`` tokens), then the user's history (all earlier questions
@@ -20,9 +21,10 @@ Modes:
 
 Figures per mode: mean and p90 TTFT over the rounds after the first (round 1 is
 cold for everyone), mean TTFT of round 1, output tokens/s over the whole run, and the
-share of prompt tokens served by the engine's cache and by the store at each request's
-first admission (loads after a preemption are not counted there).
-Model: the ``bench`` preset (``--model`` to change), float32 on the CPU.
+share of prompt tokens served by the engine's cache and by the store (``kv_sources``: at
+each request's last admission, so a preempted request counts what its answer was
+computed from). Model: the ``bench`` preset (``--model`` to change), float32, on
+``--device`` (cpu by default, or cuda).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.ttft import kv_bytes_per_token  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.presets import PRESETS  # noqa: E402
 
@@ -49,12 +52,12 @@ def tokens(rng: random.Random, n: int, vocab: int) -> list[int]:
 
 def run_mode(args: argparse.Namespace, kv: dict | None) -> dict:
     mc = PRESETS[args.model]
-    per_token = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * 4
+    per_token = kv_bytes_per_token(args.model, args.device)
     extra = {}
     if kv is not None:
         extra = {"kv_connector": "tiered", "kv_config": kv, "kv_save_decoded": args.save_decoded}
     llm = LLM(args.model, kv_cache_memory=args.engine_kv * per_token, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=2048, **extra)  # fmt: skip
+              max_num_batched_tokens=2048, device=args.device, **extra)  # fmt: skip
     rng = random.Random(args.seed)
     system = tokens(rng, args.system, mc.vocab_size)
     histories: list[list[int]] = [[] for _ in range(args.users)]
@@ -90,8 +93,7 @@ def run_mode(args: argparse.Namespace, kv: dict | None) -> dict:
 
 def working_set_bytes(args: argparse.Namespace) -> int:
     """KV bytes of every user's final context: what the ``all`` store must hold."""
-    mc = PRESETS[args.model]
-    per_token = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * 4
+    per_token = kv_bytes_per_token(args.model, args.device)
     final = args.system + args.rounds * (args.question + args.answer)
     return args.users * final * per_token
 
@@ -128,6 +130,7 @@ def main() -> None:
         "--save-decoded", action="store_true", help="connector modes also save answers' KV"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--json", default="bench-results/multi_round_qa.json")
     args = p.parse_args()
     need = working_set_bytes(args)

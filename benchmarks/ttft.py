@@ -1,10 +1,12 @@
 """TTFT cold vs warm through the tiered connector, per tier, against the load limit.
 
     python benchmarks/ttft.py [--lengths 1024,4096,8192] [--tiers cpu,disk,redis]
-        [--redis-url URL] [--disk-path DIR] [--json bench-results/ttft.json]
+        [--device cpu|cuda] [--redis-url URL] [--disk-path DIR] [--json bench-results/ttft.json]
 
-Model: the ``bench`` preset (12 layers, 4 KV heads x 64, float32 on the CPU: 24 KiB of
-KV per token). Each prompt is random token ids from a fixed seed per length.
+Model: the ``bench`` preset (12 layers, 4 KV heads x 64, float32: 24 KiB of KV per
+token), on ``--device`` (cpu by default; cuda runs the engine and its paged cache on the
+GPU, loads then copy from pinned staging on a side stream). Each prompt is random
+token ids from a fixed seed per length.
 
 Per length:
   off     the engine without a connector (``kv_connector="none"``), a cold prompt:
@@ -35,9 +37,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import LLM, SamplingParams  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
 from engine.presets import PRESETS  # noqa: E402
 from store.bench import bench_config, bench_tier  # noqa: E402
 from store.config import from_flat  # noqa: E402
@@ -49,6 +54,13 @@ CHUNK = 256
 def prompt(length: int) -> list[int]:
     rng = random.Random(length)
     return [rng.randrange(3, PRESETS[MODEL].vocab_size) for _ in range(length)]
+
+
+def kv_bytes_per_token(model: str, device: str) -> int:
+    """KV bytes per token of ``model`` in the dtype the engine runs it in on ``device``."""
+    mc = PRESETS[model]
+    dtype = EngineConfig(model=model, device=device).torch_dtype(mc.torch_dtype, torch.device(device))
+    return mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * dtype.itemsize
 
 
 def ttft(llm: LLM, ids: list[int], max_tokens: int = 1) -> tuple[float, float | None, dict]:
@@ -88,20 +100,20 @@ def start_redis() -> tuple[subprocess.Popen | None, str | None]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
-def engine_kwargs(max_len: int) -> dict:
+def engine_kwargs(max_len: int, device: str) -> dict:
     return dict(enable_prefix_caching=False, kv_cache_memory="1GiB", max_num_seqs=4,
-                max_num_batched_tokens=2048, max_model_len=max_len + 16)  # fmt: skip
+                max_num_batched_tokens=2048, max_model_len=max_len + 16, device=device)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict:
     lengths = [int(x) for x in args.lengths.split(",")]
     tiers = [t for t in args.tiers.split(",") if t]
-    mc = PRESETS[MODEL]
-    per_token = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * 4
+    per_token = kv_bytes_per_token(MODEL, args.device)
     need = per_token * max(lengths) * 2
-    kw = engine_kwargs(max(lengths))
-    results: dict = {"model": MODEL, "chunk_size": CHUNK, "kv_bytes_per_token": per_token,
-                     "lengths": lengths, "off": {}, "tiers": {}}  # fmt: skip
+    kw = engine_kwargs(max(lengths), args.device)
+    results: dict = {"model": MODEL, "device": args.device, "chunk_size": CHUNK,
+                     "kv_bytes_per_token": per_token, "lengths": lengths, "off": {},
+                     "tiers": {}}  # fmt: skip
     off = LLM(MODEL, **kw)
     ttft(off, prompt(64))  # warm-up: first-call allocations
     for n in lengths:
@@ -156,6 +168,7 @@ def main() -> None:
     p.add_argument("--lengths", default="1024,4096,8192")
     p.add_argument("--tiers", default="cpu,disk,redis")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--redis-url", default=None)
     p.add_argument("--disk-path", default=None)
     p.add_argument("--json", default="bench-results/ttft.json")

@@ -55,13 +55,16 @@ class AllBlocksCleared:
 KVCacheEvent = BlockStored | BlockRemoved | AllBlocksCleared
 
 
-def coalesce_stored(events: list[BlockStored]) -> list[BlockStored]:
-    """Merge consecutive ``BlockStored`` of one medium where each run continues the last."""
-    out: list[BlockStored] = []
+def coalesce(events: list[KVCacheEvent]) -> list[KVCacheEvent]:
+    """Merge runs: a ``BlockStored`` that continues the chain of the one before it (same
+    medium and block size, its parent the last block before), and consecutive
+    ``BlockRemoved`` of one medium. Order is kept otherwise."""
+    out: list[KVCacheEvent] = []
     for ev in events:
         prev = out[-1] if out else None
         if (
-            prev is not None
+            isinstance(ev, BlockStored)
+            and isinstance(prev, BlockStored)
             and prev.medium == ev.medium
             and prev.block_size == ev.block_size
             and ev.parent_block_hash == prev.block_hashes[-1]
@@ -70,6 +73,12 @@ def coalesce_stored(events: list[BlockStored]) -> list[BlockStored]:
                 prev.block_hashes + ev.block_hashes, prev.parent_block_hash,
                 prev.token_ids + ev.token_ids, prev.block_size, medium=prev.medium,
             )  # fmt: skip
+        elif (
+            isinstance(ev, BlockRemoved)
+            and isinstance(prev, BlockRemoved)
+            and prev.medium == ev.medium
+        ):
+            out[-1] = BlockRemoved(prev.block_hashes + ev.block_hashes, prev.medium)
         else:
             out.append(ev)
     return out
@@ -85,23 +94,13 @@ def engine_events(
     step are certainly still cached. Runs of one kind are merged into one event.
     """
     out: list[KVCacheEvent] = []
-    stored: list[BlockStored] = []
     for kind, h in raw:
         if kind == "stored":
             block = cached.get(h)
             if block is not None and block.token_ids is not None:
-                stored.append(
-                    BlockStored([h], block.parent_hash, list(block.token_ids), block_size)
-                )
-            continue
-        out += coalesce_stored(stored)
-        stored = []
-        if kind == "removed":
-            prev = out[-1] if out else None
-            if isinstance(prev, BlockRemoved) and prev.medium == MEDIUM_ENGINE:
-                prev.block_hashes.append(h)
-            else:
-                out.append(BlockRemoved([h]))
+                out.append(BlockStored([h], block.parent_hash, list(block.token_ids), block_size))
+        elif kind == "removed":
+            out.append(BlockRemoved([h]))
         elif kind == "cleared":
             out.append(AllBlocksCleared())
-    return out + coalesce_stored(stored)
+    return coalesce(out)

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from connector.base import KVConnectorMetadata
-from store.keys import BlockHash, ChunkRef
+from store.keys import ChunkRef
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,15 +87,6 @@ class RequestState:
             if n > 0:
                 out[tier] = out.get(tier, 0) + n
         return out
-
-
-@dataclass(frozen=True, slots=True)
-class PendingSaveInfo:
-    """What a ``BlockStored`` event needs about a chunk being saved."""
-
-    block_hashes: list[BlockHash]
-    parent: BlockHash | None
-    token_ids: list[int]
 
 
 def plan_load(

@@ -5,11 +5,16 @@ chunks, keys from ``store.keys.chunk_refs`` bound to the model fingerprint) beyo
 engine's own prefix-cache hits becomes external tokens; each step's metadata lists the
 loads planned at admission and the whole prompt chunks that step completes.
 
-Worker side (``connector/transfer.py``): loads are fetched into staging buffers and each
-layer's share is written into the paged cache just before that layer's attention;
-saves copy each layer's blocks out right after its attention, and one ``put_async``
-per step sends the whole chunks. A load that fails or misses its deadline leaves the
-rest of the request to recompute (``recompute``) or fails it (``fail``).
+Worker side (``connector/transfer.py``): each request's chunks are fetched into staging
+buffers and verified on the store's executor, which then writes them into the paged
+cache layer by layer; layer i's attention waits for layer i only. Saves copy each
+layer's blocks out right after its attention, and one ``put_async`` per step sends the
+whole chunks. A load that fails or misses its deadline leaves the rest of the request
+to recompute (``recompute``) or fails it (``fail``).
+
+KV events (``connector/residency.py``): the store reports every chunk a tier stores or
+drops (saves, promotions, demotions, evictions); described chunks become ``BlockStored``
+/ ``BlockRemoved`` with the tier as medium.
 """
 
 from __future__ import annotations
@@ -22,18 +27,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from connector.base import ConnectorContext, KVConnectorBase
-from connector.events import BlockStored, KVCacheEvent, coalesce_stored, tier_medium
-from connector.plan import (
-    PendingSaveInfo,
-    RequestState,
-    TieredConnectorMetadata,
-    plan_load,
-    plan_saves,
-)
+from connector.events import KVCacheEvent
+from connector.plan import RequestState, TieredConnectorMetadata, plan_load, plan_saves
+from connector.residency import ChunkInfo, ChunkResidency
 from connector.setup import resolve_store_config
 from connector.transfer import LoadResult, StepTransfers
 from store.keys import ChunkRef, chunk_refs
-from store.tiered import TieredStore
+from store.tiered import PutResult, TieredStore
 
 if TYPE_CHECKING:
     from engine.request import Request
@@ -57,12 +57,14 @@ class TieredConnector(KVConnectorBase):
         self.chunk_size = config.chunk_size
         self._requests: dict[str, RequestState] = {}
         self._load_failed: dict[str, int] = {}  # request id -> first token to recompute
-        self._pending_info: dict[str, PendingSaveInfo] = {}
         self._puts: list[tuple[Future, list[str]]] = []
-        self._events: list[BlockStored] = []
+        self.residency: ChunkResidency | None = None
+        if context.enable_kv_events:
+            self.residency = ChunkResidency(context.block_size)
+            self.store.subscribe(self.residency.on_store_event)
         self._kv_caches: list[torch.Tensor] = []
+        self._load_stream: torch.cuda.Stream | None = None
         self._step: StepTransfers | None = None
-        self._failed_ids: set[str] = set()
         self._failed_blocks: set[int] = set()
         self.last_load_results: list[LoadResult] = []
 
@@ -104,6 +106,9 @@ class TieredConnector(KVConnectorBase):
         end = st.hit_end
         st.load_start, st.load_end = end - num_external_tokens, end
         st.load = plan_load(st, request.request_id, block_ids, st.load_start, end)
+        if self.residency is not None:  # a load promotes its chunks: describe them
+            for key, start in zip(st.load.keys, st.load.chunk_starts, strict=True):
+                self.residency.describe(key, self._chunk_info(request, start))
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> TieredConnectorMetadata:
         meta = TieredConnectorMetadata()
@@ -130,16 +135,17 @@ class TieredConnector(KVConnectorBase):
             saves = plan_saves(
                 st, s.request.request_id, s.block_ids, s.start + s.num_new_tokens, bs
             )
-            for spec in saves if self.context.enable_kv_events else ():
-                self._pending_info[spec.key] = self._save_info(s.request, spec.start, spec.end)
+            for spec in saves if self.residency is not None else ():
+                self.residency.describe(spec.key, self._chunk_info(s.request, spec.start))
             meta.saves += saves
         return meta
 
-    def _save_info(self, request: Request, start: int, end: int) -> PendingSaveInfo:
-        bs = self.context.block_size
+    def _chunk_info(self, request: Request, start: int) -> ChunkInfo:
+        """The blocks and tokens of ``request``'s chunk starting at token ``start``."""
+        bs, end = self.context.block_size, start + self.chunk_size
         hashes = request.block_hashes[start // bs : end // bs]
         parent = request.block_hashes[start // bs - 1] if start else None
-        return PendingSaveInfo(list(hashes), parent, list(request.all_token_ids[start:end]))
+        return ChunkInfo(list(hashes), parent, list(request.all_token_ids[start:end]))
 
     def request_finished(
         self, request: Request, block_ids: list[int]
@@ -153,54 +159,67 @@ class TieredConnector(KVConnectorBase):
         return st.sources(end) if st is not None else {}
 
     def take_events(self) -> list[KVCacheEvent]:
-        """``BlockStored`` for chunks whose save completed, one medium per tier written
-        (only with ``context.enable_kv_events``)."""
+        """``BlockStored`` / ``BlockRemoved`` of the store's tiers for the chunks this
+        connector saved or loaded (only with ``context.enable_kv_events``)."""
         self._reap_puts()
-        events, self._events = coalesce_stored(self._events), []
-        return events
+        return self.residency.take_events() if self.residency is not None else []
 
     def _reap_puts(self) -> None:
-        """Turn completed saves into events (or forget them when nobody asked for events)."""
+        """Forget the descriptions of chunks whose save stored them nowhere."""
         done = [(f, keys) for f, keys in self._puts if f.done()]
         self._puts = [(f, keys) for f, keys in self._puts if not f.done()]
-        media = [
-            t.name
-            for i, t in enumerate(self.store.tiers)
-            if i == 0 or t.write_policy == "write_through"
-        ]
-        for fut, keys in done:
-            infos = [self._pending_info.pop(k) for k in keys if k in self._pending_info]
-            if not self.context.enable_kv_events or fut.exception() is not None:
-                continue
-            if fut.result() < len(keys):
-                continue  # put() counts, it does not say which chunk failed: claim none
-            for tier in media:
-                self._events += [BlockStored(i.block_hashes, i.parent, i.token_ids, self.context.block_size,
-                                             medium=tier_medium(tier)) for i in infos]  # fmt: skip
+        for fut, keys in done if self.residency is not None else ():
+            result = None if fut.exception() is not None else fut.result()
+            stored = result.stored if isinstance(result, PutResult) else [False] * len(keys)
+            self.residency.forget_unstored(
+                [k for k, ok in zip(keys, stored, strict=True) if not ok]
+            )
 
     # -- worker side ------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: Sequence[torch.Tensor]) -> None:
         self._kv_caches = list(kv_caches)
+        device = self._kv_caches[0].device if self._kv_caches else None
+        if device is not None and device.type == "cuda":  # loads copy on a side stream
+            self._load_stream = torch.cuda.Stream(device)
 
     def start_load_kv(self, metadata: TieredConnectorMetadata) -> None:
-        self._failed_ids, self._failed_blocks = set(), set()
+        self._failed_blocks = set()
         self.last_load_results = []
         if not metadata.loads and not metadata.saves:
             self._step = None
             return
         self._step = StepTransfers(
-            self.context, self.store, self.chunk_size, self._kv_caches, metadata
-        )
+            self.context, self.store, self.chunk_size, self._kv_caches, metadata,
+            self._load_stream,
+        )  # fmt: skip
+        self._step.start_saves()
         self._step.start_loads()
 
     def wait_for_layer_load(self, layer: int) -> None:
+        if self._step is not None and self._step.jobs:
+            self._step.wait_layer(layer)
+
+    def save_kv_layer(
+        self, layer: int, kv_layer: torch.Tensor, attn_metadata: Any = None, **kwargs: Any
+    ) -> None:
         step = self._step
-        if step is None or not step.meta.loads:
+        if step is not None and step.meta.saves:
+            step.save_layer(layer, kv_layer, step.failed_ids())
+
+    def wait_for_save(self) -> None:
+        step, self._step = self._step, None
+        if step is None:
             return
-        if step.copies is None:
-            step.resolve_loads()
-            self._record_failures(step.results)
-        step.load_layer(layer)
+        self._record_failures(step.finish_loads())
+        failed = {r.spec.request_id for r in self.last_load_results if r.error is not None}
+        if step.meta.saves:  # the saves of a request whose load failed hold wrong KV
+            chunks, specs = step.finish_saves(failed)
+            if chunks:
+                self._puts.append((self.store.put_async(chunks), [s.key for s in specs]))
+            skipped = [s.key for s in step.meta.saves if s.request_id in failed]
+            if skipped and self.residency is not None:
+                self.residency.forget_unstored(skipped)
+        self._reap_puts()
 
     def _record_failures(self, results: list[LoadResult]) -> None:
         self.last_load_results = results
@@ -210,27 +229,8 @@ class TieredConnector(KVConnectorBase):
                 continue
             if self.context.load_failure_policy == "fail":
                 log.error("kv load for %s failed: %s", r.spec.request_id, r.error)
-            self._failed_ids.add(r.spec.request_id)
             self._failed_blocks.update(r.spec.block_ids[r.good_end // bs : r.spec.end // bs])
             self._load_failed[r.spec.request_id] = r.good_end
-
-    def save_kv_layer(
-        self, layer: int, kv_layer: torch.Tensor, attn_metadata: Any = None, **kwargs: Any
-    ) -> None:
-        if self._step is not None and self._step.meta.saves:
-            self._step.save_layer(layer, kv_layer, self._failed_ids)
-
-    def wait_for_save(self) -> None:
-        step, self._step = self._step, None
-        if step is None or not step.meta.saves:
-            return
-        chunks, specs = step.finish_saves(self._failed_ids)
-        for spec in step.meta.saves:
-            if spec.request_id in self._failed_ids:
-                self._pending_info.pop(spec.key, None)
-        if chunks:
-            self._puts.append((self.store.put_async(chunks), [s.key for s in specs]))
-        self._reap_puts()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return set(self._failed_blocks)

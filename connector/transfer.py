@@ -1,19 +1,37 @@
 """The tiered connector's worker side: chunk loads into, and saves out of, the paged cache.
 
-Loads go through host staging buffers, never straight into the paged cache: a load that
-times out keeps running on the store's executor, and must then scribble on memory
-nobody reads rather than on blocks the engine is recomputing. Saves copy each layer's
-blocks into a staging chunk on the cache's device right after that layer's attention (a
-device memcpy: the forward pass waits for no I/O and no host sync), and the whole chunks
-go to the host and then to the store in one ``put_async`` when the step ends.
+Loads, layer by layer::
+
+    store executor thread                     engine thread (forward pass)
+    get chunks into staging, verify them      start_load_kv
+    layer 0 of each chunk -> paged blocks     wait_for_layer_load(0) -> attention 0
+    layer 1 ...           -> paged blocks     wait_for_layer_load(1) -> attention 1
+    ...                                       ...
+
+``TieredStore.get_layers_async`` fetches and verifies a request's chunks and hands them
+over one layer at a time; each layer's copy into the paged cache (the scatter) runs on
+the store's thread and then marks that layer done, so layer i's attention waits for
+layer i only. On CUDA the scatter runs on a side stream from pinned staging, and
+``wait_for_layer_load(i)`` makes the compute stream wait for layer i's event.
+
+Loads go through staging buffers, never straight from a tier into the paged cache: a
+load that times out keeps running on the store's executor and must then scribble on
+memory nobody reads. Once a step gives up on a load (its deadline passed) the job is
+cancelled under its lock, so no later layer is written into blocks the engine is
+recomputing. Saves copy each layer's blocks into a staging chunk on the cache's device
+right after that layer's attention (a device memcpy: the forward pass waits for no I/O
+and no host sync), and the whole chunks go to the host and then to the store in one
+``put_async`` when the step ends.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import time
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -47,10 +65,24 @@ class LoadResult:
 
 
 @dataclass(slots=True)
-class _InFlight:
+class _LoadJob:
+    """One request's load. The store's thread plans and scatters; the engine thread
+    waits per layer. Every field below ``cond`` is guarded by it."""
+
     spec: LoadSpec
     staging: list[torch.Tensor]
-    future: Future
+    cond: threading.Condition = field(default_factory=threading.Condition)
+    copies: list[_Copy] | None = None  # planned once the chunks are back and verified
+    good_end: int = 0
+    error: str | None = None
+    layers_done: int = 0  # layers [0, layers_done) are in the paged cache
+    cancelled: bool = False  # the step gave up: write nothing more
+    finished: bool = False  # the store's job ended, one way or another
+    layer_events: list = field(default_factory=list)  # CUDA: one event per scattered layer
+    future: Future | None = None
+
+    def ready(self, layer: int) -> bool:
+        return self.layers_done > layer or self.finished or self.cancelled
 
 
 @dataclass(slots=True)
@@ -62,60 +94,125 @@ class StepTransfers:
     chunk_size: int
     kv_caches: list[torch.Tensor]
     meta: TieredConnectorMetadata
+    stream: torch.cuda.Stream | None = None  # CUDA: the side stream loads are copied on
     started: float = field(default_factory=time.monotonic)
-    inflight: list[_InFlight] = field(default_factory=list)
-    copies: list[_Copy] | None = None  # None until the loads are resolved
-    results: list[LoadResult] = field(default_factory=list)
+    jobs: list[_LoadJob] = field(default_factory=list)
     save_staging: dict[str, torch.Tensor] = field(default_factory=dict)
+    save_ids: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def chunk_shape(self, tokens: int) -> tuple[int, ...]:
         c = self.ctx
         return (c.num_layers, 2, tokens, c.num_kv_heads, c.head_dim)
 
-    # -- loads ----------------------------------------------------------------------
+    # -- loads: the engine thread -----------------------------------------------------
     def start_loads(self) -> None:
+        if self.stream is not None:  # blocks may be in use by work queued before this step
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        pin = self.stream is not None
         for spec in self.meta.loads:
-            staging = [
-                torch.empty(self.chunk_shape(self.chunk_size), dtype=self.ctx.dtype)
-                for _ in spec.keys
-            ]
-            self.inflight.append(_InFlight(spec, staging, self.store.get_async(spec.keys, staging)))
+            shape = self.chunk_shape(self.chunk_size)
+            staging = [torch.empty(shape, dtype=self.ctx.dtype, pin_memory=pin) for _ in spec.keys]
+            job = _LoadJob(spec, staging, good_end=spec.start)
+            job.future = self.store.get_layers_async(
+                spec.keys, staging, functools.partial(self._on_layer, job)
+            )
+            job.future.add_done_callback(functools.partial(self._on_done, job))
+            self.jobs.append(job)
 
-    def resolve_loads(self) -> None:
-        """Wait (until the step's deadline) for every load; plan the per-layer copies."""
-        self.copies = []
+    def wait_layer(self, layer: int) -> None:
+        """Return once layer ``layer`` of every load is in the paged cache, or its load
+        has failed or missed the step's deadline (then it is cancelled)."""
         deadline = self.started + self.ctx.load_timeout
-        for job in self.inflight:
-            chunks, error = self._wait(job, deadline)
-            spec, good_end = job.spec, job.spec.start
-            for i, chunk in enumerate(chunks):
-                staged = self._usable(chunk)
-                if staged is None:
-                    error = error or f"chunk {spec.keys[i][:12]} missing or unusable"
-                    break
-                c_start = spec.chunk_starts[i]
-                lo, hi = max(spec.start, c_start), min(spec.end, c_start + self.chunk_size)
-                bs = self.ctx.block_size
-                ids = torch.tensor(
-                    spec.block_ids[lo // bs : hi // bs], device=self.kv_caches[0].device
+        for job in self.jobs:
+            with job.cond:
+                in_time = job.cond.wait_for(
+                    lambda job=job: job.ready(layer), max(0.0, deadline - time.monotonic())
                 )
-                self.copies.append(_Copy(staged, lo - c_start, hi - c_start, ids))
-                good_end = hi
-            if good_end < spec.end and error is None:
-                error = "store returned fewer chunks than asked"
-            if error is not None:
-                log.warning("kv load for %s stopped at token %d of %d: %s", spec.request_id,
-                            good_end, spec.end, error)  # fmt: skip
-            self.results.append(LoadResult(spec, good_end, error))
+                if not in_time:
+                    self._give_up(job, f"timed out after {self.ctx.load_timeout}s")
+                elif job.layers_done <= layer and job.error is None:
+                    self._give_up(job, f"load stopped before layer {layer}")
+                if job.layers_done > layer and job.layer_events:
+                    torch.cuda.current_stream(self.stream.device).wait_event(
+                        job.layer_events[layer]
+                    )
 
-    def _wait(self, job: _InFlight, deadline: float) -> tuple[list[Chunk | None], str | None]:
-        try:
-            return job.future.result(timeout=max(0.0, deadline - time.monotonic())), None
-        except FutureTimeout:
+    def finish_loads(self) -> list[LoadResult]:
+        """End the step's loads (any still running is cancelled); how each one ended."""
+        results = []
+        for job in self.jobs:
+            with job.cond:
+                if not job.finished and job.layers_done < self.ctx.num_layers:
+                    self._give_up(job, "the step ended before the load")
+                results.append(LoadResult(job.spec, job.good_end, job.error))
+            if job.error is not None:
+                log.warning("kv load for %s stopped at token %d of %d: %s", job.spec.request_id,
+                            job.good_end, job.spec.end, job.error)  # fmt: skip
+        return results
+
+    def failed_ids(self) -> set[str]:
+        """Requests whose load has failed so far in this step. Read without the jobs'
+        locks (a save must not wait for a scatter): a failure seen late only costs a
+        wasted copy, ``finish_loads`` has the final word."""
+        return {job.spec.request_id for job in self.jobs if job.error is not None}
+
+    def _give_up(self, job: _LoadJob, why: str) -> None:
+        """(job.cond held) Nothing of this load counts; nothing more is written."""
+        job.cancelled = True
+        job.good_end = job.spec.start
+        job.error = job.error or why
+        if job.future is not None:
             job.future.cancel()  # if still queued; a running get only writes to staging
-            return [], f"timed out after {self.ctx.load_timeout}s"
-        except Exception as exc:  # a tier failing in an unexpected way is still a miss
-            return [], f"{type(exc).__name__}: {exc}"
+
+    # -- loads: the store's thread ----------------------------------------------------
+    def _on_layer(self, job: _LoadJob, layer: int, chunks: list[Chunk | None]) -> bool:
+        """Scatter layer ``layer`` of the verified chunks; False stops the job."""
+        with job.cond, torch.inference_mode(), self._stream_ctx():
+            if job.cancelled:
+                return False
+            if job.copies is None:
+                self._plan(job, chunks)
+            if not job.copies:
+                return False
+            self._scatter(job.copies, layer)
+            if self.stream is not None:
+                event = torch.cuda.Event()
+                event.record(self.stream)
+                job.layer_events.append(event)
+            job.layers_done = layer + 1
+            job.cond.notify_all()
+            return True
+
+    def _on_done(self, job: _LoadJob, future: Future) -> None:
+        with job.cond:
+            job.finished = True
+            if future.cancelled():
+                job.error = job.error or "cancelled"
+            elif future.exception() is not None:  # a tier failing oddly is still a miss
+                exc = future.exception()
+                if job.copies is None:
+                    job.error = job.error or f"{type(exc).__name__}: {exc}"
+                elif job.layers_done < self.ctx.num_layers:
+                    self._give_up(job, f"{type(exc).__name__}: {exc}")
+            elif job.copies is None:  # no chunk came back: no layer was delivered
+                with torch.inference_mode(), self._stream_ctx():
+                    self._plan(job, future.result())
+            job.cond.notify_all()
+
+    def _plan(self, job: _LoadJob, chunks: list[Chunk | None]) -> None:
+        """(job.cond held) The copies of the leading usable chunks; where the load ends."""
+        spec, bs = job.spec, self.ctx.block_size
+        job.copies = []
+        for i, key in enumerate(spec.keys):
+            staged = self._usable(chunks[i] if i < len(chunks) else None)
+            if staged is None:
+                job.error = job.error or f"chunk {key[:12]} missing or unusable"
+                break
+            c_start = spec.chunk_starts[i]
+            lo, hi = max(spec.start, c_start), min(spec.end, c_start + self.chunk_size)
+            ids = torch.tensor(spec.block_ids[lo // bs : hi // bs], device=self.kv_caches[0].device)
+            job.copies.append(_Copy(staged, lo - c_start, hi - c_start, ids))
+            job.good_end = hi
 
     def _usable(self, chunk: Chunk | None) -> torch.Tensor | None:
         """The chunk's KV as ``[L, 2, T, KVH, D]`` in the engine's dtype, or None."""
@@ -128,30 +225,40 @@ class StepTransfers:
             return None
         return to_tensor(chunk)  # views ``staging`` when the tier read into it
 
-    def load_layer(self, layer: int) -> None:
-        """Write layer ``layer`` of every loaded chunk into its paged blocks."""
-        if self.copies is None:
-            self.resolve_loads()
+    def _scatter(self, copies: list[_Copy], layer: int) -> None:
+        """Write layer ``layer`` of every planned copy into its paged blocks."""
         kv = self.kv_caches[layer]
         bs = self.ctx.block_size
-        for c in self.copies or ():
-            src = c.chunk[layer, :, c.lo : c.hi]  # [2, n, KVH, D]
+        for c in copies:
+            whole = c.chunk[layer].to(kv.device, non_blocking=True)  # [2, T, KVH, D]; contiguous
+            src = whole[:, c.lo : c.hi]
             src = src.reshape(2, -1, bs, *src.shape[2:]).transpose(0, 1)  # [nb, 2, BS, KVH, D]
-            kv.index_copy_(0, c.block_ids, src.to(kv.device, non_blocking=True))
+            kv.index_copy_(0, c.block_ids, src)
+
+    def _stream_ctx(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
 
     # -- saves ----------------------------------------------------------------------
+    def start_saves(self) -> None:
+        """Staging and block ids of every save, on the cache's device, before the forward
+        pass: building an index tensor from a list inside it would make the host wait
+        for the GPU at every layer."""
+        device = self.kv_caches[0].device
+        for spec in self.meta.saves:
+            shape = self.chunk_shape(spec.end - spec.start)
+            self.save_staging[spec.key] = torch.empty(shape, dtype=self.ctx.dtype, device=device)
+            ids = torch.tensor(spec.block_ids)
+            if device.type == "cuda":
+                ids = ids.pin_memory().to(device, non_blocking=True)
+            self.save_ids[spec.key] = ids
+
     def save_layer(self, layer: int, kv_layer: torch.Tensor, skip: set[str]) -> None:
         bs = self.ctx.block_size
         for spec in self.meta.saves:
             if spec.request_id in skip:
                 continue
-            staging = self.save_staging.get(spec.key)
-            if staging is None:  # on the cache's device: a GPU copies without a host sync
-                shape = self.chunk_shape(spec.end - spec.start)
-                staging = torch.empty(shape, dtype=self.ctx.dtype, device=kv_layer.device)
-                self.save_staging[spec.key] = staging
-            ids = torch.tensor(spec.block_ids, device=kv_layer.device)
-            blocks = kv_layer.index_select(0, ids)  # [nb, 2, BS, KVH, D]
+            staging = self.save_staging[spec.key]  # a device memcpy on a GPU: no host sync
+            blocks = kv_layer.index_select(0, self.save_ids[spec.key])  # [nb, 2, BS, KVH, D]
             dst = staging[layer].view(2, len(spec.block_ids), bs, *staging.shape[3:])
             dst.copy_(blocks.transpose(0, 1))
 
@@ -159,9 +266,9 @@ class StepTransfers:
         """The staged chunks to put (saves of requests in ``skip`` are dropped)."""
         chunks, specs = [], []
         for spec in self.meta.saves:
-            staging = self.save_staging.get(spec.key)
-            if staging is None or spec.request_id in skip:
+            if spec.request_id in skip:
                 continue
+            staging = self.save_staging[spec.key]
             kv = staging.to(HOST)  # one device-to-host copy per chunk, after the forward pass
             chunks.append(self.store.make_chunk(spec.key, kv, spec.end - spec.start))
             specs.append(spec)

@@ -44,7 +44,7 @@ class Request:
     first_token_time: float | None = None
     num_preemptions: int = 0
     block_hashes: list[BlockHash] = field(default_factory=list)
-    kv_sources: dict[str, int] = field(default_factory=dict)  # prompt tokens per KV source
+    kv_sources: dict[str, int] = field(default_factory=dict)  # prompt tokens per source, last admission
     generator: torch.Generator | None = None
 
     def __post_init__(self) -> None:

@@ -134,12 +134,25 @@ class Scheduler:
         req.num_computed_tokens = num_cached + num_external
         if self.connector is not None:
             self.connector.update_state_after_alloc(req, self.kv.block_ids(req.request_id), num_external)
-        if req.num_cached_tokens < 0:  # metrics describe the first admission
+        if req.num_cached_tokens < 0:  # as vLLM: the prefix-cache hits of the first admission
             req.num_cached_tokens = num_cached
-            req.kv_sources = {"engine": num_cached}
-            if self.connector is not None:
-                req.kv_sources.update(self.connector.external_token_sources(req))
+        req.kv_sources = self._kv_sources(req, num_cached, req.num_computed_tokens)
         return num_new
+
+    def _kv_sources(self, req: Request, num_cached: int, end: int) -> dict[str, int]:
+        """Prompt tokens of ``req``'s latest admission per KV source: the engine's cache
+        (``num_cached``), then each medium the connector loads from, up to token ``end``.
+
+        Each admission replaces the last one's figures: after a preemption the request
+        recomputes, and what it then finds in the engine's cache and the store is what
+        its answer is computed from. Tokens past the prompt (a re-admission after
+        decoding) are not prompt tokens and are not counted.
+        """
+        prompt = len(req.prompt_token_ids)
+        sources = {"engine": min(num_cached, prompt)}
+        if self.connector is not None:
+            sources.update(self.connector.external_token_sources(req, min(end, prompt)))
+        return sources
 
     def _external_tokens(self, req: Request, num_cached: int) -> int:
         """Prompt tokens after the engine's prefix the connector can load (0 without one)."""
@@ -190,9 +203,8 @@ class Scheduler:
     def _recompute_from(self, req: Request, good_end: int) -> None:
         req.num_computed_tokens = good_end
         self.kv.register_full_blocks(req)
-        if req.kv_sources and self.connector is not None:  # count only what really loaded
-            req.kv_sources = {"engine": req.kv_sources.get("engine", 0),
-                              **self.connector.external_token_sources(req, good_end)}  # fmt: skip
+        if req.kv_sources:  # count only what really loaded
+            req.kv_sources = self._kv_sources(req, req.kv_sources.get("engine", 0), good_end)
 
     def _collect_kv_events(self) -> None:
         """Turn this step's block-pool records into typed events (or drop them)."""

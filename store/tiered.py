@@ -16,6 +16,9 @@ Tiers are fastest first (gpu, cpu, disk/gds, redis). Rules:
   the tier's ``verify`` is on), and promotes hits from lower tiers into the tiers above.
   A corrupt object is a miss, a ``checksum_failures`` count, and is deleted.
 * Pinned chunks (``pin``: being loaded, or leased for a decode node) are never evicted.
+* Users that mirror where chunks are (the connector's KV events) ``subscribe`` to
+  ``ChunkEvent``: a tier stored keys (put, promotion, demotion) or no longer holds them
+  (eviction, delete, a corrupt object dropped).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -53,6 +56,42 @@ class Tier(NamedTuple):
     verify: bool
 
 
+class ChunkEvent(NamedTuple):
+    """Tier ``tier`` now holds ``keys`` (``removed`` False) or no longer does (True).
+
+    A removal may name keys the tier did not hold (``delete`` does not say which were
+    present); a listener that mirrors residency ignores those.
+    """
+
+    tier: str
+    keys: tuple[str, ...]
+    removed: bool
+
+
+ChunkListener = Callable[[ChunkEvent], None]
+"""Runs on the thread that changed the tier, sometimes under that tier's lock: it must
+be quick and must not call the store."""
+
+LayerSink = Callable[[int, list[Chunk | None]], bool]
+"""``sink(layer, chunks)``: layer ``layer`` of every verified chunk in ``chunks`` may be
+read now. Returning False stops the delivery of later layers."""
+
+
+class PutResult(int):
+    """What a ``put`` stored. As an int: how many chunks some tier now holds (what ``put``
+    always returned). ``by_tier[name][i]``: whether tier ``name`` stored chunk ``i`` in
+    this put (False also where the tier was not asked: a write-back tier only gets what
+    no tier above could take)."""
+
+    stored: list[bool]
+    by_tier: dict[str, list[bool]]
+
+    def __new__(cls, stored: list[bool], by_tier: dict[str, list[bool]]) -> PutResult:
+        self = super().__new__(cls, sum(stored))
+        self.stored, self.by_tier = stored, by_tier
+        return self
+
+
 class TieredStore:
     """The store an engine or the daemon uses. ``fingerprint`` binds every chunk read to
     one model; ``backends`` overrides construction from config (tests, the daemon)."""
@@ -79,12 +118,45 @@ class TieredStore:
             if config.io_threads > 1
             else None
         )
-        self._wire_demotion()
+        self._listeners: list[ChunkListener] = []
+        self._wire_evictions()
 
-    def _wire_demotion(self) -> None:
-        for upper, lower in zip(self.tiers, self.tiers[1:], strict=False):
-            if lower.write_policy == "write_back":
-                upper.backend.on_evict = lambda chunk, lower=lower: self._write(lower, [chunk])
+    def _wire_evictions(self) -> None:
+        """Eviction hooks: demote into a write-back tier below, and tell the listeners.
+
+        A tier with neither keeps no hook: a backend copies a victim's payload out only
+        for a hook, and a hook that only reports pays that copy (see ``subscribe``).
+        """
+        for i, tier in enumerate(self.tiers):
+            below = self.tiers[i + 1] if i + 1 < len(self.tiers) else None
+            lower = below if below is not None and below.write_policy == "write_back" else None
+            if lower is not None or (self._listeners and tier.backend.bounded):
+                tier.backend.on_evict = functools.partial(self._evicted, tier, lower)
+
+    def _evicted(self, tier: Tier, lower: Tier | None, chunk: Chunk) -> None:
+        if lower is not None:  # demote first: a listener sees a move, never a gap
+            self._write(lower, [chunk])
+        self._emit(tier, [chunk.key], removed=True)
+
+    # -- events ---------------------------------------------------------------------
+    def subscribe(self, listener: ChunkListener) -> None:
+        """Call ``listener`` with every ``ChunkEvent`` from now on.
+
+        Cost: evictions from a bounded tier that demotes nowhere now copy the victim's
+        payload out for the hook (the backends hand hooks whole chunks).
+        """
+        self._listeners.append(listener)
+        self._wire_evictions()
+
+    def _emit(self, tier: Tier, keys: Sequence[str], removed: bool) -> None:
+        if not keys:
+            return
+        event = ChunkEvent(tier.name, tuple(keys), removed)
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:  # a listener's bug must not fail a put or an eviction
+                log.warning("chunk event listener failed", exc_info=True)
 
     # -- chunks ---------------------------------------------------------------------
     def make_chunk(self, key: str, kv: Any, num_tokens: int) -> Chunk:
@@ -113,17 +185,21 @@ class TieredStore:
         return found
 
     # -- put ------------------------------------------------------------------------
-    def put(self, chunks: Sequence[Chunk]) -> int:
-        """Store chunks per the write policies; returns how many some tier now holds."""
+    def put(self, chunks: Sequence[Chunk]) -> PutResult:
+        """Store chunks per the write policies; the result counts the chunks some tier now
+        holds and says, per tier, which ones it stored."""
         stored = [False] * len(chunks)
+        by_tier: dict[str, list[bool]] = {}
         for i, tier in enumerate(self.tiers):
             if i == 0 or tier.write_policy == "write_through":
                 todo = list(range(len(chunks)))
             else:  # write_back: only what no tier above could take (too big, all pinned)
                 todo = [j for j, ok in enumerate(stored) if not ok]
+            col = by_tier[tier.name] = [False] * len(chunks)
             for j, ok in zip(todo, self._write(tier, [chunks[j] for j in todo]), strict=True):
+                col[j] = ok
                 stored[j] = stored[j] or ok
-        return sum(stored)
+        return PutResult(stored, by_tier)
 
     def _write(self, tier: Tier, chunks: Sequence[Chunk]) -> list[bool]:
         if not chunks:
@@ -133,6 +209,7 @@ class TieredStore:
         written = sum(c.header.nbytes for c, good in zip(chunks, ok, strict=True) if good)
         self.metrics.bytes_written.labels(tier.name).inc(written)
         self.metrics.put_failures.labels(tier.name).inc(len(ok) - sum(ok))
+        self._emit(tier, [c.header.key for c, good in zip(chunks, ok, strict=True) if good], False)
         return ok
 
     # -- get ------------------------------------------------------------------------
@@ -190,7 +267,8 @@ class TieredStore:
     def _accept(self, tier: Tier, keys: list[str], got: list[Any]) -> list[Chunk | None]:
         """Verified chunks of one tier's answer; bad objects are counted and deleted."""
         out: list[Chunk | None] = []
-        bad: list[str] = []
+        bad: list[str] = []  # failed verification here: to delete
+        dropped: list[str] = []  # no longer in the tier (the backend dropped its own)
         for key, res in zip(keys, got, strict=True):
             if isinstance(res, Chunk) and tier.verify:
                 try:
@@ -201,6 +279,7 @@ class TieredStore:
                     res = Corrupt(key, str(exc))
             if isinstance(res, Corrupt):
                 self.metrics.checksum_failures.labels(tier.name).inc()
+                dropped.append(key)
                 res = None
             out.append(res)
         hits = [c for c in out if c is not None]
@@ -209,6 +288,7 @@ class TieredStore:
         self.metrics.bytes_read.labels(tier.name).inc(sum(c.header.nbytes for c in hits))
         if bad:
             tier.backend.delete(bad)
+        self._emit(tier, dropped, removed=True)
         return out
 
     def _promote(self, level: int, chunks: list[Chunk]) -> None:
@@ -219,6 +299,32 @@ class TieredStore:
     def get_async(self, keys: Sequence[str], outs: Sequence[Any] | None = None) -> Future:
         """``get`` on the executor at load priority; the future holds its result."""
         return self._executor.submit(Priority.LOAD, self.get, list(keys), outs)
+
+    def get_layers_async(
+        self, keys: Sequence[str], outs: Sequence[Any] | None, sink: LayerSink
+    ) -> Future:
+        """``get`` at load priority, delivering the chunks layer by layer: on the executor
+        thread, ``sink(i, chunks)`` for i = 0, 1, ... as soon as layer i of every chunk
+        found is verified. The future holds the chunks (``get``'s result).
+
+        Why per layer: a caller waits for layer i only, not for the whole load (the
+        engine runs layer 0's attention while later layers are still being copied in).
+        Today every layer is ready at once after the whole-chunk read and checksum,
+        since a chunk's checksum covers its whole payload and the tiers read whole
+        objects; a chunk format with per-layer checksums and ranged tier reads could
+        deliver layer 0 first without any change to callers.
+        """
+        return self._executor.submit(Priority.LOAD, self._get_layers, list(keys), outs, sink)
+
+    def _get_layers(
+        self, keys: list[str], outs: Sequence[Any] | None, sink: LayerSink
+    ) -> list[Chunk | None]:
+        chunks = self.get(keys, outs)
+        layers = next((c.header.shape[0] for c in chunks if c is not None and c.header.shape), 0)
+        for layer in range(layers):
+            if sink(layer, chunks) is False:
+                break
+        return chunks
 
     def prefetch(self, keys: Sequence[str]) -> Future:
         """Promote the stored prefix of ``keys`` toward the fastest tier, ahead of a load."""
@@ -231,13 +337,18 @@ class TieredStore:
         return n
 
     def put_async(self, chunks: Sequence[Chunk]) -> Future:
-        """``put`` on the executor at save priority (after pending loads and prefetches)."""
+        """``put`` on the executor at save priority (after pending loads and prefetches);
+        the future holds its ``PutResult``."""
         return self._executor.submit(Priority.SAVE, self.put, list(chunks))
 
     # -- the rest -------------------------------------------------------------------
     def delete(self, keys: Sequence[str]) -> int:
         """Remove keys from every tier; returns how many tier copies were removed."""
-        return sum(t.backend.delete(keys) for t in self.tiers)
+        n = 0
+        for t in self.tiers:
+            n += t.backend.delete(keys)
+            self._emit(t, keys, removed=True)
+        return n
 
     def pin(self, keys: Sequence[str]) -> None:
         """Keep ``keys`` from eviction in every tier until ``unpin``."""

@@ -78,14 +78,14 @@ def test_redis_dying_mid_load_leaves_the_answer_unchanged(
     with tiered_llm(model, cfg) as llm:
         run(llm, a)
         store = llm.engine.connector.store
-        real_get_async = store.get_async
+        real_get = store.get_layers_async
 
-        def die_then_get(keys, outs=None):  # the lookup succeeded; the server dies now
+        def die_then_get(keys, outs, sink):  # the lookup succeeded; the server dies now
             proc.kill()
             proc.wait()
-            return real_get_async(keys, outs)
+            return real_get(keys, outs, sink)
 
-        monkeypatch.setattr(store, "get_async", die_then_get)
+        monkeypatch.setattr(store, "get_layers_async", die_then_get)
         start = time.monotonic()
         out = run(llm, a)
         assert out.token_ids == ref
@@ -103,13 +103,13 @@ def test_a_load_past_its_deadline_is_recomputed(case, tmp_path, redis_factory, m
     with tiered_llm(model, cfg, kv_load_timeout=0.3) as llm:
         run(llm, a)
         store = llm.engine.connector.store
-        real_get_async = store.get_async
+        real_get = store.get_layers_async
 
-        def freeze_then_get(keys, outs=None):
+        def freeze_then_get(keys, outs, sink):
             os.kill(proc.pid, signal.SIGSTOP)
-            return real_get_async(keys, outs)
+            return real_get(keys, outs, sink)
 
-        monkeypatch.setattr(store, "get_async", freeze_then_get)
+        monkeypatch.setattr(store, "get_layers_async", freeze_then_get)
         try:
             out = llm.generate([a], greedy())[0]
         finally:

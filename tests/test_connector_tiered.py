@@ -109,6 +109,37 @@ def test_engine_prefix_then_store_after_evictions(case, tmp_path):
         llm.engine.kv.check_integrity()
 
 
+def test_kv_sources_describe_the_admission_after_a_preemption(case, tmp_path):
+    """Two prompts fill the engine's 20 blocks; when a's decode needs an 11th block, b is
+    preempted. b comes back after a finishes and loads its 4 saved prompt chunks: its
+    kv_sources say so (they used to keep the first admission's figures)."""
+    model, a, b, _ = case
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    ref = [o.token_ids for o in LLM(model, enable_prefix_caching=False).generate([a, b], params)]
+    block_bytes = 2 * 2 * 16 * 2 * 32 * 4
+    with tiered_llm(model, store_config("cpu", tmp_path), kv_cache_memory=20 * block_bytes) as llm:
+        out_a, out_b = llm.generate([a, b], params)
+        assert [out_a.token_ids, out_b.token_ids] == ref
+        assert out_a.metrics.num_preemptions == 0 and out_b.metrics.num_preemptions >= 1
+        assert out_a.metrics.kv_sources == {"engine": 0}
+        assert out_b.metrics.kv_sources == {"engine": 0, "cpu": LOADABLE}
+        llm.engine.kv.check_integrity()
+
+
+def test_kv_sources_count_prompt_tokens_only(case, tmp_path):
+    """With kv_save_decoded, b's 5th chunk (128..160) holds prompt and generated tokens;
+    after its preemption b loads all 5 chunks, but only its 150 prompt tokens count."""
+    model, a, b, _ = case
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    ref = [o.token_ids for o in LLM(model, enable_prefix_caching=False).generate([a, b], params)]
+    block_bytes = 2 * 2 * 16 * 2 * 32 * 4
+    with tiered_llm(model, store_config("cpu", tmp_path), kv_cache_memory=20 * block_bytes,
+                    kv_save_decoded=True) as llm:  # fmt: skip
+        out_a, out_b = llm.generate([a, b], params)
+        assert [out_a.token_ids, out_b.token_ids] == ref and out_b.metrics.num_preemptions >= 1
+        assert out_b.metrics.kv_sources == {"engine": 0, "cpu": PROMPT_LEN}
+
+
 def test_a_second_process_reuses_the_disk_tier(case, tmp_path):
     model = case[0]
     text = "the quick brown fox jumps over the lazy dog; " * 5
@@ -171,3 +202,23 @@ def test_cli_kv_flags_are_checked(tmp_path, capsys):
     assert "missing.yaml" in capsys.readouterr().err
     assert main([*bad, "--kv-cpu-size", "lots"]) == 2
     assert "cpu.size" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_loaded_kv_gives_the_same_answer_on_cuda(case, tmp_path):
+    """On CUDA loads copy from pinned staging on a side stream, layer by layer."""
+    import torch
+
+    assert torch.cuda.is_available(), "the gpu marker needs a CUDA device"
+    model, a, b, _ = case
+    with tiered_llm(model, store_config("cpu", tmp_path), device="cuda", dtype="float32") as llm:
+        assert llm.engine.connector._load_stream is not None
+        cold = run(llm, a)
+        for _ in range(3):
+            warm = run(llm, a)
+            assert warm.token_ids == cold.token_ids
+            assert warm.metrics.kv_sources == {"engine": 0, "cpu": LOADABLE}
+        other = run(llm, b)
+        assert other.metrics.kv_sources == {"engine": 0, "cpu": SHARED_CHUNKS}
+        scratch = LLM(model, device="cuda", dtype="float32", enable_prefix_caching=False)
+        assert scratch.generate([b], greedy())[0].token_ids == other.token_ids

@@ -254,3 +254,81 @@ def test_a_verifying_memory_tier_catches_a_flipped_byte(tmp_path):
         # The bad copy was dropped and the good one promoted back into RAM.
         (again,) = cpu.get(ks[:1])
         assert np.array_equal(np.asarray(again.payload), payload(0).reshape(-1))
+
+
+def test_put_says_which_tier_stored_which_chunk(tmp_path):
+    with make_store(tmp_path, cpu_chunks=2, write_policy="write_back") as store:
+        ks = keys(2)
+        big = make_chunk(keys(1, salt="big")[0], FP.digest(), np.zeros(3 * SIZE, np.uint8), 16)
+        result = store.put([chunks(store, ks)[0], big])
+        assert result == 2  # still the count of chunks some tier holds
+        assert result.by_tier == {"cpu": [True, False], "disk": [False, True]}
+        assert result.stored == [True, True]
+        store.pin(ks[:1])
+        full = store.put([make_chunk(k, FP.digest(), np.zeros(2 * SIZE, np.uint8), 16)
+                          for k in keys(2, salt="pinned")])  # fmt: skip
+        assert full.by_tier["cpu"] == [False, False] and full.by_tier["disk"] == [True, True]
+        assert store.put_async(chunks(store, ks)).result(10).by_tier["cpu"] == [True, True]
+
+
+def test_listeners_see_puts_moves_evictions_and_drops(tmp_path):
+    with make_store(
+        tmp_path, cpu_chunks=2, write_policy="write_back", **{"cpu.policy": "lru"}
+    ) as store:
+        seen = []
+        store.subscribe(seen.append)
+        ks = keys(3)
+        store.put(chunks(store, ks))  # the third evicts the first into disk
+        assert seen == [("disk", (ks[0],), False), ("cpu", (ks[0],), True),
+                        ("cpu", tuple(ks), False)]  # fmt: skip
+        seen.clear()
+        store.get(ks[:1])  # a disk hit is promoted into cpu, evicting ks[1] into disk
+        assert seen == [("disk", (ks[1],), False), ("cpu", (ks[1],), True),
+                        ("cpu", (ks[0],), False)]  # fmt: skip
+        seen.clear()
+        store.delete(ks[2:])
+        assert seen == [("cpu", (ks[2],), True), ("disk", (ks[2],), True)]
+
+
+def test_listeners_see_corrupt_chunks_dropped(tmp_path):
+    with make_store(tmp_path, tiers="disk") as store:
+        ks = keys(1)
+        store.put(chunks(store, ks))
+        seen = []
+        store.subscribe(seen.append)
+        with open(store.tiers[0].backend.path_of(ks[0]), "r+b") as f:
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)[0]
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([last ^ 0xFF]))
+        assert store.get(ks) == [None]
+        assert seen == [("disk", (ks[0],), True)]
+
+
+def test_an_evicting_tier_reports_only_with_a_listener(tmp_path):
+    with make_store(tmp_path, tiers="cpu", cpu_chunks=2) as store:
+        assert store.tiers[0].backend.on_evict is None  # no payload copy per eviction
+        seen = []
+        store.subscribe(seen.append)
+        ks = keys(3)
+        store.put(chunks(store, ks))
+        assert ("cpu", (ks[0],), True) in seen
+
+
+def test_get_layers_hands_over_verified_chunks_layer_by_layer(tmp_path):
+    with make_store(tmp_path, tiers="cpu") as store:
+        ks = keys(2)
+        kv = [np.random.default_rng(i).integers(0, 256, (3, 2, 16, 1, 1), dtype=np.uint8)
+              for i in range(2)]  # fmt: skip
+        store.put([store.make_chunk(k, x, 16) for k, x in zip(ks, kv, strict=True)])
+        calls = []
+
+        def sink(layer, got):
+            calls.append((layer, [g.key if g is not None else None for g in got]))
+            return layer < 1  # stop after layer 1
+
+        got = store.get_layers_async(ks + keys(1, salt="x"), None, sink).result(10)
+        assert calls == [(0, [*ks, None]), (1, [*ks, None])]
+        assert [g.key for g in got[:2]] == ks and got[2] is None
+        assert store.get_layers_async(keys(1, salt="x"), None, sink).result(10) == [None]
+        assert len(calls) == 2  # nothing found: no layer to hand over
