@@ -213,9 +213,9 @@ class TieredConnector(KVConnectorBase):
         self._record_failures(step.finish_loads())
         failed = {r.spec.request_id for r in self.last_load_results if r.error is not None}
         if step.meta.saves:  # the saves of a request whose load failed hold wrong KV
-            chunks, specs = step.finish_saves(failed)
-            if chunks:
-                self._puts.append((self.store.put_async(chunks), [s.key for s in specs]))
+            build, specs = step.finish_saves(failed)
+            if specs:
+                self._puts.append((self.store.put_async(build), [s.key for s in specs]))
             skipped = [s.key for s in step.meta.saves if s.request_id in failed]
             if skipped and self.residency is not None:
                 self.residency.forget_unstored(skipped)

@@ -30,6 +30,7 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -262,14 +263,17 @@ class StepTransfers:
             dst = staging[layer].view(2, len(spec.block_ids), bs, *staging.shape[3:])
             dst.copy_(blocks.transpose(0, 1))
 
-    def finish_saves(self, skip: set[str]) -> tuple[list[Chunk], list[SaveSpec]]:
-        """The staged chunks to put (saves of requests in ``skip`` are dropped)."""
-        chunks, specs = [], []
-        for spec in self.meta.saves:
-            if spec.request_id in skip:
-                continue
-            staging = self.save_staging[spec.key]
-            kv = staging.to(HOST)  # one device-to-host copy per chunk, after the forward pass
-            chunks.append(self.store.make_chunk(spec.key, kv, spec.end - spec.start))
-            specs.append(spec)
-        return chunks, specs
+    def finish_saves(self, skip: set[str]) -> tuple[Callable[[], list[Chunk]], list[SaveSpec]]:
+        """A function building the staged chunks to put, and their specs (saves of requests
+        in ``skip`` are dropped). The function runs on the store's executor: the host copy
+        and the checksums stay off the engine thread. On CUDA its copy is queued on the
+        cache's stream from that thread, so it follows this step's kernels; the staging
+        tensors it holds are allocated per step, so nothing overwrites them meanwhile."""
+        specs = [spec for spec in self.meta.saves if spec.request_id not in skip]
+        staged = [(spec.key, self.save_staging[spec.key], spec.end - spec.start) for spec in specs]
+        make_chunk = self.store.make_chunk
+
+        def build() -> list[Chunk]:
+            return [make_chunk(key, kv.to(HOST), n) for key, kv, n in staged]
+
+        return build, specs

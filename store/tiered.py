@@ -336,9 +336,14 @@ class TieredStore:
             self.get(keys[:n])
         return n
 
-    def put_async(self, chunks: Sequence[Chunk]) -> Future:
+    def put_async(self, chunks: Sequence[Chunk] | Callable[[], Sequence[Chunk]]) -> Future:
         """``put`` on the executor at save priority (after pending loads and prefetches);
-        the future holds its ``PutResult``."""
+        the future holds its ``PutResult``. ``chunks`` may be a function that builds them
+        (a device-to-host copy, the checksums): it then runs on the executor too, off the
+        caller's thread."""
+        if callable(chunks):
+            make = chunks
+            return self._executor.submit(Priority.SAVE, lambda: self.put(list(make())))
         return self._executor.submit(Priority.SAVE, self.put, list(chunks))
 
     # -- the rest -------------------------------------------------------------------

@@ -176,6 +176,23 @@ def test_async_get_put_and_prefetch(tmp_path):
         assert [g.key for g in got] == ks
 
 
+def test_put_async_builds_chunks_on_the_executor(tmp_path):
+    """A builder (the connector's host copy and checksums) runs off the caller's thread."""
+    import threading
+
+    with make_store(tmp_path) as store:
+        ks = keys(2)
+        built_on = []
+
+        def build():
+            built_on.append(threading.get_ident())
+            return chunks(store, ks)
+
+        assert store.put_async(build).result(10) == 2
+        assert built_on and built_on[0] != threading.get_ident()
+        assert store.lookup(ks) == 2
+
+
 def test_make_chunk_needs_a_fingerprint(tmp_path):
     config = from_flat({"tiers": "cpu", "cpu.size": 4 * SIZE, "cpu.page_size": SIZE})
     with TieredStore(config) as store, pytest.raises(ValueError, match="fingerprint"):
