@@ -1,13 +1,93 @@
-"""``kvrouter`` command line (the router lands with its issue)."""
+"""``kvrouter`` command line: ``kvrouter serve ...``."""
 
 from __future__ import annotations
 
+import argparse
+import logging
 import sys
+from pathlib import Path
+
+from router.config import RouterConfig
+from router.policies import POLICY_NAMES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvrouter", description="KV-aware, P/D-aware OpenAI-compatible router"
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the router")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--backend", nargs="+", action="extend", default=[], metavar="URL")
+    s.add_argument("--prefill", nargs="+", action="extend", default=[], metavar="URL")
+    s.add_argument("--decode", nargs="+", action="extend", default=[], metavar="URL")
+    s.add_argument("--policy", choices=POLICY_NAMES, default="round_robin")
+    s.add_argument(
+        "--auth-token-file", type=Path, help="file holding the bearer token clients must send"
+    )
+    s.add_argument("--model-block-size", type=int, default=16, help="the engines' KV block size")
+    s.add_argument(
+        "--tokenizer", help="preset name (tiny, bench), checkpoint dir or tokenizer.json"
+    )
+    s.add_argument("--kv-events", nargs="+", action="extend", default=[], metavar="ENDPOINT",
+                   help="[URL=]tcp://host:port[,tcp://host:replay_port], one per backend in order")  # fmt: skip
+    s.add_argument(
+        "--kv-events-topic", default="", help="topic prefix to subscribe to (all by default)"
+    )
+    s.add_argument("--health-interval", type=float, default=2.0)
+    s.add_argument("--health-timeout", type=float, default=2.0)
+    s.add_argument("--connect-timeout", type=float, default=3.0)
+    s.add_argument("--request-timeout", type=float, default=600.0)
+    s.add_argument(
+        "--load-alpha",
+        type=float,
+        default=32.0,
+        help="prefix_aware: tokens one in-flight request costs",
+    )
+    s.add_argument(
+        "--load-cap",
+        type=int,
+        default=4,
+        help="prefix_aware: most in-flight requests above the least loaded",
+    )
+    s.add_argument("--log-level", default="info")
+    return p
+
+
+def config_from_args(a: argparse.Namespace) -> RouterConfig:
+    token = None
+    if a.auth_token_file is not None:
+        try:
+            token = a.auth_token_file.read_text().strip()
+        except OSError as e:
+            raise ValueError(f"cannot read the auth token file: {e}") from None
+    return RouterConfig(
+        backends=a.backend, prefill=a.prefill, decode=a.decode, policy=a.policy, host=a.host,
+        port=a.port, auth_token=token, block_size=a.model_block_size, tokenizer=a.tokenizer,
+        kv_events=a.kv_events, kv_topic=a.kv_events_topic, health_interval=a.health_interval,
+        health_timeout=a.health_timeout, connect_timeout=a.connect_timeout,
+        request_timeout=a.request_timeout, load_alpha=a.load_alpha, load_cap=a.load_cap,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("kvrouter: error: the router is not yet available", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    try:
+        cfg = config_from_args(args)
+        from aiohttp import web
+
+        from router.app import create_app
+
+        app = create_app(cfg)
+    except ValueError as e:
+        print(f"kvrouter: error: {e}", file=sys.stderr)
+        return 2
+    web.run_app(app, host=cfg.host, port=cfg.port, print=None, access_log=None)
+    return 0
 
 
 if __name__ == "__main__":

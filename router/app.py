@@ -1,0 +1,162 @@
+"""The router's aiohttp application: OpenAI-compatible routes, auth, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import uuid
+
+import aiohttp
+import zmq.asyncio
+from aiohttp import web
+
+from router.backends import BackendPool
+from router.config import RouterConfig
+from router.errors import error_response
+from router.forward import Forwarder, upstream_headers
+from router.health import HealthChecker
+from router.kv_index import KVIndex
+from router.kv_subscriber import KVEventSubscriber, parse_endpoint
+from router.metrics import RouterMetrics
+from router.pd import route_pd
+from router.policies import make_policy
+from router.prompt import PromptHasher, load_tokenizer
+from router.routing import Router
+from router.validate import BadRequest, check_chat, check_completion, parse_body
+
+log = logging.getLogger("kvrouter")
+OPEN_PATHS = ("/health", "/metrics")
+MAX_BODY = 64 << 20
+CONFIG, ROUTER, HASHER, INDEX = (
+    web.AppKey(n, object) for n in ("config", "router", "hasher", "index")
+)
+
+
+def build_pool(cfg: RouterConfig) -> BackendPool:
+    pool = BackendPool.of(cfg.backends, "both")
+    pool.add(cfg.prefill, "prefill")
+    pool.add(cfg.decode, "decode")
+    return pool
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler):
+    token = request.app[CONFIG].auth_token
+    if token and request.path not in OPEN_PATHS:
+        got = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
+            return error_response(401, "missing or wrong bearer token", code="invalid_api_key")
+    return await handler(request)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "/v1/completions", chat=False)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, "/v1/chat/completions", chat=True)
+
+
+async def _generate(request: web.Request, path: str, chat: bool) -> web.StreamResponse:
+    try:
+        body = parse_body(await request.read())
+        (check_chat if chat else check_completion)(body)
+    except BadRequest as e:
+        return error_response(400, str(e), e.param)
+    router: Router = request.app[ROUTER]
+    hashes = request.app[HASHER].hashes(body, chat) if router.policy.needs_hashes else []
+    headers = upstream_headers(request, request.headers.get("X-Request-Id") or uuid.uuid4().hex)
+    if request.app[CONFIG].disaggregated:
+        return await route_pd(router, request, path, body, headers, hashes)
+    return await router.route(request, "both", path, body, headers, hashes)
+
+
+async def models(request: web.Request) -> web.Response:
+    router: Router = request.app[ROUTER]
+    headers = upstream_headers(request, uuid.uuid4().hex)
+    for b in [b for b in router.pool.backends if b.healthy]:
+        try:
+            async with router.forwarder.session.get(b.url + "/v1/models", headers=headers) as up:
+                if up.status == 200:
+                    return web.json_response(await up.json(content_type=None))
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+            continue
+    return error_response(503, "no healthy backend answered /v1/models", code="no_backend",
+                          err_type="server_error")  # fmt: skip
+
+
+async def health(request: web.Request) -> web.Response:
+    pool = request.app[ROUTER].pool
+    states = {
+        b.url: {"role": b.role, "healthy": b.healthy, "in_flight": b.in_flight}
+        for b in pool.backends
+    }
+    serving = any(b.healthy for b in pool.backends if b.role in ("both", "decode"))
+    return web.json_response({"status": "ok" if serving else "unavailable", "backends": states},
+                             status=200 if serving else 503)  # fmt: skip
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[ROUTER].metrics.render()
+    return web.Response(
+        body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )
+
+
+async def not_found(request: web.Request) -> web.Response:
+    return error_response(404, f"no route {request.method} {request.path}", code="not_found")
+
+
+def create_app(cfg: RouterConfig) -> web.Application:
+    app = web.Application(middlewares=[auth_middleware], client_max_size=MAX_BODY)
+    app[CONFIG] = cfg
+    app[INDEX] = KVIndex()
+    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    app[HASHER] = PromptHasher(cfg.block_size, tokenizer)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_route("*", "/{tail:.*}", not_found)
+    app.cleanup_ctx.append(_lifecycle)
+    return app
+
+
+async def _lifecycle(app: web.Application):
+    cfg: RouterConfig = app[CONFIG]
+    timeout = aiohttp.ClientTimeout(
+        total=None, connect=cfg.connect_timeout, sock_read=cfg.request_timeout
+    )
+    session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
+    m = RouterMetrics()
+    pool = build_pool(cfg)
+    policy = make_policy(cfg.policy, app[INDEX], cfg.block_size, **_policy_kw(cfg))
+    app[ROUTER] = Router(pool, policy, Forwarder(session, m), m)
+    checker = HealthChecker(pool, session, m, cfg.health_interval, cfg.health_timeout)
+    await checker.check_all()
+    zctx = zmq.asyncio.Context()
+    tasks = [asyncio.create_task(checker.run())]
+    for i, spec in enumerate(cfg.kv_events):
+        default = cfg.instances[i] if i < len(cfg.instances) else None
+        inst, pub, replay = parse_endpoint(spec, default)
+        inst = pool.by_url(inst).url if pool.by_url(inst) else inst
+        sub = KVEventSubscriber(zctx, inst, pub, replay, app[INDEX], m, cfg.kv_topic)
+        tasks.append(asyncio.create_task(sub.run()))
+    log.info("kvrouter: %d backends, policy %s", len(pool.backends), policy.name)
+    yield
+    for t in tasks:
+        t.cancel()
+    for t in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await t
+    zctx.destroy(linger=0)
+    await session.close()
+
+
+def _policy_kw(cfg: RouterConfig) -> dict:
+    return (
+        {"alpha": cfg.load_alpha, "load_cap": cfg.load_cap} if cfg.policy == "prefix_aware" else {}
+    )

@@ -1,0 +1,83 @@
+"""A request's prompt as token ids and block hashes, for the prefix-aware policy.
+
+Hashes come from the one key module (``store/keys.py``) so they equal the engine's. Text
+is tokenized with the model's tokenizer (``--tokenizer``: a preset name such as ``tiny``
+or ``bench``, a checkpoint directory, or a ``tokenizer.json``); prompts given as token
+ids need none. Without a tokenizer a text prompt has no hashes and the policy balances
+load alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from store.keys import BlockHash, block_hashes
+
+
+def load_tokenizer(spec: str):
+    """The engine's ``Tokenizer`` for a preset name, checkpoint directory or tokenizer file."""
+    from engine.tokenizer import Tokenizer
+
+    path = Path(spec)
+    if path.is_dir():
+        return Tokenizer.from_file(path / "tokenizer.json")
+    if path.is_file():
+        return Tokenizer.from_file(path)
+    from engine.presets import PRESETS, preset_tokenizer
+
+    if spec not in PRESETS:
+        raise ValueError(
+            f"tokenizer {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a path"
+        )
+    return preset_tokenizer(PRESETS[spec])
+
+
+def render_chat(messages: Sequence[dict[str, Any]]) -> str:
+    """Chat messages as the prompt text ``engine serve`` renders for presets and
+    checkpoints without a chat template (``engine/server/chat.py``'s plain template).
+
+    With another template the hashes of a chat request are approximate: a conversation's
+    later turns still extend its earlier turns, so the router still keeps it together.
+    """
+    parts = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        parts.append(f"{m.get('role', '')}: {content or ''}\n")
+    return "".join(parts) + "assistant:"
+
+
+class PromptHasher:
+    """Block hashes of completion and chat requests."""
+
+    def __init__(self, block_size: int, tokenizer=None) -> None:
+        self.block_size = block_size
+        self.tokenizer = tokenizer
+
+    def token_ids(self, body: dict[str, Any], chat: bool) -> list[int] | None:
+        """The prompt's token ids (the first prompt of a batch), or None if unknown."""
+        if chat:
+            return self._encode(render_chat(body.get("messages") or []))
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch: route by its first prompt
+        if isinstance(prompt, str):
+            return self._encode(prompt)
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return prompt
+        return None
+
+    def hashes(self, body: dict[str, Any], chat: bool) -> list[BlockHash]:
+        ids = self.token_ids(body, chat)
+        if not ids:
+            return []
+        salt = body.get("cache_salt")
+        return block_hashes(
+            ids, self.block_size, cache_salt=salt if isinstance(salt, str) else None
+        )
+
+    def _encode(self, text: str) -> list[int] | None:
+        return self.tokenizer.encode(text) if self.tokenizer is not None and text else None

@@ -1,0 +1,136 @@
+"""End to end on localhost: real ``engine serve --model tiny`` processes behind a real
+``kvrouter``; greedy answers through the router equal one engine's."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import free_port
+from router_upstream import ROOT, RouterProcess, post
+
+pytest.importorskip("engine.server.serve", reason="engine serve has not landed")
+
+PROMPTS = ["the cat sat on the mat and then", "once upon a time " * 5, "x", "hello world, hello"]
+
+
+class EngineProcess:
+    def __init__(self, *args: str, log=None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "serve",
+            "--model",
+            "tiny",
+            "--port",
+            str(self.port),
+            *args,
+        ]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+
+    def wait(self, timeout: float = 120) -> EngineProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"engine serve exited with {self.proc.returncode}"
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=2)
+                return self
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("engine serve did not come up")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture
+def cleanup():
+    items = []
+    yield items
+    for item in reversed(items):
+        item.stop() if isinstance(item, EngineProcess) else item.close()
+
+
+def greedy(url: str, prompt: str, **extra) -> str:
+    status, body, _ = post(url + "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 8,
+                                                      "temperature": 0, **extra})  # fmt: skip
+    assert status == 200, body
+    return body["choices"][0]["text"]
+
+
+def streamed(url: str, prompt: str) -> str:
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True}
+    req = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})  # fmt: skip
+    text = ""
+    with urllib.request.urlopen(req, timeout=60) as r:
+        for line in r:
+            if line.startswith(b"data: {"):
+                text += "".join(c.get("text", "") for c in json.loads(line[6:])["choices"])
+    return text
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "prefix_aware"])
+def test_two_engines_behind_the_router_answer_as_one(cleanup, tmp_path, policy):
+    engines = [EngineProcess() for _ in range(2)]
+    cleanup += engines
+    for e in engines:
+        e.wait()
+    router = RouterProcess(free_port(), ["--backend", *(e.url for e in engines), "--policy", policy,
+                                         "--tokenizer", "tiny"], tmp_path / "router.log")  # fmt: skip
+    cleanup.append(router)
+    reference = [greedy(engines[0].url, p) for p in PROMPTS]
+    assert [greedy(router.url, p) for p in PROMPTS] == reference
+    assert [streamed(router.url, p) for p in PROMPTS] == reference
+    chat = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+        "temperature": 0,
+    }
+    assert post(router.url + "/v1/chat/completions", chat)[0] == 200
+
+
+def test_prefill_decode_through_a_shared_kvstore(cleanup, tmp_path):
+    from daemon_proc import start_daemon
+
+    daemon = start_daemon("--cpu-size", "64MiB")
+    try:
+        plain = EngineProcess()
+        producer = EngineProcess(
+            "--kvstore", daemon.url, "--kv-role", "producer", log=open(tmp_path / "p.log", "w")
+        )
+        consumer = EngineProcess(
+            "--kvstore", daemon.url, "--kv-role", "consumer", log=open(tmp_path / "d.log", "w")
+        )
+        cleanup += [plain, producer, consumer]
+        for e in (plain, producer, consumer):
+            e.wait()
+        router = RouterProcess(free_port(), ["--prefill", producer.url, "--decode", consumer.url,
+                                             "--health-interval", "0.5"], tmp_path / "router.log")  # fmt: skip
+        cleanup.append(router)
+        reference = [greedy(plain.url, p) for p in PROMPTS]
+        assert [greedy(router.url, p) for p in PROMPTS] == reference
+        assert [streamed(router.url, p) for p in PROMPTS] == reference
+        producer.stop()  # no prefill node: the decode node does everything
+        assert [greedy(router.url, p + " again") for p in PROMPTS[:2]] == [
+            greedy(plain.url, p + " again") for p in PROMPTS[:2]
+        ]
+    finally:
+        daemon.terminate()
