@@ -107,30 +107,61 @@ def test_two_engines_behind_the_router_answer_as_one(cleanup, tmp_path, policy):
     assert post(router.url + "/v1/chat/completions", chat)[0] == 200
 
 
-def test_prefill_decode_through_a_shared_kvstore(cleanup, tmp_path):
+@pytest.mark.parametrize("n_prefill,n_decode", [(1, 1), (2, 2)])
+def test_prefill_decode_through_a_shared_kvstore(cleanup, tmp_path, n_prefill, n_decode):
     from daemon_proc import start_daemon
 
     daemon = start_daemon("--cpu-size", "64MiB")
     try:
         plain = EngineProcess()
-        producer = EngineProcess(
-            "--kvstore", daemon.url, "--kv-role", "producer", log=open(tmp_path / "p.log", "w")
-        )
-        consumer = EngineProcess(
-            "--kvstore", daemon.url, "--kv-role", "consumer", log=open(tmp_path / "d.log", "w")
-        )
-        cleanup += [plain, producer, consumer]
-        for e in (plain, producer, consumer):
+        prefill = [
+            EngineProcess("--kvstore", daemon.url, "--kv-role", "producer")
+            for _ in range(n_prefill)
+        ]
+        decode = [
+            EngineProcess("--kvstore", daemon.url, "--kv-role", "consumer") for _ in range(n_decode)
+        ]
+        cleanup += [plain, *prefill, *decode]
+        for e in (plain, *prefill, *decode):
             e.wait()
-        router = RouterProcess(free_port(), ["--prefill", producer.url, "--decode", consumer.url,
-                                             "--health-interval", "0.5"], tmp_path / "router.log")  # fmt: skip
+        args = ["--prefill", *(e.url for e in prefill), "--decode", *(e.url for e in decode),
+                "--health-interval", "0.5"]  # fmt: skip
+        router = RouterProcess(free_port(), args, tmp_path / "router.log")
         cleanup.append(router)
         reference = [greedy(plain.url, p) for p in PROMPTS]
         assert [greedy(router.url, p) for p in PROMPTS] == reference
         assert [streamed(router.url, p) for p in PROMPTS] == reference
-        producer.stop()  # no prefill node: the decode node does everything
-        assert [greedy(router.url, p + " again") for p in PROMPTS[:2]] == [
-            greedy(plain.url, p + " again") for p in PROMPTS[:2]
-        ]
+        for e in prefill:  # no prefill node left: the decode nodes do everything
+            e.stop()
+        again = [p + " again" for p in PROMPTS[:2]]
+        assert [greedy(router.url, p) for p in again] == [greedy(plain.url, p) for p in again]
     finally:
         daemon.terminate()
+
+
+def test_engine_killed_mid_stream_gives_a_clean_error(cleanup, tmp_path):
+    engines = [EngineProcess() for _ in range(2)]
+    cleanup += engines
+    for e in engines:
+        e.wait()
+    args = ["--backend", *(e.url for e in engines), "--health-interval", "60"]
+    router = RouterProcess(free_port(), args, tmp_path / "router.log")
+    cleanup.append(router)
+    body = {"model": "tiny", "prompt": "go", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    req = urllib.request.Request(
+        router.url + "/v1/completions",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        victim = next(e for e in engines if e.url == r.headers["X-Kvrouter-Backend"])
+        assert r.readline().startswith(b"data: {")
+        victim.proc.kill()
+        rest = [line for line in r.read().split(b"\n\n") if line.strip()]
+    assert json.loads(rest[-1][6:])["error"]["code"] == "upstream_error"
+    survivor = next(e for e in engines if e is not victim)
+    for _ in range(2):  # the next requests go elsewhere
+        status, answer, headers = post(
+            router.url + "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+        )
+        assert status == 200 and headers["X-Kvrouter-Backend"] == survivor.url

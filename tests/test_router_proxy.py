@@ -9,6 +9,7 @@ import urllib.request
 
 import aiohttp
 import pytest
+import zmq
 from conftest import free_port
 from router_upstream import RouterProcess, Upstreams, post
 
@@ -242,3 +243,30 @@ def test_decode_does_everything_without_a_prefill_node(ups, start_router):
     assert status == 200 and body["backend"] == "d"
     assert "kv_transfer_params" not in d.requests[0] and d.requests[0]["max_tokens"] == 4
     assert "kvrouter_pd_fallbacks_total 1.0" in get(r.url + "/metrics")[1]
+
+
+def test_prefix_aware_follows_kv_events(ups, start_router):
+    from connector.events import BlockStored
+    from engine.kv_publisher import KVEventPublisher
+    from store.keys import block_hashes
+
+    a, b = ups.start("a"), ups.start("b")
+    pub = KVEventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*")
+    replay = pub._replay.getsockopt(zmq.LAST_ENDPOINT).decode()
+    try:
+        r = start_router("--backend", a.url, b.url, "--policy", "prefix_aware",
+                         "--kv-events", f"{b.url}={pub.endpoint},{replay}")  # fmt: skip
+        prompt = list(range(10, 74))  # 4 blocks of 16
+        hashes = block_hashes(prompt, 16)
+        stored = BlockStored(hashes, None, prompt, 16)
+        for _ in range(50):  # until the router has it (ZMQ drops what precedes a subscriber)
+            pub.publish([stored])
+            if "kvrouter_kv_events_total" in get(r.url + "/metrics")[1]:
+                break
+            time.sleep(0.1)
+        assert [complete(r, {"prompt": prompt})[1]["backend"] for _ in range(3)] == ["b"] * 3
+        assert {complete(r, {"prompt": [7] * 64})[1]["backend"] for _ in range(4)} == {"a", "b"}
+        metrics = get(r.url + "/metrics")[1]
+        assert 'kvrouter_predicted_hit_tokens_sum{policy="prefix_aware"} 192.0' in metrics
+    finally:
+        pub.close()
