@@ -18,7 +18,7 @@ from router.errors import error_response
 from router.forward import Forwarder, upstream_headers
 from router.health import HealthChecker
 from router.kv_index import KVIndex
-from router.kv_subscriber import KVEventSubscriber, parse_endpoint
+from router.kv_subscriber import KVEventSubscriber
 from router.metrics import RouterMetrics
 from router.pd import route_pd
 from router.policies import make_policy
@@ -139,11 +139,8 @@ async def _lifecycle(app: web.Application):
     await checker.check_all()
     zctx = zmq.asyncio.Context()
     tasks = [asyncio.create_task(checker.run())]
-    for i, spec in enumerate(cfg.kv_events):
-        default = cfg.instances[i] if i < len(cfg.instances) else None
-        inst, pub, replay = parse_endpoint(spec, default)
-        inst = pool.by_url(inst).url if pool.by_url(inst) else inst
-        sub = KVEventSubscriber(zctx, inst, pub, replay, app[INDEX], m, cfg.kv_topic)
+    for url, pub, replay in cfg.kv_event_sources():
+        sub = KVEventSubscriber(zctx, url, pub, replay, app[INDEX], m, cfg.kv_topic)
         tasks.append(asyncio.create_task(sub.run()))
     log.info("kvrouter: %d backends, policy %s", len(pool.backends), policy.name)
     yield

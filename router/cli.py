@@ -86,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"kvrouter: error: {e}", file=sys.stderr)
         return 2
-    web.run_app(app, host=cfg.host, port=cfg.port, print=None, access_log=None)
+    # handler_cancellation: a client that leaves cancels its handler, which closes the
+    # upstream request, so the engine aborts it instead of generating for nobody.
+    web.run_app(
+        app, host=cfg.host, port=cfg.port, print=None, access_log=None, handler_cancellation=True
+    )
     return 0
 
 

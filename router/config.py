@@ -36,12 +36,12 @@ class RouterConfig:
     def __post_init__(self) -> None:
         if self.backends and (self.prefill or self.decode):
             raise ValueError("give either --backend or --prefill/--decode, not both")
+        if self.prefill and not self.decode:
+            raise ValueError("--prefill needs at least one --decode")
         if not self.backends and not self.decode:
             raise ValueError(
                 "no backends: give --backend URL ... or --prefill URL ... --decode URL ..."
             )
-        if self.prefill and not self.decode:
-            raise ValueError("--prefill needs at least one --decode")
         if self.policy not in POLICY_NAMES:
             raise ValueError(f"unknown policy {self.policy!r}; choose {', '.join(POLICY_NAMES)}")
         if self.block_size < 1:
@@ -55,6 +55,21 @@ class RouterConfig:
             raise ValueError("load alpha and load cap must be >= 0")
         if self.auth_token is not None and not self.auth_token:
             raise ValueError("the auth token is empty")
+        self.kv_event_sources()  # raises on an endpoint that names no known backend
+
+    def kv_event_sources(self) -> list[tuple[str, str, str | None]]:
+        """``(backend URL, PUB endpoint, replay endpoint or None)`` per ``kv_events`` entry."""
+        from router.backends import normalize_url
+        from router.kv_subscriber import parse_endpoint
+
+        known = [normalize_url(u) for u in self.instances]
+        out = []
+        for i, spec in enumerate(self.kv_events):
+            url, pub, replay = parse_endpoint(spec, known[i] if i < len(known) else None)
+            if normalize_url(url) not in known:
+                raise ValueError(f"--kv-events {spec!r}: {url} is not a backend")
+            out.append((normalize_url(url), pub, replay))
+        return out
 
     @property
     def disaggregated(self) -> bool:

@@ -29,7 +29,9 @@ def parse_endpoint(spec: str, default_instance: str | None) -> tuple[str, str, s
         instance, spec = spec.split("=", 1)
     pub, _, replay = spec.partition(",")
     if not instance:
-        raise ValueError(f"KV events endpoint {spec!r} names no instance")
+        raise ValueError(
+            f"KV events endpoint {spec!r}: more endpoints than backends; name it URL=ENDPOINT"
+        )
     return instance, pub, replay or None
 
 
