@@ -1,4 +1,4 @@
-"""``engine`` command line: ``engine generate`` (and ``engine serve`` once it lands)."""
+"""``engine`` command line: ``engine generate`` and ``engine serve`` (docs/server.md)."""
 
 from __future__ import annotations
 
@@ -53,28 +53,64 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _tier_flags(args: argparse.Namespace) -> dict[str, str]:
+    """The ``--kv-*`` tier flags that were given, as store keys."""
+    flags = {"chunk_size": args.kv_chunk_size, "cpu.size": args.kv_cpu_size,
+             "disk.path": args.kv_disk_path, "disk.size": args.kv_disk_size,
+             "redis.url": args.kv_redis_url}  # fmt: skip
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def _flag_tiers(overrides: dict[str, str]) -> set[str]:
+    return {t for t in ("cpu", "disk", "redis") if any(k.startswith(t + ".") for k in overrides)}
+
+
 def kv_config_from_args(args: argparse.Namespace) -> StoreConfig | None:
     """The store config of ``--kv-config`` with the ``--kv-*`` tier flags over it.
 
     A tier flag adds its tier when the file does not list it (tiers stay fastest first).
+    ``--kvstore URL`` (``engine serve``) instead makes the daemon at URL the one tier,
+    after any the tier flags add, and implies ``--kv-connector tiered``.
     """
     from store.config import TIERS, ConfigError, StoreConfig
 
-    flags = {"chunk_size": args.kv_chunk_size, "cpu.size": args.kv_cpu_size,
-             "disk.path": args.kv_disk_path, "disk.size": args.kv_disk_size,
-             "redis.url": args.kv_redis_url}  # fmt: skip
-    overrides = {k: v for k, v in flags.items() if v is not None}
+    overrides = _tier_flags(args)
+    kvstore = getattr(args, "kvstore", None)
+    if kvstore:
+        if args.kv_config:
+            raise ConfigError("--kvstore and --kv-config exclude each other: list the daemon "
+                              "in the file's tiers instead")  # fmt: skip
+        args.kv_connector = "tiered"
+        tiers = [t for t in TIERS if t in _flag_tiers(overrides)]
+        return StoreConfig.load(overrides={**overrides, "tiers": [*tiers, kvstore]})
     if args.kv_connector == "none":
         if overrides or args.kv_config:
             raise ConfigError("--kv-config and the --kv-* tier flags need --kv-connector tiered")
         return None
     base = StoreConfig.load(args.kv_config)
-    tiers = set(base.tiers)
-    tiers.update(
-        t for t in ("cpu", "disk", "redis") if any(k.startswith(t + ".") for k in overrides)
-    )
+    tiers = set(base.tiers) | _flag_tiers(overrides)
     overrides["tiers"] = [t for t in TIERS if t in tiers]
     return StoreConfig.load(args.kv_config, overrides=overrides)
+
+
+def engine_kwargs(args: argparse.Namespace, kv_config: StoreConfig | None) -> dict:
+    """``EngineConfig`` fields from the engine flags."""
+    return dict(
+        dtype=args.dtype,
+        device=args.device,
+        kv_cache_memory=args.kv_cache_memory,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        enable_prefix_caching=not args.no_prefix_caching,
+        kv_connector=args.kv_connector,
+        kv_config=kv_config,
+        kv_load_failure_policy=args.kv_load_failure_policy,
+        kv_load_timeout=args.kv_load_timeout,
+        kv_save_decoded=args.kv_save_decoded,
+        attention_backend=args.attention_backend,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,8 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--json", action="store_true", help="print the output and metrics as JSON")
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (not yet available)")
-    serve.add_argument("rest", nargs=argparse.REMAINDER)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (docs/server.md)")
+    _engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: all)")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port (0: a free one)")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model name clients send (default: --model)")  # fmt: skip
+    serve.add_argument("--kvstore", default=None, metavar="kvstore://HOST:PORT",
+                       help="a kvstore daemon as the KV store (implies --kv-connector tiered)")  # fmt: skip
+    serve.add_argument("--kv-role", default="both", choices=("both", "producer", "consumer"),
+                       help="producer: only save KV, consumer: only load it")  # fmt: skip
+    ev = serve.add_argument_group("KV events (for kvrouter --policy prefix_aware)")
+    ev.add_argument("--kv-events-endpoint", default=None, metavar="tcp://*:5557",
+                    help="publish KV events on this ZMQ endpoint (bound if it has *)")  # fmt: skip
+    ev.add_argument("--kv-events-replay-endpoint", default=None, metavar="tcp://*:5558",
+                    help="also answer replay requests here")  # fmt: skip
+    ev.add_argument("--kv-events-topic", default="kv-events")
     return parser
 
 
@@ -113,23 +163,7 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
     )
-    llm = LLM(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        kv_cache_memory=args.kv_cache_memory,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        block_size=args.block_size,
-        enable_prefix_caching=not args.no_prefix_caching,
-        kv_connector=args.kv_connector,
-        kv_config=kv_config,
-        kv_load_failure_policy=args.kv_load_failure_policy,
-        kv_load_timeout=args.kv_load_timeout,
-        kv_save_decoded=args.kv_save_decoded,
-        attention_backend=args.attention_backend,
-    )
+    llm = LLM(args.model, **engine_kwargs(args, kv_config))
     with llm:  # close() finishes pending KV saves before the process exits
         out = llm.generate([args.prompt], params)[0]
     if args.json:
@@ -139,13 +173,37 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from engine.config import EngineConfig
+    from engine.server.chat import ChatTemplateError
+    from engine.server.serve import KVEventsConfig, run_server
+    from store.config import ConfigError
+
+    try:
+        kv_config = kv_config_from_args(args)
+        if args.kv_role != "both" and args.kv_connector == "none":
+            raise ConfigError(f"--kv-role {args.kv_role} needs a KV connector (--kv-connector "
+                              "tiered or --kvstore URL)")  # fmt: skip
+        events = None
+        if args.kv_events_endpoint:
+            events = KVEventsConfig(args.kv_events_endpoint, args.kv_events_replay_endpoint,
+                                    args.kv_events_topic)  # fmt: skip
+        config = EngineConfig(model=args.model, enable_kv_events=events is not None,
+                              **engine_kwargs(args, kv_config))  # fmt: skip
+        run_server(config, args.host, args.port, args.served_model_name, args.kv_role, events)
+    except (ConfigError, ChatTemplateError) as e:
+        print(f"engine: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the port is taken, the address is not ours
+        print(f"engine: error: cannot serve on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        print("engine: error: 'engine serve' is not yet available", file=sys.stderr)
-        return 2
     try:
-        return _generate(args)
+        return _serve(args) if args.command == "serve" else _generate(args)
     except EngineError as e:
         print(f"engine: error: {e}", file=sys.stderr)
         return 2

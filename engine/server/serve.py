@@ -1,0 +1,77 @@
+"""``engine serve``: one engine, its loop thread and the HTTP server, until SIGTERM/SIGINT.
+
+On start it prints one line (tests and scripts wait for it)::
+
+    engine serve: http://127.0.0.1:8000 model tiny kv tiered role both
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.server.app import ServerContext, make_app
+from engine.server.chat import ChatTemplate
+from engine.server.kv_role import RoleEngine
+from engine.server.metrics import ServerMetrics
+
+
+@dataclass(frozen=True, slots=True)
+class KVEventsConfig:
+    """Where to publish the engine's KV events (ZMQ, vLLM's wire; ``engine/kv_publisher.py``)."""
+
+    endpoint: str
+    replay_endpoint: str | None = None
+    topic: str = "kv-events"
+
+
+def run_server(config: EngineConfig, host: str, port: int, served_model_name: str | None = None,
+               kv_role: str = "both", kv_events: KVEventsConfig | None = None) -> None:  # fmt: skip
+    """Serve ``config``'s model on ``host:port`` until SIGTERM or SIGINT, then finish
+    in-flight responses' KV saves and exit. ``port`` 0 picks a free port. With
+    ``kv_events`` (and ``config.enable_kv_events``) every step's KV events are published."""
+    chat_template = ChatTemplate.for_model(config.model)  # a broken template fails at start
+    llm_engine = RoleEngine(config, kv_role)
+    publisher = None
+    if kv_events is not None:
+        from engine.kv_publisher import KVEventPublisher
+
+        publisher = KVEventPublisher(kv_events.endpoint, kv_events.replay_endpoint, kv_events.topic)
+    after_step = (
+        None if publisher is None else lambda: publisher.publish(llm_engine.take_kv_events())
+    )
+    engine = AsyncEngine(llm_engine, after_step)
+    name = served_model_name or config.model
+    context = ServerContext(engine, name, chat_template, ServerMetrics(name))
+    engine.start()
+    try:
+        asyncio.run(_serve(make_app(context), host, port, f"model {name} kv "
+                           f"{config.kv_connector} role {kv_role}"))  # fmt: skip
+    finally:
+        engine.close()
+        if publisher is not None:
+            publisher.close()
+
+
+async def _serve(app: web.Application, host: str, port: int, banner: str) -> None:
+    # handler_cancellation: a client that disconnects cancels its handler at once, which
+    # aborts its request even while it waits for the next token (not only on a write).
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound_host, bound_port = runner.addresses[0][:2]
+    print(f"engine serve: http://{bound_host}:{bound_port} {banner}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
