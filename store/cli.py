@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--auth-token-file", help="with --url: file holding the daemon's bearer token")
     b.add_argument("--transports", default="stream,shm,grpc",
                    help="with --url: bulk paths to measure (stream, shm, grpc)")  # fmt: skip
+    b.add_argument("--repeats", type=int, default=5,
+                   help="with --url: best of this many runs per measurement")  # fmt: skip
+    b.add_argument("--lmcache-venv", metavar="DIR",
+                   help="with --url: also measure LMCache's lmcache_server from this virtual "
+                        "environment (pip install lmcache there) and report the ratios")  # fmt: skip
     from store.daemon.commands import add_client_arguments, add_serve_arguments
 
     add_serve_arguments(sub.add_parser("serve", help="run the kvstore daemon"))
@@ -188,8 +193,15 @@ def _bench_daemon(args: argparse.Namespace) -> int:
     bad = [t for t in transports if t not in ("stream", "shm", "grpc")]
     if bad or not transports:
         _fail(f"--transports: {','.join(bad) or 'nothing'}; choose from stream, shm, grpc")
+    venv = args.lmcache_venv
+    if venv and not os.path.exists(os.path.join(venv, "bin", "python")):
+        _fail(
+            f"--lmcache-venv {venv}: no bin/python there (python -m venv {venv}; pip install lmcache)"
+        )
     try:
-        report = run_daemon_bench(client, sizes, total, transports)
+        report = run_daemon_bench(
+            client, sizes, total, transports, args.lmcache_venv, max(1, args.repeats)
+        )
     finally:
         client.close()
     if args.json:

@@ -59,6 +59,17 @@ def recv_into(sock: socket.socket, view: memoryview) -> None:
         got += r
 
 
+def recv_exactly(sock: socket.socket, view: memoryview) -> None:
+    """``recv_into`` asking the kernel for the whole view at once (``MSG_WAITALL``): one
+    system call, and one GIL round trip, per buffer rather than per socket-buffer load."""
+    got, n = 0, view.nbytes
+    while got < n:
+        r = sock.recv_into(view[got:], n - got, socket.MSG_WAITALL)
+        if not r:
+            raise StreamClosed("stream closed mid-payload")
+        got += r
+
+
 def send_buffers(sock: socket.socket, buffers: Sequence[Any]) -> None:
     """``sendall`` of many buffers with few system calls (gathered ``sendmsg``)."""
     views = [v for v in (memoryview(b).cast("B") for b in buffers) if v.nbytes]

@@ -3,6 +3,7 @@ a TieredStore with a remote tier; bad input and limits; metrics."""
 
 from __future__ import annotations
 
+import os
 import urllib.request
 
 import grpc
@@ -134,6 +135,25 @@ def test_bad_puts_are_refused_and_store_nothing(client, transport):
     assert same(client.get([good.key], transport=transport)[0], good)  # still intact
 
 
+@pytest.mark.parametrize("transport", ["stream", "shm"])
+def test_a_bad_checksum_late_in_a_large_put_leaves_none_of_it_stored(client, transport):
+    # The stream path verifies and stores a put group by group while the next group
+    # arrives; a bad payload in a later group must undo the groups stored before it.
+    size = (1 << 20) - 4096
+    chunks = [chunk(i, size=size, tag="late" + transport) for i in range(6)]  # > 4 MiB
+    bad = chunks[:5] + [_tampered(chunks[5], checksum=chunks[5].header.checksum ^ 1)]
+    with pytest.raises(RemoteError, match="checksum") as exc:
+        client.put(bad, transport=transport)
+    assert exc.value.code == "INVALID_ARGUMENT"
+    assert client.lookup([c.key for c in chunks]) == []
+    assert client.put(chunks, transport=transport) == [True] * 6
+    outs = [np.empty(size, np.uint8) for _ in chunks]
+    got = client.get([c.key for c in chunks], outs, transport=transport)  # several parts
+    assert all(same(g, c) for g, c in zip(got, chunks, strict=True))
+    assert all(np.shares_memory(np.asarray(g.payload), o) for g, o in zip(got, outs, strict=True))
+    client.delete([c.key for c in chunks])
+
+
 def test_a_key_must_match_its_fingerprint_and_block_hash(client):
     block = b"\x05" * 32
     right = chunk_key(FP, block)
@@ -215,3 +235,28 @@ def test_bench_against_the_daemon_writes_json(daemon, tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert set(row["gbps"]) >= {"raw_put", "raw_get", "memcpy", "stream_get", "shm_get", "grpc_put"}
     assert all(v > 0 for v in row["gbps"].values())
+
+
+def test_bench_refuses_a_missing_lmcache_venv(daemon, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--url", daemon.url, "--lmcache-venv", str(tmp_path / "none")])
+    assert exc.value.code != 0 and "bin/python" in capsys.readouterr().err
+
+
+LMCACHE_VENV = os.environ.get("KVSTORE_LMCACHE_VENV", ".venv-lmcache")
+
+
+@pytest.mark.skipif(
+    not os.path.exists(os.path.join(LMCACHE_VENV, "bin", "lmcache_server")),
+    reason="LMCache's virtual environment is not installed (pip install lmcache in .venv-lmcache)",
+)
+def test_bench_compares_with_lmcache_server(daemon, tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--url", daemon.url, "--sizes", "64KiB", "--total", "512KiB",
+                 "--transports", "stream", "--repeats", "1", "--lmcache-venv", LMCACHE_VENV,
+                 "--json", str(out)]) == 0  # fmt: skip
+    import json
+
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["gbps"]["lmcache_put"] > 0 and row["gbps"]["lmcache_get"] > 0
+    assert set(row["vs_lmcache"]) == {"stream_put", "stream_get"}

@@ -7,6 +7,10 @@ the baselines measured in between so background load hits all alike:
 * raw socket: a separate process (store/daemon/bench_peer.py) streaming the same bytes
   over loopback with no framing, store or checks; the yardstick of ``stream`` and ``grpc``
 * memcpy: ``numpy.copyto`` of the same bytes in this process; the yardstick of ``shm``
+* with ``--lmcache-venv DIR``: LMCache's standalone server (``lmcache_server HOST PORT
+  cpu``), driven with LMCache's own client protocol by store/daemon/lmcache_peer.py in
+  that environment's Python (LMCache and its torch stay out of this process): the same
+  batch put then got in every repeat, next to the baselines
 
 The daemon must be local for the raw-socket ratio to mean anything (the peer runs on
 loopback), and its cpu tier must hold a batch (about ``--total`` bytes).
@@ -15,6 +19,7 @@ loopback), and its cpu tier must hold a batch (about ``--total`` bytes).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 import struct
@@ -30,10 +35,12 @@ from store.chunk import make_chunk
 from store.client import KVStoreClient
 from store.stream import recv_into, tune
 
-REPEATS = 3
+REPEATS = 5
 MAX_CHUNKS = 1024
 TARGETS = {"stream_put": 0.6, "stream_get": 0.6, "shm_get": 0.5}
 """Goals of issue 5: loopback get and put >= 0.6x raw socket; shared-memory get >= 0.5x memcpy."""
+LMCACHE_TARGET = 2.0
+"""Goal of issue 5: at least 2x LMCache's standalone server."""
 
 
 class RawPeer:
@@ -71,7 +78,13 @@ def _best(fn: Callable[[], Any], reset: Callable[[], Any] | None = None) -> floa
 
 
 def bench_size(
-    client: KVStoreClient, peer: RawPeer, size: int, total: int, transports: list[str]
+    client: KVStoreClient,
+    peer: RawPeer,
+    size: int,
+    total: int,
+    transports: list[str],
+    repeats: int = REPEATS,
+    lmcache: LMCachePeer | None = None,
 ) -> dict[str, Any]:
     """GB/s of every transport and baseline for chunks of ``size`` bytes."""
     count = max(4, min(total // size, MAX_CHUNKS))
@@ -86,6 +99,11 @@ def bench_size(
     def run(name: str, fn: Callable[[], Any], reset: Callable[[], Any] | None = None) -> None:
         best[name] = min(best.get(name, float("inf")), _best(fn, reset))
 
+    def run_lmcache() -> None:
+        assert lmcache is not None
+        for op, seconds in lmcache.measure(size, count).items():
+            best[f"lmcache_{op}"] = min(best.get(f"lmcache_{op}", float("inf")), seconds)
+
     def memcpy() -> None:
         for d, o in zip(data, outs, strict=True):
             np.copyto(o, d)
@@ -97,10 +115,12 @@ def bench_size(
             )
 
     try:
-        for _ in range(REPEATS):
+        for _ in range(repeats):
             run("raw_put", lambda: peer.put(data))
             run("raw_get", lambda: peer.get(outs))
             run("memcpy", memcpy)
+            if lmcache is not None:
+                run_lmcache()
             for t in transports:
                 run(f"{t}_put", lambda t=t: check(t, [True] if all(client.put(chunks, transport=t)) else [None]),
                     lambda: client.delete(keys))  # fmt: skip
@@ -113,11 +133,50 @@ def bench_size(
     return {"size": size, "chunks": count, "gbps": rates}
 
 
+class LMCachePeer:
+    """LMCache's lmcache_server and its driver (store/daemon/lmcache_peer.py), both run
+    from LMCache's own virtual environment ``venv``; one batch per ``measure`` call."""
+
+    def __init__(self, venv: str) -> None:
+        python = os.path.join(venv, "bin", "python")
+        if not os.path.exists(python):
+            raise RuntimeError(f"--lmcache-venv {venv}: no bin/python there")
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lmcache_peer.py")
+        self.proc = subprocess.Popen([python, script], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)  # fmt: skip
+        self._answer()  # {"ready": true} once lmcache_server accepts connections
+
+    def _answer(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            raise RuntimeError(f"LMCache driver exited with status {self.proc.wait(10)}")
+        return json.loads(line)
+
+    def measure(self, size: int, count: int) -> dict[str, float]:
+        """Seconds to put, then get, ``count`` chunks of ``size`` bytes."""
+        self.proc.stdin.write(json.dumps({"size": size, "count": count}) + "\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        return self._answer()
+
+    def close(self) -> None:
+        self.proc.stdin.close()  # type: ignore[union-attr]
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
 def run_daemon_bench(
-    client: KVStoreClient, sizes: list[int], total: int, transports: list[str]
+    client: KVStoreClient,
+    sizes: list[int],
+    total: int,
+    transports: list[str],
+    lmcache_venv: str | None = None,
+    repeats: int = REPEATS,
 ) -> dict[str, Any]:
     """Print the table; return it as a JSON-ready dict."""
     client.health()
+    lmcache = LMCachePeer(lmcache_venv) if lmcache_venv else None
     peer = RawPeer()
     print(
         f"daemon {client.url}: GB/s (1e9 B/s); ratios vs raw socket (stream, grpc) and memcpy (shm)"
@@ -128,7 +187,7 @@ def run_daemon_bench(
     rows = []
     try:
         for size in sizes:
-            row = bench_size(client, peer, size, total, transports)
+            row = bench_size(client, peer, size, total, transports, repeats, lmcache)
             g = row["gbps"]
             row["ratios"] = {c: g[c] / _base(g, c) for c in cols}
             cells = " ".join(f"{g[c]:5.2f} {row['ratios'][c]:4.2f}" for c in cols)
@@ -137,7 +196,25 @@ def run_daemon_bench(
             rows.append(row)
     finally:
         peer.close()
-    return {"url": client.url, "unit": "GB/s (1e9 bytes/s)", "targets": TARGETS, "rows": rows}
+        if lmcache is not None:
+            lmcache.close()
+    report: dict[str, Any] = {"url": client.url, "unit": "GB/s (1e9 bytes/s)",
+                              "targets": TARGETS, "rows": rows}  # fmt: skip
+    if lmcache is not None:
+        print("LMCache lmcache_server (cpu), measured in the same repeats: GB/s, and ratios to it")
+        ours = [c for c in cols if not c.startswith("grpc")] or cols
+        head = f"{'size':>6} | {'lmc put':>7} {'lmc get':>7} | "
+        print(head + " ".join(f"{c:>10}" for c in ours))
+        for row in rows:
+            g = row["gbps"]
+            row["vs_lmcache"] = {c: g[c] / g[f"lmcache_{c.split('_')[1]}"] for c in cols}
+            cells = " ".join(f"{row['vs_lmcache'][c]:9.2f}x" for c in ours)
+            size = _size(row["size"])
+            print(
+                f"{size:>6} | {g['lmcache_put']:7.2f} {g['lmcache_get']:7.2f} | {cells}", flush=True
+            )
+        report["lmcache_target"] = LMCACHE_TARGET
+    return report
 
 
 def _base(g: dict[str, float], col: str) -> float:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from backends.pool import host_array
-from store.chunk import Chunk, ChunkError, ChunkHeader, checksum, decode_header
+from store.chunk import Chunk, ChunkError, ChunkHeader, checksum, decode_header, encode_prefix
 from store.keys import chunk_key
 from store.metrics import TierStats
 from store.tiered import TieredStore
@@ -73,6 +73,28 @@ class SizeIndex:
             self._sizes.popitem(last=False)
 
 
+class PrefixCache:
+    """``encode_prefix`` of recently served headers: every hit of every get sends its
+    header, and packing one (msgpack) costs a few µs, as much as moving 16 KiB. A hit is
+    the same header object the cpu tier holds (or an equal one), so it is never stale.
+    Bounded: the map is dropped when it reaches ``limit`` entries; thread-safe (one dict
+    lookup or store per call)."""
+
+    def __init__(self, limit: int = 1 << 16) -> None:
+        self.limit = limit
+        self._encoded: dict[str, tuple[ChunkHeader, bytes]] = {}
+
+    def encode(self, header: ChunkHeader) -> bytes:
+        hit = self._encoded.get(header.key)
+        if hit is not None and (hit[0] is header or hit[0] == header):
+            return hit[1]
+        raw = encode_prefix(header)
+        if len(self._encoded) >= self.limit:
+            self._encoded = {}
+        self._encoded[header.key] = (header, raw)
+        return raw
+
+
 class StoreService:
     """Checked lookup/put/get/delete/stats over ``store`` (which the caller owns)."""
 
@@ -80,6 +102,7 @@ class StoreService:
         self.store = store
         self.limits = limits or Limits()
         self.sizes = SizeIndex()
+        self.prefixes = PrefixCache()
 
     # -- checks ---------------------------------------------------------------------
     def check_keys(self, keys: Any) -> list[str]:
@@ -98,6 +121,18 @@ class StoreService:
         self, header_raw: Any, payload: Any, fingerprint: bytes | None, block_hash: bytes | None
     ) -> Chunk:
         """The chunk a put names, if it is well formed and intact; else BadRequest."""
+        view = memoryview(payload).cast("B")
+        header = self.check_header(header_raw, view.nbytes, fingerprint, block_hash)
+        self.verify_payloads([header], [view])
+        return Chunk(header, view)
+
+    def check_header(
+        self, header_raw: Any, nbytes: int, fingerprint: bytes | None, block_hash: Any
+    ) -> ChunkHeader:
+        """The header of a put chunk whose payload is ``nbytes`` long, if it is well formed,
+        within the limits and names the request's fingerprint (and ``block_hash``, when
+        given); else BadRequest. The payload's checksum is ``verify_payloads``' part, so a
+        whole request's headers are checked before any payload byte is read."""
         if not isinstance(header_raw, (bytes, bytearray, memoryview)):
             raise BadRequest("a chunk header must be bytes")
         if block_hash is not None and not isinstance(block_hash, (bytes, bytearray)):
@@ -115,18 +150,34 @@ class StoreService:
             raise BadRequest(
                 f"chunk {key[:12]} of {header.nbytes} bytes exceeds the limit of {self.limits.max_chunk_bytes}"
             )
-        view = memoryview(payload).cast("B")
-        if view.nbytes != header.nbytes:
+        if nbytes != header.nbytes:
             raise BadRequest(
-                f"chunk {key[:12]}: payload is {view.nbytes} bytes, header says {header.nbytes}"
+                f"chunk {key[:12]}: payload is {nbytes} bytes, header says {header.nbytes}"
             )
         if fingerprint and header.fingerprint != fingerprint:
             raise BadRequest(f"chunk {key[:12]} names another model fingerprint than the request")
         if block_hash and chunk_key(header.fingerprint, bytes(block_hash)) != key:
             raise BadRequest(f"chunk {key[:12]}: key does not match its fingerprint and block hash")
-        if checksum(view) != header.checksum:
-            raise BadRequest(f"chunk {key[:12]}: payload checksum mismatch")
-        return Chunk(header, view)
+        return header
+
+    def check_headers(
+        self, rows: Sequence[Any], sizes: Sequence[int], fingerprint: bytes | None
+    ) -> list[ChunkHeader]:
+        """``check_header`` of every ``[header, nbytes, block_hash, ...]`` row of a put."""
+        return [
+            self.check_header(r[0], n, fingerprint, r[2]) for r, n in zip(rows, sizes, strict=True)
+        ]
+
+    @staticmethod
+    def verify_payloads(headers: Sequence[ChunkHeader], payloads: Sequence[Any]) -> None:
+        """BadRequest unless each payload's xxh3 is its header's (sizes already checked).
+
+        The one checksum pass over what the daemon stores: the cpu tier is not verified
+        on reads (memory this process owns), so a chunk is hashed once, on arrival, while
+        its bytes are still in the CPU caches."""
+        for header, payload in zip(headers, payloads, strict=True):
+            if checksum(payload) != header.checksum:
+                raise BadRequest(f"chunk {header.key[:12]}: payload checksum mismatch")
 
     def check_put_size(self, count: int, nbytes: int) -> None:
         if count > self.limits.max_batch:
@@ -168,6 +219,38 @@ class StoreService:
             got = self.store.get(keys[start:end])
             yield self._hits(start, got, fingerprint, [None] * (end - start))
             start = end
+
+    def plan_parts(self, keys: Sequence[str]) -> list[tuple[int, int]]:
+        """``[start, end)`` of each part of a get of ``keys`` (about PART_BYTES each)."""
+        parts, start = [], 0
+        while start < len(keys):
+            end = self._part_end(keys, start)
+            parts.append((start, end))
+            start = end
+        return parts
+
+    def fetch_part(
+        self,
+        keys: Sequence[str],
+        span: tuple[int, int],
+        fingerprint: bytes | None,
+        buffer: Callable[[int], np.ndarray],
+    ) -> list[Placed]:
+        """Hits of ``keys[start:end]``; payloads of keys of known size land back to back in
+        ``buffer(nbytes)`` (a caller's reused staging buffer), others in fresh buffers."""
+        start, end = span
+        part = keys[start:end]
+        sizes = [self.sizes.get(k) for k in part]
+        buf = buffer(sum(_aligned(n) for n in sizes if n is not None))
+        outs: list[np.ndarray | None] = []
+        pos = 0
+        for n in sizes:
+            if n is None:
+                outs.append(None)
+                continue
+            outs.append(buf[pos : pos + n])
+            pos += _aligned(n)
+        return self._hits(start, self.store.get(part, outs), fingerprint, [None] * len(part))
 
     def get_into(
         self, keys: Sequence[str], fingerprint: bytes | None, window: np.ndarray

@@ -20,17 +20,30 @@ import hmac
 import logging
 import socket
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
-from store.chunk import encode_prefix
+from store.chunk import Chunk
 from store.daemon.activity import Activity, Draining
-from store.daemon.service import BadRequest, StoreService
+from store.daemon.service import PART_BYTES, BadRequest, StoreService
 from store.shm import NONCE_BYTES, Region, RegionError
-from store.stream import PROTOCOL_VERSION, StreamClosed, recv_frame, recv_into, send_frame, tune
+from store.stream import (
+    PROTOCOL_VERSION,
+    StreamClosed,
+    recv_exactly,
+    recv_frame,
+    send_frame,
+    tune,
+)
 
 log = logging.getLogger(__name__)
+
+
+PUT_GROUP_BYTES = 4 << 20
+"""A stream put is received in groups of about this many bytes, each verified and stored
+by the connection's helper thread while the next group arrives."""
 
 
 class _OutOfStep(Exception):
@@ -111,7 +124,17 @@ class _Session:
         self.client = peer
         self.authenticated = server.token is None
         self.region: Region | None = None
-        self.staging = np.empty(0, dtype=np.uint8)
+        self.staging = np.empty(0, dtype=np.uint8)  # a put's payloads (stream path)
+        self.out_bufs = [np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8)]  # gets
+        self._io: ThreadPoolExecutor | None = None
+
+    def io(self) -> ThreadPoolExecutor:
+        """This connection's helper thread: it fetches a get's next part while this
+        thread sends the last, and checks and stores a put's payloads while this thread
+        receives the next ones (socket calls and copies release the GIL)."""
+        if self._io is None:
+            self._io = ThreadPoolExecutor(1, thread_name_prefix="kvstore-stream-io")
+        return self._io
 
     def handle(self, meta: dict[str, Any]) -> bool:
         """Serve one request; False when the connection must close."""
@@ -194,24 +217,59 @@ class _Session:
             raise BadRequest("keys must be a list of strings")
         if meta.get("region"):
             return self._get_into(keys, fp, self._window(meta))
+        keys = self.service.check_keys(keys)
+        parts = self.service.plan_parts(keys)
+        encode = self.service.prefixes.encode
         sent = 0
-        for part in self.service.get_parts(keys, fp):
-            payloads = [p.payload for p in part]
-            send_frame(self.conn, {"part": [[p.index, encode_prefix(p.header)] for p in part]},
-                       *payloads)  # fmt: skip
-            sent += sum(p.header.nbytes for p in part)
+        pending: Future | None = None
+        try:
+            if parts:
+                pending = self.io().submit(self._fetch, keys, parts[0], fp, 0)
+            for i in range(len(parts)):
+                assert pending is not None
+                placed = pending.result()
+                pending = None
+                if i + 1 < len(parts):  # fetch the next part into the other buffer meanwhile
+                    pending = self.io().submit(self._fetch, keys, parts[i + 1], fp, (i + 1) % 2)
+                rows = [[p.index, encode(p.header)] for p in placed]
+                send_frame(self.conn, {"part": rows}, *[p.payload for p in placed])
+                sent += sum(p.header.nbytes for p in placed)
+        finally:
+            if pending is not None:  # the send failed: let the fetch finish with the buffer
+                pending.exception()
         self.activity.bytes.labels("out", "stream").inc(sent)
         send_frame(self.conn, {"ok": True, "done": len(keys)})
 
+    def _fetch(self, keys: list[str], span: tuple[int, int], fp: Any, slot: int) -> list[Any]:
+        def buffer(nbytes: int) -> np.ndarray:
+            if self.out_bufs[slot].nbytes < nbytes:
+                self.out_bufs[slot] = np.empty(max(nbytes, PART_BYTES), dtype=np.uint8)
+            return self.out_bufs[slot]
+
+        return self.service.fetch_part(keys, span, fp, buffer)
+
     def _get_into(self, keys: list[Any], fp: bytes | None, window: np.ndarray) -> None:
+        """The shared-memory get: the helper thread copies part *n+1* from the tiers into
+        the window while this thread announces part *n* (and the client copies it out)."""
+        encode = self.service.prefixes.encode
         sent = 0
-        for item in self.service.get_into(keys, fp, window):
-            if isinstance(item, int):
-                send_frame(self.conn, {"ok": True, "done": item})
-                break
-            rows = [[p.index, encode_prefix(p.header), p.offset] for p in item]
-            sent += sum(p.header.nbytes for p in item)
-            send_frame(self.conn, {"part": rows})
+        parts = self.service.get_into(keys, fp, window)
+        pending: Future | None = self.io().submit(next, parts, None)
+        try:
+            while pending is not None:
+                item = pending.result()
+                pending = None
+                if item is None or isinstance(item, int):
+                    send_frame(self.conn, {"ok": True, "done": item or 0})
+                    break
+                pending = self.io().submit(next, parts, None)
+                rows = [[p.index, encode(p.header), p.offset] for p in item]
+                sent += sum(p.header.nbytes for p in item)
+                send_frame(self.conn, {"part": rows})
+        finally:
+            if pending is not None:
+                pending.exception()
+            parts.close()
         self.activity.bytes.labels("out", "shm").inc(sent)
 
     # -- put ------------------------------------------------------------------------
@@ -229,21 +287,72 @@ class _Session:
             self.service.check_put_size(len(rows), sum(sizes))
         except BadRequest as exc:
             raise (BadRequest if region else _OutOfStep)(str(exc)) from None
-        payloads = self._region_payloads(meta, rows, sizes) if region else self._receive(sizes)
-        chunks = [
-            self.service.check_chunk(r[0], p, fp, r[2]) for r, p in zip(rows, payloads, strict=True)
-        ]
+        try:  # every header before any payload: a bad one costs no store work
+            headers = self.service.check_headers(rows, sizes, fp)
+        except BadRequest:
+            if not region:
+                self._discard(sum(sizes))  # keep the stream in step
+            raise
+        if region:
+            payloads = self._region_payloads(meta, rows, sizes)
+            self.service.verify_payloads(headers, payloads)
+            stored = self.service.put([Chunk(h, p) for h, p in zip(headers, payloads, strict=True)])
+        else:
+            stored = self._receive_and_store(headers, sizes)
         self.activity.bytes.labels("in", "shm" if region else "stream").inc(sum(sizes))
-        send_frame(self.conn, {"ok": True, "stored": self.service.put(chunks)})
+        send_frame(self.conn, {"ok": True, "stored": stored})
 
-    def _receive(self, sizes: list[int]) -> list[np.ndarray]:
-        """Read the payloads into this connection's staging buffer (reused across puts)."""
+    def _receive_and_store(self, headers: list[Any], sizes: list[int]) -> list[bool]:
+        """Read the payloads into this connection's staging buffer (reused across puts)
+        in groups of about PUT_GROUP_BYTES; the helper thread verifies and stores each
+        group while the next one arrives. If a payload fails its checksum, the chunks of
+        this request stored before it are deleted again and the request is refused."""
         total = sum(sizes)
         if self.staging.nbytes < total:
             self.staging = np.empty(total, dtype=np.uint8)
-        recv_into(self.conn, memoryview(self.staging)[:total])
-        bounds = np.cumsum([0, *sizes])
-        return [self.staging[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+        view = memoryview(self.staging)
+        jobs: list[tuple[int, int, Future]] = []
+        start = pos = 0
+        try:
+            while start < len(sizes):
+                end, nbytes = start, 0
+                while end < len(sizes) and (end == start or nbytes < PUT_GROUP_BYTES):
+                    nbytes += sizes[end]
+                    end += 1
+                recv_exactly(self.conn, view[pos : pos + nbytes])
+                payloads, at = [], pos
+                for n in sizes[start:end]:
+                    payloads.append(view[at : at + n])
+                    at += n
+                jobs.append(
+                    (start, end, self.io().submit(self._store, headers[start:end], payloads))
+                )
+                start, pos = end, pos + nbytes
+        finally:
+            for _, _, job in jobs:  # nothing may still read the staging buffer after this
+                job.exception()
+        stored: list[bool] = []
+        for _, _, job in jobs:
+            exc = job.exception()
+            if exc is not None:
+                done = [h.key for (a, b, j) in jobs if j.exception() is None for h in headers[a:b]]
+                if done:
+                    self.service.store.delete(done)
+                raise exc
+            stored += job.result()
+        return stored
+
+    def _store(self, headers: list[Any], payloads: list[memoryview]) -> list[bool]:
+        self.service.verify_payloads(headers, payloads)
+        return self.service.put([Chunk(h, p) for h, p in zip(headers, payloads, strict=True)])
+
+    def _discard(self, nbytes: int) -> None:
+        """Read and drop ``nbytes`` payload bytes of a refused put."""
+        scratch = memoryview(bytearray(min(nbytes, 1 << 20)))
+        while nbytes:
+            n = min(nbytes, scratch.nbytes)
+            recv_exactly(self.conn, scratch[:n])
+            nbytes -= n
 
     def _region_payloads(
         self, meta: dict[str, Any], rows: list[list[Any]], sizes: list[int]
@@ -258,6 +367,9 @@ class _Session:
         return out
 
     def close(self) -> None:
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+            self._io = None
         if self.region is not None:
             self.region.close()
             self.region = None
