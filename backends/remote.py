@@ -120,6 +120,40 @@ class RemoteBackend(Backend):
             return 0
         return self._run("delete", lambda: self.client.delete(keys), 0)
 
+    # -- leases (a prefill node's hand-off to a decode node; store/daemon/lease.py) -----
+    def lease(self, keys: Sequence[str], ttl: float, timeout: float | None = None
+              ) -> tuple[str, int, float]:  # fmt: skip
+        """Pin the leading stored ``keys`` in the daemon for ``ttl`` seconds:
+        ``(lease_id, count, expires_at)`` (unix time); ``("", 0, 0.0)`` when none is
+        stored or the daemon cannot be reached."""
+        from store.proto import kvstore_pb2 as pb
+
+        def call() -> tuple[str, int, float]:
+            r = self.client._call("Lease", pb.LeaseRequest(keys=list(keys), ttl_seconds=ttl),
+                                  timeout)  # fmt: skip
+            return r.lease_id, r.count, r.expires_at
+
+        return self._run("lease", call, ("", 0, 0.0)) if keys else ("", 0, 0.0)
+
+    def release(self, lease_id: str, timeout: float | None = None) -> bool:
+        """End a lease early (its keys are unpinned); False if unknown or unreachable."""
+        from store.proto import kvstore_pb2 as pb
+
+        if not lease_id:
+            return False
+        return self._run(
+            "release",
+            lambda: self.client._call("Release", pb.ReleaseRequest(lease_id=lease_id), timeout).released,
+            False,
+        )
+
+    def active_leases(self) -> int | None:
+        """How many leases the daemon holds (None when unreachable)."""
+        from store.proto import kvstore_pb2 as pb
+
+        return self._run("release", lambda: self.client._call("Release", pb.ReleaseRequest()).active,
+                         None)  # fmt: skip
+
     def usage(self) -> Usage:
         """The daemon's occupancy summed over its tiers (None when unreachable)."""
 

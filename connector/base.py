@@ -57,6 +57,7 @@ class ConnectorContext:
     load_timeout: float = 5.0  # seconds a step waits for its loads before recomputing
     enable_kv_events: bool = False  # keep events for take_events()
     save_decoded: bool = False  # also save chunks of generated tokens (multi-turn reuse)
+    kv_role: str = "both"  # producer: save only (no loads), consumer: load only (no saves)
 
 
 class KVConnectorBase(ABC):

@@ -12,6 +12,10 @@ layer's blocks out right after its attention, and one ``put_async`` per step sen
 whole chunks. A load that fails or misses its deadline leaves the rest of the request
 to recompute (``recompute``) or fails it (``fail``).
 
+Roles (``context.kv_role``): a ``producer`` still looks its prompts up (chunks already
+stored need no save) but loads nothing; a ``consumer`` plans no saves. Disaggregated
+prefill/decode (``kv_transfer_params``) is ``connector/disagg.py``.
+
 KV events (``connector/residency.py``): the store reports every chunk a tier stores or
 drops (saves, promotions, demotions, evictions); described chunks become ``BlockStored``
 / ``BlockRemoved`` with the tier as medium.
@@ -20,6 +24,7 @@ drops (saves, promotions, demotions, evictions); described chunks become ``Block
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, wait
 from typing import TYPE_CHECKING, Any
@@ -27,6 +32,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from connector.base import ConnectorContext, KVConnectorBase
+from connector.disagg import (
+    DEFAULT_LEASE_TTL,
+    RemoteDecode,
+    TransferAgent,
+    wants_remote_decode,
+    wants_remote_prefill,
+)
 from connector.events import KVCacheEvent
 from connector.plan import RequestState, TieredConnectorMetadata, plan_load, plan_saves
 from connector.residency import ChunkInfo, ChunkResidency
@@ -67,6 +79,8 @@ class TieredConnector(KVConnectorBase):
         self._step: StepTransfers | None = None
         self._failed_blocks: set[int] = set()
         self.last_load_results: list[LoadResult] = []
+        self.transfers = TransferAgent(self.store, self.chunk_size)
+        self._req_puts: dict[str, list[Future]] = {}  # prefill legs' puts, by request id
 
     # -- scheduler side ---------------------------------------------------------------
     def chunk_refs(self, request: Request, decoded: bool = False) -> list[ChunkRef]:
@@ -82,6 +96,14 @@ class TieredConnector(KVConnectorBase):
         st = self._requests.get(request.request_id)
         if st is None:
             st = self._requests[request.request_id] = RequestState(self.chunk_refs(request))
+            params = getattr(request, "kv_transfer_params", None)
+            if wants_remote_decode(params):
+                self._req_puts[request.request_id] = []
+            elif wants_remote_prefill(params):
+                expires = params.get("lease_expires")
+                if isinstance(expires, (int, float)) and expires < time.time():
+                    log.info("request %s: its KV lease expired; loading what the store still "
+                             "holds (keys are content-addressed)", request.request_id)  # fmt: skip
         return st
 
     def get_num_new_matched_tokens(
@@ -94,6 +116,9 @@ class TieredConnector(KVConnectorBase):
         # it stops at the last full block before the prompt's last token, maybe mid-chunk.
         bs = self.context.block_size
         st.hit_end = min(st.stored_end, (request.num_tokens - 1) // bs * bs)
+        if self.context.kv_role == "producer":  # a producer computes every prompt itself
+            st.hit_end = 0
+            return 0, False
         return max(0, st.hit_end - num_computed_tokens), False
 
     def update_state_after_alloc(
@@ -132,6 +157,8 @@ class TieredConnector(KVConnectorBase):
                 st.refs = self.chunk_refs(
                     s.request, decoded=True
                 )  # generated tokens filled a chunk
+            if self.context.kv_role == "consumer":  # a consumer only loads
+                continue
             saves = plan_saves(
                 st, s.request.request_id, s.block_ids, s.start + s.num_new_tokens, bs
             )
@@ -151,8 +178,24 @@ class TieredConnector(KVConnectorBase):
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         # Saves were copied out of the paged cache during the steps: the blocks may go now.
-        self._requests.pop(request.request_id, None)
+        rid = request.request_id
+        st = self._requests.pop(rid, None)
+        futures = self._req_puts.pop(rid, None)
+        params = getattr(request, "kv_transfer_params", None)
+        if wants_remote_prefill(params) and params.get("lease_id"):
+            self.transfers.release_async(params.get("remote_store"), params["lease_id"])
+        if futures is not None and st is not None and request.output_token_ids:
+            # A prefill leg that ran (not an abort): hand its KV over, off the engine loop.
+            ttl = params.get("lease_ttl") or DEFAULT_LEASE_TTL
+            handle = RemoteDecode(rid, [r.key for r in st.refs], params.get("remote_store"),
+                                  float(ttl), self.context.load_timeout, futures)  # fmt: skip
+            request.kv_transfer_pending = handle
         return False, None
+
+    def finish_remote_decode(self, handle: RemoteDecode) -> dict[str, Any]:
+        """The ``kv_transfer_params`` of a finished prefill leg (blocking; see
+        ``connector/disagg.py``)."""
+        return self.transfers.finish(handle)
 
     def external_token_sources(self, request: Request, end: int | None = None) -> dict[str, int]:
         st = self._requests.get(request.request_id)
@@ -215,7 +258,10 @@ class TieredConnector(KVConnectorBase):
         if step.meta.saves:  # the saves of a request whose load failed hold wrong KV
             build, specs = step.finish_saves(failed)
             if specs:
-                self._puts.append((self.store.put_async(build), [s.key for s in specs]))
+                fut = self.store.put_async(build)
+                self._puts.append((fut, [s.key for s in specs]))
+                for rid in {s.request_id for s in specs} & self._req_puts.keys():
+                    self._req_puts[rid].append(fut)
             skipped = [s.key for s in step.meta.saves if s.request_id in failed]
             if skipped and self.residency is not None:
                 self.residency.forget_unstored(skipped)
@@ -247,4 +293,5 @@ class TieredConnector(KVConnectorBase):
 
     def shutdown(self) -> None:
         self.flush()
+        self.transfers.close()
         self.store.close()

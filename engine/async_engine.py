@@ -97,14 +97,18 @@ class AsyncEngine:
         params: SamplingParams,
         cache_salt: str | None = None,
         request_id: str | None = None,
+        kv_transfer_params: dict | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as it runs (each holds all tokens so far); the last one
-        is finished. Closing the iterator before that aborts the request."""
+        is finished. Closing the iterator before that aborts the request. A prefill leg's
+        last output gets its ``kv_transfer_params`` once its KV is durable and leased
+        (in a worker thread: the engine loop goes on stepping)."""
         if self._dead is not None:
             raise EngineDeadError(f"the engine loop has stopped: {self._dead}")
         rid = request_id or uuid.uuid4().hex
         stream = _Stream(asyncio.get_running_loop())
-        self._commands.put(("add", rid, list(prompt_token_ids), params, cache_salt, stream))
+        self._commands.put(("add", rid, list(prompt_token_ids), params, cache_salt,
+                            kv_transfer_params, stream))  # fmt: skip
         finished = False
         try:
             while not finished:
@@ -113,6 +117,8 @@ class AsyncEngine:
                     finished = True  # the engine already dropped the request
                     raise item
                 finished = item.finished
+                if finished and item.kv_transfer_pending is not None:
+                    await asyncio.to_thread(self.engine.finish_kv_transfer, item)
                 yield item
         finally:
             if not finished:
@@ -164,9 +170,10 @@ class AsyncEngine:
                 self.engine.abort_request(cmd[1])
 
     def _add(self, rid: str, ids: list[int], params: SamplingParams, salt: str | None,
-             stream: _Stream) -> None:  # fmt: skip
+             kv_transfer_params: dict | None, stream: _Stream) -> None:  # fmt: skip
         try:
-            self.engine.add_request(ids, params, request_id=rid, cache_salt=salt)
+            self.engine.add_request(ids, params, request_id=rid, cache_salt=salt,
+                                    kv_transfer_params=kv_transfer_params)  # fmt: skip
         except EngineError as e:
             stream.push(e)
             return

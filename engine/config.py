@@ -20,6 +20,7 @@ def parse_size(value: int | str, name: str = "size") -> int:
 
 
 ATTENTION_BACKENDS = ("auto", "paged", "sdpa")
+KV_ROLES = ("both", "producer", "consumer")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -41,6 +42,10 @@ class EngineConfig:
     KV blocks in place (``engine/csrc``, compiled on first use), ``sdpa`` gathers the
     blocks and calls PyTorch's SDPA (the CUDA path), ``auto`` takes ``paged`` on the CPU
     when it builds and ``sdpa`` otherwise.
+
+    ``kv_role`` is the engine's part in disaggregated prefill/decode: ``producer`` saves
+    KV to the store but never loads from it, ``consumer`` loads but never saves,
+    ``both`` (the default) does both.
     """
 
     model: str = "tiny"
@@ -62,6 +67,7 @@ class EngineConfig:
     kv_save_decoded: bool = False  # also save generated tokens' KV (a later turn reuses it)
     enable_kv_events: bool = False  # keep typed KV events for take_kv_events()
     attention_backend: str = "auto"  # auto | paged (the CPU kernel) | sdpa
+    kv_role: str = "both"  # producer: only save KV to the store, consumer: only load it
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -100,6 +106,14 @@ class EngineConfig:
         if not self.kv_load_timeout > 0:
             raise InvalidRequestError(
                 f"kv_load_timeout must be > 0 seconds, got {self.kv_load_timeout}"
+            )
+        if self.kv_role not in KV_ROLES:
+            raise InvalidRequestError(
+                f"kv_role must be one of {', '.join(KV_ROLES)}, got {self.kv_role!r}"
+            )
+        if self.kv_role != "both" and self.kv_connector == "none":
+            raise InvalidRequestError(
+                f"kv_role {self.kv_role!r} needs a KV connector (kv_connector 'tiered')"
             )
         if self.kv_config is not None and self.kv_connector == "none":
             raise InvalidRequestError("kv_config is set but kv_connector is 'none'")

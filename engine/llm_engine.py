@@ -63,7 +63,7 @@ class LLMEngine:
             model_fingerprint(source, r.dtype), self.config.block_size, mc.num_layers,
             mc.num_kv_heads, mc.head_dim, r.dtype, r.device, self.config.kv_config,
             self.config.kv_load_failure_policy, self.config.kv_load_timeout,
-            self.config.enable_kv_events, self.config.kv_save_decoded,
+            self.config.enable_kv_events, self.config.kv_save_decoded, self.config.kv_role,
         )  # fmt: skip
         try:
             return create_connector(self.config.kv_connector, ctx)
@@ -119,12 +119,23 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         cache_salt: str | None = None,
+        kv_transfer_params: dict | None = None,
     ) -> Request:
+        """Queue a request. ``kv_transfer_params`` (vLLM's disaggregated-serving field,
+        ``connector/disagg.py``): ``do_remote_decode`` on a prefill leg,
+        ``do_remote_prefill`` with the prefill node's answer on a decode leg."""
+        if kv_transfer_params is not None:
+            from connector.disagg import check_params
+
+            why = check_params(kv_transfer_params)
+            if why is not None:
+                raise InvalidRequestError(why)
         ids = self.tokenize(prompt)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise InvalidRequestError(f"request id {rid!r} is already in use")
         req = Request(rid, ids, params or SamplingParams(), self.config.block_size, cache_salt or None)
+        req.kv_transfer_params = kv_transfer_params  # read by the connector
         self.requests[rid] = req
         self.scheduler.add_request(req)
         return req
@@ -208,7 +219,19 @@ class LLMEngine:
             num_preemptions=req.num_preemptions,
             kv_sources=dict(req.kv_sources) or {"engine": max(req.num_cached_tokens, 0)},
         )
+        pending = getattr(req, "kv_transfer_pending", None) if finished else None
         return RequestOutput(
             req.request_id, list(req.prompt_token_ids), list(ids), text, req.finish_reason,
             list(req.output_logprobs) if req.params.logprobs else None, metrics,
+            kv_transfer_pending=pending,
         )
+
+    def finish_kv_transfer(self, output: RequestOutput) -> RequestOutput:
+        """Complete a finished prefill leg's KV hand-off (wait for its saves, lease them)
+        and set ``output.kv_transfer_params``. Blocking, bounded by ``kv_load_timeout``;
+        safe to call from another thread than the one stepping the engine."""
+        pending, output.kv_transfer_pending = output.kv_transfer_pending, None
+        connector = self.connector
+        if pending is not None and connector is not None:
+            output.kv_transfer_params = connector.finish_remote_decode(pending)
+        return output

@@ -32,6 +32,10 @@ class RequestOutput:
     finish_reason: str | None  # "stop", "length", "abort"; None while running
     logprobs: list[float] | None
     metrics: RequestMetrics
+    # Disaggregated prefill/decode (connector/disagg.py): the response's kv_transfer_params,
+    # and, until the server completes it off the engine loop, a prefill leg's pending hand-off.
+    kv_transfer_params: dict | None = None
+    kv_transfer_pending: object | None = None
 
     @property
     def finished(self) -> bool:

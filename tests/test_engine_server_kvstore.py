@@ -15,7 +15,7 @@ from engine_server_proc import start_engine
 
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
-from engine.server.kv_role import RoleEngine
+from engine.llm_engine import LLMEngine
 from store.client import KVStoreClient
 
 pytest.importorskip("openai")
@@ -79,7 +79,7 @@ def test_two_engines_share_kv_through_the_daemon_and_survive_its_death():
         daemon.kill()
 
 
-def _run(engine: RoleEngine, prompt: list[int]):
+def _run(engine: LLMEngine, prompt: list[int]):
     req = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=2))
     while True:
         for out in engine.step():
@@ -92,8 +92,9 @@ def _run(engine: RoleEngine, prompt: list[int]):
 def test_kv_role_producer_only_saves_and_consumer_only_loads(role, saves, loads):
     config = EngineConfig(model="tiny", kv_cache_memory="4MiB", enable_prefix_caching=False,
                           kv_connector="tiered",
-                          kv_config={"tiers": ["cpu"], "cpu.size": "16MiB", "chunk_size": CHUNK})  # fmt: skip
-    engine = RoleEngine(config, role)
+                          kv_config={"tiers": ["cpu"], "cpu.size": "16MiB", "chunk_size": CHUNK},
+                          kv_role=role)  # fmt: skip
+    engine = LLMEngine(config)
     try:
         prompt = list(range(10, 10 + 5 * CHUNK + 3))
         first = _run(engine, prompt)

@@ -131,6 +131,26 @@ def test_prefill_decode_through_a_shared_kvstore(cleanup, tmp_path, n_prefill, n
         reference = [greedy(plain.url, p) for p in PROMPTS]
         assert [greedy(router.url, p) for p in PROMPTS] == reference
         assert [streamed(router.url, p) for p in PROMPTS] == reference
+        # A prompt of two whole store chunks (256 tokens each): the producer answers only
+        # once they are durable and leased, so the decode node loads them from the daemon.
+        for attempt in range(3):  # a remote tier that timed out under load backs off ~1 s
+            long = f"the quick brown fox jumps {attempt} " * 21
+            body = {"model": "tiny", "prompt": long, "max_tokens": 8, "temperature": 0}
+            status, answer, _ = post(router.url + "/v1/completions", body)
+            assert status == 200 and answer["choices"][0]["text"] == greedy(plain.url, long)
+            if answer["kv"]["sources"].get("remote", 0):
+                break
+            time.sleep(1.5)
+        assert answer["kv"]["sources"].get("remote", 0) == 512, answer["kv"]
+        assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] >= 512
+        from backends.remote import RemoteBackend
+
+        leases = RemoteBackend(daemon.url)
+        deadline = time.monotonic() + 10  # the decode node released its lease
+        while leases.active_leases() != 0:
+            assert time.monotonic() < deadline, "a lease was not released"
+            time.sleep(0.1)
+        leases.close()
         for e in prefill:  # no prefill node left: the decode nodes do everything
             e.stop()
         again = [p + " again" for p in PROMPTS[:2]]

@@ -139,7 +139,7 @@ def _tokenize(ctx: ServerContext, prompt: str | list[int], param: str) -> list[i
 async def _respond(request: web.Request, ctx: ServerContext, req: GenerationRequest,
                    ids: list[int], reply: Reply) -> web.StreamResponse:  # fmt: skip
     endpoint = "chat" if reply.chat else "completions"
-    outs = ctx.engine.generate(ids, req.params, req.cache_salt, reply.id)
+    outs = ctx.engine.generate(ids, req.params, req.cache_salt, reply.id, req.kv_transfer_params)
     if req.stream:
         return await _stream(request, ctx, req, reply, outs, endpoint)
     last: RequestOutput | None = None

@@ -44,6 +44,7 @@ class GenerationRequest:
     cache_salt: str | None
     prompt: str | list[int] | None = None
     messages: list[dict[str, str]] | None = None
+    kv_transfer_params: dict[str, Any] | None = None  # disaggregated prefill/decode legs
 
 
 _MISSING = object()
@@ -145,8 +146,16 @@ def _common(body: dict, served: str) -> dict[str, Any]:
     salt = _field(body, "cache_salt", (str,), None)
     if salt == "":
         raise ApiError("'cache_salt' must be a non-empty string", "cache_salt", "invalid_value")
+    kv = _field(body, "kv_transfer_params", (dict,), None)
+    if kv is not None:
+        from connector.disagg import check_params
+
+        why = check_params(kv)
+        if why is not None:
+            raise ApiError(why, "kv_transfer_params", "invalid_value")
     return {"model": served, "stream": _field(body, "stream", (bool,), False),
-            "include_usage": bool(options.get("include_usage")), "cache_salt": salt}  # fmt: skip
+            "include_usage": bool(options.get("include_usage")), "cache_salt": salt,
+            "kv_transfer_params": kv}  # fmt: skip
 
 
 def parse_completion(body: Any, served: str) -> GenerationRequest:

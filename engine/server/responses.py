@@ -36,8 +36,11 @@ class Reply:
         else:
             choice = {"index": 0, "text": out.text, "logprobs": None,
                       "finish_reason": out.finish_reason}  # fmt: skip
-        return {**self._head(self.object), "choices": [choice], "usage": usage(out),
+        body = {**self._head(self.object), "choices": [choice], "usage": usage(out),
                 "kv": kv_block(out)}  # fmt: skip
+        if out.kv_transfer_params is not None:  # a prefill leg's KV handle (vLLM's field)
+            body["kv_transfer_params"] = out.kv_transfer_params
+        return body
 
     def chunk(self, text: str, finish_reason: str | None = None, first: bool = False,
               out: RequestOutput | None = None) -> dict[str, Any]:  # fmt: skip
@@ -54,6 +57,8 @@ class Reply:
                 "choices": [choice]}  # fmt: skip
         if out is not None:
             body["kv"] = kv_block(out)
+            if out.kv_transfer_params is not None:
+                body["kv_transfer_params"] = out.kv_transfer_params
         return body
 
     def usage_chunk(self, out: RequestOutput) -> dict[str, Any]:

@@ -8,6 +8,7 @@ On start it prints one line (tests and scripts wait for it)::
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 from dataclasses import dataclass
 
@@ -15,9 +16,9 @@ from aiohttp import web
 
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
 from engine.server.app import ServerContext, make_app
 from engine.server.chat import ChatTemplate
-from engine.server.kv_role import RoleEngine
 from engine.server.metrics import ServerMetrics
 
 
@@ -34,9 +35,13 @@ def run_server(config: EngineConfig, host: str, port: int, served_model_name: st
                kv_role: str = "both", kv_events: KVEventsConfig | None = None) -> None:  # fmt: skip
     """Serve ``config``'s model on ``host:port`` until SIGTERM or SIGINT, then finish
     in-flight responses' KV saves and exit. ``port`` 0 picks a free port. With
-    ``kv_events`` (and ``config.enable_kv_events``) every step's KV events are published."""
+    ``kv_events`` (and ``config.enable_kv_events``) every step's KV events are published.
+    ``kv_role`` (if not ``both``) overrides ``config.kv_role``."""
+    if kv_role != "both":
+        config = dataclasses.replace(config, kv_role=kv_role)  # validated again
+    kv_role = config.kv_role
     chat_template = ChatTemplate.for_model(config.model)  # a broken template fails at start
-    llm_engine = RoleEngine(config, kv_role)
+    llm_engine = LLMEngine(config)
     publisher = None
     if kv_events is not None:
         from engine.kv_publisher import KVEventPublisher

@@ -18,6 +18,7 @@ import grpc
 
 from store.chunk import encode_prefix
 from store.daemon.activity import Activity, Draining
+from store.daemon.lease import LeaseTable
 from store.daemon.service import BadRequest, StoreService
 from store.proto import kvstore_pb2 as pb
 from store.proto import kvstore_pb2_grpc as pb_grpc
@@ -68,6 +69,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self.service = service
         self.activity = activity
         self.stream_port = stream_port
+        self.leases = LeaseTable(service.store.pin, service.store.unpin)
 
     @contextmanager
     def _request(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
@@ -122,6 +124,23 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 requests=self.activity.total,
                 in_flight=self.activity.in_flight,
             )
+
+    def Lease(self, request: pb.LeaseRequest, context: grpc.ServicerContext) -> pb.LeaseReply:
+        with self._request("Lease", context):
+            keys = self.service.check_keys(list(request.keys))
+            try:
+                lease_id, count, expires = self.leases.lease(
+                    keys, request.ttl_seconds, lambda: len(self.service.lookup(keys))
+                )
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
+            return pb.LeaseReply(lease_id=lease_id, count=count, expires_at=expires,
+                                 active=self.leases.active)  # fmt: skip
+
+    def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.ReleaseReply:
+        with self._request("Release", context):
+            released = self.leases.release(request.lease_id)
+            return pb.ReleaseReply(released=released, active=self.leases.active)
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:
         # Not counted as in flight: a health probe must answer while draining.

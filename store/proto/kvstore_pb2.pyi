@@ -133,3 +133,37 @@ class HealthReply(_message.Message):
     max_chunk_bytes: int
     max_batch: int
     def __init__(self, status: _Optional[str] = ..., version: _Optional[str] = ..., stream_port: _Optional[int] = ..., tiers: _Optional[_Iterable[str]] = ..., max_chunk_bytes: _Optional[int] = ..., max_batch: _Optional[int] = ...) -> None: ...
+
+class LeaseRequest(_message.Message):
+    __slots__ = ("keys", "ttl_seconds")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    ttl_seconds: float
+    def __init__(self, keys: _Optional[_Iterable[str]] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class LeaseReply(_message.Message):
+    __slots__ = ("lease_id", "count", "expires_at", "active")
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    count: int
+    expires_at: float
+    active: int
+    def __init__(self, lease_id: _Optional[str] = ..., count: _Optional[int] = ..., expires_at: _Optional[float] = ..., active: _Optional[int] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("lease_id",)
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    lease_id: str
+    def __init__(self, lease_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseReply(_message.Message):
+    __slots__ = ("released", "active")
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    active: int
+    def __init__(self, released: _Optional[bool] = ..., active: _Optional[int] = ...) -> None: ...

@@ -64,6 +64,16 @@ class KVStoreStub:
                 request_serializer=store_dot_proto_dot_kvstore__pb2.HealthRequest.SerializeToString,
                 response_deserializer=store_dot_proto_dot_kvstore__pb2.HealthReply.FromString,
                 _registered_method=True)
+        self.Lease = channel.unary_unary(
+                '/kvstore.v1.KVStore/Lease',
+                request_serializer=store_dot_proto_dot_kvstore__pb2.LeaseRequest.SerializeToString,
+                response_deserializer=store_dot_proto_dot_kvstore__pb2.LeaseReply.FromString,
+                _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/kvstore.v1.KVStore/Release',
+                request_serializer=store_dot_proto_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=store_dot_proto_dot_kvstore__pb2.ReleaseReply.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -108,6 +118,20 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Lease(self, request, context):
+        """Pin the leading stored `keys` against eviction for `ttl_seconds` (a lease for a
+        remote decode, docs/server.md); Release ends it early. Expired leases are unpinned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +164,16 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Health,
                     request_deserializer=store_dot_proto_dot_kvstore__pb2.HealthRequest.FromString,
                     response_serializer=store_dot_proto_dot_kvstore__pb2.HealthReply.SerializeToString,
+            ),
+            'Lease': grpc.unary_unary_rpc_method_handler(
+                    servicer.Lease,
+                    request_deserializer=store_dot_proto_dot_kvstore__pb2.LeaseRequest.FromString,
+                    response_serializer=store_dot_proto_dot_kvstore__pb2.LeaseReply.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=store_dot_proto_dot_kvstore__pb2.ReleaseRequest.FromString,
+                    response_serializer=store_dot_proto_dot_kvstore__pb2.ReleaseReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -304,6 +338,60 @@ class KVStore:
             '/kvstore.v1.KVStore/Health',
             store_dot_proto_dot_kvstore__pb2.HealthRequest.SerializeToString,
             store_dot_proto_dot_kvstore__pb2.HealthReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Lease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Lease',
+            store_dot_proto_dot_kvstore__pb2.LeaseRequest.SerializeToString,
+            store_dot_proto_dot_kvstore__pb2.LeaseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Release',
+            store_dot_proto_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
+            store_dot_proto_dot_kvstore__pb2.ReleaseReply.FromString,
             options,
             channel_credentials,
             insecure,
