@@ -29,6 +29,7 @@ from store.tiered import TieredStore
 
 BENCH_BYTES = 256 * 2**20  # payload bytes moved per measurement
 REPEATS = 5
+GETS_PER_PUT = 3  # gets are cheap next to fsynced puts: more samples, same for both sides
 MAX_CHUNKS = 1024  # caps small-chunk runs (64 KiB x fsync is slow and says nothing new)
 
 
@@ -66,8 +67,12 @@ def _payloads(size: int, count: int) -> list[np.ndarray]:
 def bench_tier(tier: str, size: int, config: StoreConfig, total: int = BENCH_BYTES) -> Throughput:
     """Put and get ``total`` bytes in chunks of ``size`` through ``tier`` and its baseline.
 
-    Store and baseline runs alternate, best of REPEATS each, so background load on the
-    machine hits both sides alike.
+    Store and baseline runs alternate, best of REPEATS puts and REPEATS x GETS_PER_PUT
+    gets each, so background load on the machine hits both sides alike. Each side reads
+    right after its own write, and the side that goes first swaps every repeat: pages
+    written longer ago may have been reclaimed (proactive reclaim, e.g. DAMON), and a
+    get that waited for the other side's write would read them from the device while
+    the other read the page cache.
     """
     count = max(4, min(total // size, MAX_CHUNKS))
     data = _payloads(size, count)
@@ -76,12 +81,13 @@ def bench_tier(tier: str, size: int, config: StoreConfig, total: int = BENCH_BYT
     base = BASELINES[tier](config, data, outs)
     best = [float("inf")] * 4
     try:
-        for _ in range(REPEATS):
-            for i, side in enumerate((ours, base)):
+        for repeat in range(REPEATS):
+            for i in (0, 1) if repeat % 2 == 0 else (1, 0):
+                side = (ours, base)[i]
                 side.reset()
                 best[i] = min(best[i], _timed(side.put))
-            for i, side in enumerate((ours, base)):
-                best[2 + i] = min(best[2 + i], _timed(side.get))
+                for _ in range(GETS_PER_PUT):
+                    best[2 + i] = min(best[2 + i], _timed(side.get))
         if not all(np.array_equal(o, d) for o, d in zip(outs, data, strict=True)):
             raise RuntimeError(f"{tier} benchmark read back wrong data")
         ours.get()  # the store side last: its bytes must be what was put
@@ -145,7 +151,8 @@ def _file_baseline(config: StoreConfig, data: list[np.ndarray], outs: list[np.nd
     def read() -> None:
         for p, o in zip(paths, outs, strict=True):
             with open(p, "rb", buffering=0) as f:
-                f.readinto(o)
+                if f.readinto(o) != o.nbytes:  # a cheap check that every read happened
+                    raise RuntimeError(f"raw file baseline: short read of {p}")
 
     def reset() -> None:
         for p in paths:
@@ -171,7 +178,8 @@ def _redis_baseline(config: StoreConfig, data: list[np.ndarray], outs: list[np.n
             pipe = client.pipeline(transaction=False)
             for j in range(i, min(i + batch, len(keys))):
                 op(pipe, j)
-            pipe.execute()
+            if any(r is None for r in pipe.execute()):  # a cheap check that every GET hit
+                raise RuntimeError("raw redis baseline: a key is missing")
 
     def close() -> None:
         client.delete(*keys)

@@ -12,7 +12,7 @@ import pytest
 import backends.diskio as diskio
 from backends.base import Corrupt
 from backends.disk import DiskBackend
-from store.chunk import make_chunk
+from store.chunk import CheckedChunk, ChunkError, make_chunk, verify
 
 FP = b"\x03" * 32
 
@@ -130,3 +130,45 @@ def test_o_direct_round_trip_or_clean_fallback(tmp_path, o_direct):
     got = b.get([c.key for c in cs], outs)
     assert all(same(g, c) for g, c in zip(got, cs, strict=True))
     assert all(os.path.getsize(b.path_of(c.key)) == 4096 + c.header.nbytes for c in cs)
+
+
+def test_a_flipped_byte_read_into_a_buffer_is_corrupt_and_dropped(tmp_path):
+    b = DiskBackend(str(tmp_path), capacity=1 << 20)
+    cs = [chunk(i) for i in range(2)]
+    b.put(cs)
+    with open(b.path_of(cs[0].key), "r+b") as f:
+        f.seek(4096 + 17)
+        byte = f.read(1)
+        f.seek(4096 + 17)
+        f.write(bytes([byte[0] ^ 0x10]))
+    got = b.get([c.key for c in cs], [np.empty(5000, np.uint8) for _ in cs])
+    assert isinstance(got[0], Corrupt) and "checksum" in got[0].reason
+    assert isinstance(got[1], CheckedChunk) and same(got[1], cs[1])
+    assert b.contains([cs[0].key]) == 0 and not os.path.exists(b.path_of(cs[0].key))
+    b.check_integrity()
+
+
+def test_a_checked_chunk_is_still_refused_for_another_key_or_model(tmp_path):
+    b = DiskBackend(str(tmp_path), capacity=1 << 20)
+    c = chunk(1)
+    b.put([c])
+    (got,) = b.get([c.key], [np.empty(5000, np.uint8)])
+    assert isinstance(got, CheckedChunk)
+    verify(got, c.key, FP)
+    with pytest.raises(ChunkError, match="holds"):
+        verify(got, chunk(2).key, FP)
+    with pytest.raises(ChunkError, match="fingerprint"):
+        verify(got, c.key, b"\x04" * 32)
+
+
+def test_reads_into_tensors_and_shaped_arrays(tmp_path):
+    torch = pytest.importorskip("torch")
+    b = DiskBackend(str(tmp_path), capacity=1 << 20)
+    c = chunk(1, size=4096)
+    b.put([c])
+    shaped = np.zeros((2, 2048), np.uint8)
+    tensor = torch.zeros(1024, dtype=torch.float32)
+    got = b.get([c.key, c.key], [shaped, tensor])
+    assert bytes(shaped.reshape(-1)) == bytes(c.payload)
+    assert bytes(tensor.numpy().view(np.uint8)) == bytes(c.payload)
+    assert all(same(g, c) for g in got)

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import redis as redis_py
 
+from backends.base import Corrupt
 from backends.redis import RedisBackend
 from store.chunk import encode, make_chunk
 from store.config import from_flat
@@ -139,4 +140,37 @@ def test_cluster_node_killed_gives_misses_and_never_wrong_data(private_redis_clu
     for g, c in zip(got, cs, strict=True):
         assert g is None or (g.header == c.header and bytes(g.payload) == bytes(c.payload))
     assert b.put([chunk(99)]) in ([True], [False])  # either way: an answer, not a hang
+    b.close()
+
+
+def test_server_killed_mid_get_gives_misses_not_hangs(redis_factory):
+    proc, url = redis_factory()
+    b = RedisBackend(url, timeout=1.0, connect_timeout=0.5, retry_after=30, batch_size=4)
+    big = [chunk(200 + i, size=4_000_000) for i in range(24)]
+    assert b.put(big) == [True] * 24
+    outs = [np.empty(4_000_000, np.uint8) for _ in big]
+    done: list[list] = []
+    t = threading.Thread(target=lambda: done.append(b.get([c.key for c in big], outs)))
+    t.start()
+    time.sleep(0.02)
+    proc.kill()
+    t.join(10)
+    assert not t.is_alive() and len(done) == 1
+    for got, c in zip(done[0], big, strict=True):  # what arrived before the kill is whole
+        assert got is None or bytes(np.asarray(got.payload)) == bytes(c.payload)
+    b.close()
+
+
+def test_a_value_of_another_type_is_dropped_not_fatal(redis_url):
+    b = RedisBackend(redis_url, namespace="wt:")
+    good = chunk(1)
+    b.put([good])
+    client = redis_py.Redis.from_url(redis_url)
+    client.rpush("wt:" + chunk(2).key, b"x")
+    got = b.get([chunk(2).key, good.key], [np.empty(20_000, np.uint8) for _ in range(2)])
+    assert isinstance(got[0], Corrupt) and "WRONGTYPE" in got[0].reason
+    assert bytes(np.asarray(got[1].payload)) == bytes(good.payload)
+    assert client.exists("wt:" + chunk(2).key) == 0
+    b.delete([good.key])
+    client.close()
     b.close()
