@@ -47,9 +47,11 @@ def free_port() -> int:
 
 
 class Proc:
-    def __init__(self, argv: list[str], log: Path) -> None:
+    def __init__(self, argv: list[str], log: Path, threads: int | None = None) -> None:
         self.log = open(log, "w")
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
                                      env=env)  # fmt: skip
 
@@ -74,9 +76,10 @@ class Proc:
         self.log.close()
 
 
-def engine(model: str, port: int, logdir: Path, name: str, *extra: str) -> Proc:
+def engine(model: str, port: int, logdir: Path, name: str, *extra: str,
+           threads: int | None = None) -> Proc:  # fmt: skip
     p = Proc([sys.executable, "-m", "engine.cli", "serve", "--model", model, "--port", str(port),
-              *extra], logdir / f"{name}.log")  # fmt: skip
+              *extra], logdir / f"{name}.log", threads)  # fmt: skip
     p.wait_line("engine serve: http")
     return p
 
@@ -214,6 +217,9 @@ def main() -> None:
     ap.add_argument("--short-out", type=int, default=96)
     ap.add_argument("--interval", type=float, default=0.5, help="seconds between arrivals")
     ap.add_argument("--cpu-size", default="2GiB", help="the daemon's cpu tier")
+    ap.add_argument("--pd-threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                    help="torch threads of the prefill and of the decode engine (the colocated "
+                         "engine keeps torch's default: every core); default: half the cores each")  # fmt: skip
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--logdir", type=Path, default=ROOT / "bench-results" / "disagg-logs")
     a = ap.parse_args()
@@ -245,8 +251,10 @@ def main() -> None:
         kv_url = "kvstore://127.0.0.1:" + line.split("grpc ")[1].split()[0].rsplit(":", 1)[1]
         metrics_port = int(line.split("metrics ")[1].split()[0])
         pp, dp, rp = free_port(), free_port(), free_port()
-        procs.append(engine(a.model, pp, a.logdir, "producer", "--kvstore", kv_url, "--kv-role", "producer"))
-        procs.append(engine(a.model, dp, a.logdir, "consumer", "--kvstore", kv_url, "--kv-role", "consumer"))
+        procs.append(engine(a.model, pp, a.logdir, "producer", "--kvstore", kv_url, "--kv-role",
+                            "producer", threads=a.pd_threads))  # fmt: skip
+        procs.append(engine(a.model, dp, a.logdir, "consumer", "--kvstore", kv_url, "--kv-role",
+                            "consumer", threads=a.pd_threads))  # fmt: skip
         r = Proc([sys.executable, "-m", "router.cli", "serve", "--port", str(rp), "--prefill",
                   f"http://127.0.0.1:{pp}", "--decode", f"http://127.0.0.1:{dp}"],
                  a.logdir / "router.log")  # fmt: skip
