@@ -171,23 +171,38 @@ async def _stream(request: web.Request, ctx: ServerContext, req: GenerationReque
                     await _send(resp, reply.chunk(text, last.finish_reason, out=last))
                 elif text:
                     await _send(resp, reply.chunk(text))
-    except (ConnectionResetError, asyncio.CancelledError):
+    except ConnectionResetError:  # a write found the client gone (aclosing aborted the
+        # request); returning, not raising, keeps aiohttp from logging it as a 500
+        ctx.metrics.requests.labels(endpoint, "abort").inc()
+        return resp
+    except asyncio.CancelledError:
         ctx.metrics.requests.labels(endpoint, "abort").inc()
         raise
     except EngineError as e:  # the status line is sent: report the error in the stream
-        await _send(resp, ApiError(str(e), None, "engine_error", 500, "server_error").body())
-        await resp.write_eof()
-        return resp
+        error = ApiError(str(e), None, "engine_error", 500, "server_error")
+        return await _finish_stream(resp, [_event(error.body())])
     ctx.metrics.observe(endpoint, last)
-    if req.include_usage:
-        await _send(resp, reply.usage_chunk(last))
-    await resp.write(b"data: [DONE]\n\n")
-    await resp.write_eof()
+    usage = [_event(reply.usage_chunk(last))] if req.include_usage else []
+    return await _finish_stream(resp, [*usage, b"data: [DONE]\n\n"])
+
+
+async def _finish_stream(resp: web.StreamResponse, events: list[bytes]) -> web.StreamResponse:
+    """Write the last events; a client already gone (the request is over) is no error."""
+    try:
+        for event in events:
+            await resp.write(event)
+        await resp.write_eof()
+    except ConnectionResetError:
+        pass
     return resp
 
 
+def _event(body: dict) -> bytes:
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
 async def _send(resp: web.StreamResponse, body: dict) -> None:
-    await resp.write(b"data: " + json.dumps(body).encode() + b"\n\n")
+    await resp.write(_event(body))
 
 
 async def models(request: web.Request) -> web.Response:
