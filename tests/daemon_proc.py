@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
-import select
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from procs import spawn_until_ready
 
 from store.chunk import Chunk, make_chunk
 from store.keys import sha256_cbor
@@ -54,27 +52,9 @@ def start_daemon(*args: str, port: int = 0, timeout: float = 60) -> DaemonProc:
     """``kvstore serve --port PORT --metrics-port 0 ARGS``, once it prints its ready line."""
     argv = [sys.executable, "-m", "store.cli", "serve", "--port", str(port),
             "--metrics-port", "0", "--drain-timeout", "5", *args]  # fmt: skip
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
-    deadline = time.monotonic() + timeout
-    seen = []
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
-        if ready:
-            line = proc.stdout.readline()  # type: ignore[union-attr]
-            if not line and proc.poll() is not None:
-                break
-            seen.append(line)
-            m = READY.search(line)
-            if m:
-                metrics = None if m.group(4) == "-" else int(m.group(4))
-                return DaemonProc(proc, int(m.group(2)), metrics, list(args))
-        elif proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError(f"kvstore serve did not start: {''.join(seen)[-2000:]}")
+    proc, m = spawn_until_ready(argv, READY, "kvstore serve", timeout)
+    metrics = None if m.group(4) == "-" else int(m.group(4))
+    return DaemonProc(proc, int(m.group(2)), metrics, list(args))
 
 
 def key(i: int, tag: str = "") -> str:

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import select
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from typing import Any
+
+from procs import spawn_until_ready
 
 READY = re.compile(r"engine serve: http://(\S+):(\d+)")
 
@@ -79,25 +78,9 @@ class EngineProc:
 def start_engine(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> EngineProc:
     """``engine serve --port 0 ARGS`` once it prints its ready line."""
     argv = [sys.executable, "-m", "engine.cli", "serve", "--port", "0", *args]
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=full_env)  # fmt: skip
-    deadline, seen = time.monotonic() + timeout, []
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.5)
-        if ready:
-            line = proc.stdout.readline()  # type: ignore[union-attr]
-            if not line and proc.poll() is not None:
-                break
-            seen.append(line)
-            m = READY.search(line)
-            if m:
-                _drain(proc)
-                return EngineProc(proc, int(m.group(2)))
-        elif proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError(f"engine serve did not start: {''.join(seen)[-3000:]}")
+    proc, m = spawn_until_ready(argv, READY, "engine serve", timeout, env)
+    _drain(proc)
+    return EngineProc(proc, int(m.group(2)))
 
 
 def _drain(proc: subprocess.Popen) -> None:
