@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 SPLIT_BYTES = 1 << 20
 """A batch is split across I/O threads into parts of at least this many bytes..."""
 SPLIT_MIN_CHUNK = 256 << 10
-"""...and only if its chunks average at least this size."""
+"""...and, for gets, only if its chunks average at least this size (puts of small chunks
+wait on fsync, not on Python, so they split at any chunk size)."""
 
 
 class Tier(NamedTuple):
@@ -205,7 +206,9 @@ class TieredStore:
         if not chunks:
             return []
         nbytes = sum(c.header.nbytes for c in chunks)
-        ok = self._timed(tier, "put", self._fan_out, tier, nbytes, tier.backend.put, list(chunks))
+        ok = self._timed(
+            tier, "put", self._fan_out, tier, nbytes, 0, tier.backend.put, list(chunks)
+        )
         written = sum(c.header.nbytes for c, good in zip(chunks, ok, strict=True) if good)
         self.metrics.bytes_written.labels(tier.name).inc(written)
         self.metrics.put_failures.labels(tier.name).inc(len(ok) - sum(ok))
@@ -226,7 +229,15 @@ class TieredStore:
             nbytes = sum(_nbytes(o) for o in tier_outs) if tier_outs is not None else 0
             fetch = functools.partial(self._get_verified, tier)
             found = self._timed(
-                tier, "get", self._fan_out, tier, nbytes, fetch, tier_keys, tier_outs
+                tier,
+                "get",
+                self._fan_out,
+                tier,
+                nbytes,
+                SPLIT_MIN_CHUNK,
+                fetch,
+                tier_keys,
+                tier_outs,
             )
             for i, chunk in zip(todo, found, strict=True):
                 results[i] = chunk
@@ -242,7 +253,13 @@ class TieredStore:
         return self._accept(tier, keys, tier.backend.get(keys, outs))
 
     def _fan_out(
-        self, tier: Tier, nbytes: int, fn: Any, items: list[Any], *extra: list[Any] | None
+        self,
+        tier: Tier,
+        nbytes: int,
+        min_chunk: int,
+        fn: Any,
+        items: list[Any],
+        *extra: list[Any] | None,
     ) -> list[Any]:
         """``fn(items, *extra)``, split across the I/O threads when the batch is large.
 
@@ -253,9 +270,10 @@ class TieredStore:
         threads there would mostly contend for the GIL.
         """
         parts = min(len(items), self.config.io_threads, nbytes // SPLIT_BYTES)
-        small = nbytes < len(items) * SPLIT_MIN_CHUNK
+        small = nbytes < len(items) * min_chunk
         if self._io is None or not tier.backend.parallel_io or parts < 2 or small:
-            # Small chunks cost Python time, not I/O: threads would only fight for the GIL.
+            # Reading small chunks costs Python time, not I/O: threads would only fight
+            # for the GIL (measured: 64 KiB disk gets 0.78x of raw reads unsplit, 0.59x split).
             return fn(items, *extra)
         bounds = [len(items) * i // parts for i in range(parts + 1)]
         futures = [
