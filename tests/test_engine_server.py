@@ -82,9 +82,9 @@ def test_chat_streamed_and_not_agree_and_use_the_plain_template(client):
 def test_stop_string_is_cut_in_streams_too(client):
     base = client.completions.create(model="tiny", prompt="stop test", max_tokens=12, temperature=0)
     text = base.choices[0].text
-    stop = text[4:6]
-    if not stop.strip() or "\ufffd" in stop:
-        pytest.skip("the tiny model's text has no usable stop string here")
+    windows = (text[i : i + 2] for i in range(2, len(text) - 1))
+    stop = next((w for w in windows if w.strip() and "\ufffd" not in w), None)
+    assert stop is not None, f"no usable stop string in the tiny model's text {text!r}"
     full = client.completions.create(model="tiny", prompt="stop test", max_tokens=12, temperature=0,
                                      stop=[stop])  # fmt: skip
     streamed = "".join(c.choices[0].text for c in client.completions.create(
