@@ -86,10 +86,15 @@ def _decode_group(
     for s in members:
         toks.add(s)
     width = cdiv(members[-1].start + 1, bs)
-    tables = torch.tensor([(s.block_ids[:width] + [0] * width)[:width] for s in members])
+    tables = _block_tables(members, width)
     q_pos = torch.tensor([s.start for s in members])
     mask = allowed_keys(q_pos, width * bs, window, CPU)[:, None, None, :]
     return DecodeGroup(first, len(toks.ids), tables.to(device), mask.to(device))
+
+
+def _block_tables(members: list[ScheduledRequest], width: int) -> torch.Tensor:
+    """``[len(members), width]`` block ids, each row padded with block 0."""
+    return torch.tensor([(s.block_ids[:width] + [0] * width)[:width] for s in members])
 
 
 def _kernel_group(
@@ -103,8 +108,7 @@ def _kernel_group(
     first = len(toks.ids)
     for s in members:
         toks.add(s)
-    width = max(cdiv(s.start + 1, bs) for s in members)
-    tables = torch.tensor([(s.block_ids[:width] + [0] * width)[:width] for s in members])
+    tables = _block_tables(members, max(cdiv(s.start + 1, bs) for s in members))
     positions = torch.tensor([s.start for s in members])
     return DecodeGroup(first, len(toks.ids), tables.to(device), positions=positions.to(device),
                        window=window or 0, kernel=kernel)  # fmt: skip
