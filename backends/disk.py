@@ -10,10 +10,12 @@
 * The index (key -> file size) is rebuilt from the directory on start: a restarted
   process keeps its disk hits. Truncated or unreadable files are dropped there, and on
   read (reported as ``Corrupt``).
-* A get into host memory is ``open``, one ``preadv`` (header page and payload, straight
-  into the caller's buffer) and ``close`` per chunk, and the payload's xxh3 is checked
-  as it lands (a ``CheckedChunk``: the store does not hash it again). A mismatch, like
-  a truncated file, is ``Corrupt`` and the file is dropped.
+* A get into host memory is one ``preadv`` per chunk (header page and payload, straight
+  into the caller's buffer; the payload alone once the header is known), and the
+  payload's xxh3 is checked as it lands (a ``CheckedChunk``: the store does not hash it
+  again). A mismatch, like a truncated file, is ``Corrupt`` and the file is dropped.
+  Descriptors of recently read files stay open (``open_files``, backends/openfiles.py
+  says why that is safe): a hot chunk costs no ``open``/``close``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,14 @@ from typing import Any
 import numpy as np
 
 from backends.base import Backend, Corrupt, GetResult, Usage
-from backends.diskio import read_chunk_file, read_chunk_into, scan_chunk_files, write_chunk_file
+from backends.diskio import (
+    RDONLY,
+    read_chunk_at,
+    read_chunk_file,
+    scan_chunk_files,
+    write_chunk_file,
+)
+from backends.openfiles import OpenFiles
 from backends.pins import PinCounts
 from backends.pool import flat_bytes, host_array
 from store.chunk import HEADER_READ_SIZE, Chunk, ChunkError, HeaderCache, on_device
@@ -53,6 +62,7 @@ class DiskBackend(Backend):
         policy: str = "s3fifo",
         fsync: bool = True,
         o_direct: bool = False,
+        open_files: int = 1024,
     ) -> None:
         self.root = os.path.abspath(path)
         self.capacity = capacity
@@ -64,6 +74,7 @@ class DiskBackend(Backend):
         self._writing: set[str] = set()
         self._pins = PinCounts()
         self._headers = HeaderCache()
+        self._open = OpenFiles(open_files)  # read descriptors kept between gets
         # ``_read``'s host-buffer fast path stands in for this class's ``_read_file`` only.
         self._fast = not o_direct and type(self)._read_file is DiskBackend._read_file
         self._used = 0
@@ -157,6 +168,7 @@ class DiskBackend(Backend):
         self._used -= size
         self.policy.remove(key)
         self._headers.forget(key)
+        self._open.forget(key)
         _unlink_quietly(self.path_of(key))
 
     # -- get ------------------------------------------------------------------------
@@ -168,18 +180,40 @@ class DiskBackend(Backend):
                 if here:
                     self.policy.touch(key)
         head = bytearray(HEADER_READ_SIZE)  # one scratch header page for the batch
-        return [
-            self._read(key, out, head) if here else None
-            for key, out, here in zip(keys, outs, present, strict=True)
-        ]
+        if not self._fast:
+            return [
+                self._read(key, out, head, None, []) if here else None
+                for key, out, here in zip(keys, outs, present, strict=True)
+            ]
+        held = self._open.borrow([k for k, here in zip(keys, present, strict=True) if here])
+        opened: list[tuple[str, int]] = []  # descriptors this batch opened: kept or closed
+        fds = iter(held)
+        try:
+            return [
+                self._read(key, out, head, next(fds), opened) if here else None
+                for key, out, here in zip(keys, outs, present, strict=True)
+            ]
+        finally:
+            self._open.release(held, opened)
 
-    def _read(self, key: str, out: Any, head: bytearray) -> GetResult:
+    def _read(self, key: str, out: Any, head: bytearray, fd: int | None, opened: list) -> GetResult:
+        """Read ``key`` through its open descriptor ``fd``, or open its file (appending
+        the new descriptor to ``opened`` once a read through it succeeded)."""
         path = f"{self.root}/{key[:2]}/{key}{SUFFIX}"  # path_of, inlined: this runs per chunk
         try:
             dst = _host_bytes(out) if self._fast else None
             if dst is None:
                 return self._read_file(path, out)
-            return read_chunk_into(path, key, dst, self._headers, head)
+            if fd is not None:
+                return read_chunk_at(fd, key, dst, self._headers, head)
+            fd = os.open(path, RDONLY)
+            try:
+                chunk = read_chunk_at(fd, key, dst, self._headers, head)
+            except BaseException:
+                os.close(fd)
+                raise
+            opened.append((key, fd))
+            return chunk
         except FileNotFoundError:  # evicted or deleted between index check and open
             with self._lock:
                 self._drop(key)
@@ -201,7 +235,7 @@ class DiskBackend(Backend):
         """The chunk in ``path``, payload into ``out`` if given. The GDS tier overrides this.
 
         The general path (O_DIRECT, device or no buffer): the store checks the checksum.
-        Host buffers take ``read_chunk_into`` in ``_read``, which checks it as bytes land."""
+        Host buffers take ``read_chunk_at`` in ``_read``, which checks it as bytes land."""
         buf = flat_bytes(out) if out is not None else None
         return read_chunk_file(path, buf, o_direct=self.o_direct)
 
@@ -233,7 +267,8 @@ class DiskBackend(Backend):
             return Usage(len(self._sizes), self._used, self.capacity)
 
     def close(self) -> None:
-        """Nothing to release: files stay for the next start."""
+        """Close the kept read descriptors; the files stay for the next start."""
+        self._open.close()
 
     def check_integrity(self) -> None:
         """Raise unless the byte count matches the index and every indexed file exists."""

@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 import numpy as np
+from xxhash import xxh3_64_intdigest as xxh3
 
 from backends.pool import host_array
 from store.chunk import (
@@ -33,7 +34,8 @@ from store.chunk import (
 log = logging.getLogger(__name__)
 _ALIGN = 4096
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
-_RDONLY = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+RDONLY = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+_new = tuple.__new__  # a NamedTuple without its Python-level __new__ (hot path)
 _direct_unsupported: set[str] = set()  # directories whose filesystem rejected O_DIRECT
 
 
@@ -94,34 +96,36 @@ def write_chunk_file(path: str, chunk: Chunk, *, fsync: bool = True, o_direct: b
     return size
 
 
-def read_chunk_into(
-    path: str, key: str, dst: np.ndarray, headers: HeaderCache, head: bytearray
+def read_chunk_at(
+    fd: int, key: str, dst: np.ndarray, headers: HeaderCache, head: bytearray
 ) -> CheckedChunk:
-    """Read the chunk of ``key`` in ``path`` into ``dst`` (a flat uint8 host array), checked.
+    """Read the chunk of ``key`` in open file ``fd`` into ``dst`` (a flat uint8 host
+    array), checked.
 
-    The fast path of a disk get: one ``open``, one ``preadv``, one ``close``; no
-    ``fstat`` (a short read is a truncated file); the xxh3 taken at once, while the
-    payload is still in the CPU caches. The ``preadv`` reads the payload alone when
-    ``headers`` knows the key's header (written or read by this process), else the
-    header page too (into ``head``, a ``HEADER_READ_SIZE`` scratch buffer).
-    Raises FileNotFoundError if absent, ChunkError if truncated, foreign or corrupt.
+    The fast path of a disk get: one ``preadv``; no ``fstat`` (a short read is a
+    truncated file); the xxh3 taken at once, while the payload is still in the CPU
+    caches. The ``preadv`` reads the payload alone when ``headers`` knows the key's
+    header (written or read by this process), else the header page too (into ``head``,
+    a ``HEADER_READ_SIZE`` scratch buffer).
+    Raises ChunkError if truncated, foreign or corrupt.
     """
     known = headers.known(key)
-    fd = os.open(path, _RDONLY)
-    try:
-        if known is not None and known[0].nbytes <= dst.nbytes:
-            header, offset = known
-            size = header.nbytes
-            n = offset + os.preadv(fd, [dst if size == dst.nbytes else dst[:size]], offset)
-        else:
-            n = os.preadv(fd, [head, dst], 0)
-            header, offset = headers.decode(key, head if n >= HEADER_READ_SIZE else head[:n])
-            size = header.nbytes
-            if offset != HEADER_READ_SIZE and size <= dst.nbytes:
-                # Written with another alignment: the payload starts elsewhere.
-                n = offset + os.preadv(fd, [dst[:size]], offset)
-    finally:
-        os.close(fd)
+    if known is not None and known[0].nbytes == dst.nbytes:  # the common case, inlined
+        header, offset = known
+        n = os.preadv(fd, [dst], offset)
+        if n == header.nbytes and xxh3(dst) == header.checksum:
+            return _new(CheckedChunk, (header, dst))
+        n += offset
+    elif known is not None and known[0].nbytes < dst.nbytes:
+        header, offset = known
+        n = offset + os.preadv(fd, [dst[: header.nbytes]], offset)
+    else:
+        n = os.preadv(fd, [head, dst], 0)
+        header, offset = headers.decode(key, head if n >= HEADER_READ_SIZE else head[:n])
+        if offset != HEADER_READ_SIZE and header.nbytes <= dst.nbytes:
+            # Written with another alignment: the payload starts elsewhere.
+            n = offset + os.preadv(fd, [dst[: header.nbytes]], offset)
+    size = header.nbytes
     if n < offset + size:
         if size > dst.nbytes:
             raise ValueError(f"buffer of {dst.nbytes} bytes is too small for a {size}-byte chunk")

@@ -42,9 +42,11 @@ class GDSBackend(DiskBackend):
         policy: str = "s3fifo",
         fsync: bool = True,
         o_direct: bool = False,
+        open_files: int = 1024,
     ) -> None:
         self._kv = _kvikio()
-        super().__init__(path, capacity, policy=policy, fsync=fsync, o_direct=False)
+        super().__init__(path, capacity, policy=policy, fsync=fsync, o_direct=False,
+                         open_files=open_files)  # fmt: skip
 
     def _write_file(self, path: str, chunk: Chunk) -> int:
         prefix = encode_prefix(chunk.header, align=HEADER_READ_SIZE)

@@ -17,8 +17,9 @@ def build_backend(name: str, config: StoreConfig) -> Backend:
         return create_backend(name, capacity=t.size, page_size=t.page_size, policy=t.policy)
     if name in ("disk", "gds"):
         return create_backend(
-            name, path=t.path, capacity=t.size, policy=t.policy, fsync=t.fsync, o_direct=t.o_direct
-        )
+            name, path=t.path, capacity=t.size, policy=t.policy, fsync=t.fsync,
+            o_direct=t.o_direct, open_files=t.open_files,
+        )  # fmt: skip
     if name == "remote":
         return create_backend(
             "remote", url=t.url, token_file=t.token_file, timeout=t.timeout,
@@ -49,6 +50,7 @@ def build_tiers(config: StoreConfig) -> dict[str, Backend]:
             log.warning("%s; the disk backend serves tier 'gds' at %s", exc, config.gds.path)
             g = config.gds
             tiers[name] = create_backend(
-                "disk", path=g.path, capacity=g.size, policy=g.policy, fsync=g.fsync
-            )
+                "disk", path=g.path, capacity=g.size, policy=g.policy, fsync=g.fsync,
+                open_files=g.open_files,
+            )  # fmt: skip
     return tiers

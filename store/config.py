@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 TIERS = ("gpu", "cpu", "disk", "gds", "redis", "remote")
-REMOTE_TRANSPORTS = ("auto", "shm", "stream", "grpc")
+REMOTE_TRANSPORTS = ("auto", "shm", "stream", "grpc", "ucx")
 WRITE_POLICIES = ("write_through", "write_back")
 EVICTION_POLICIES = ("s3fifo", "lru")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -95,10 +95,13 @@ class DiskConfig(TierConfig):
     policy: str = "s3fifo"
     fsync: bool = True
     o_direct: bool = False
+    open_files: int = 1024  # read descriptors kept open between gets (0: none)
 
     def validate(self, name: str) -> None:
         TierConfig.validate(self, name)
         _check_choice(f"{name}.policy", self.policy, EVICTION_POLICIES)
+        if not isinstance(self.open_files, int) or self.open_files < 0:
+            raise ConfigError(f"{name}.open_files: must be a whole number >= 0")
         if not self.path:
             raise ConfigError(f"{name}.path: must name a directory")
 
@@ -135,7 +138,7 @@ class RemoteConfig(TierConfig):
 
     url: str = "kvstore://127.0.0.1:50051"
     token_file: str | None = None  # file holding the daemon's bearer token
-    transport: str = "auto"  # bulk data: auto (shm on the same host, else stream), shm, stream, grpc
+    transport: str = "auto"  # auto (shm on the same host, else stream), shm, stream, grpc, ucx
     timeout: float = 5.0
     connect_timeout: float = 1.0
     retry_after: float = 1.0  # first back-off after an error; doubles up to 30 s
