@@ -6,6 +6,8 @@ for bulk data.
 * ``shm``: payloads cross through a shared-memory region (same host only);
 * ``stream``: payloads on the daemon's stream port, straight into the caller's buffers;
 * ``grpc``: payloads inline in gRPC messages (slowest; what other languages would use);
+* ``ucx``: the stream's frames and payloads over UCX (RDMA, NVLink, ...; needs ucxx and a
+  daemon started with ``--ucx``; store/ucx_transport.py);
 * ``auto`` (default): ``shm`` when the daemon can map this client's region, else ``stream``.
 
 Every blocking step has a deadline (``timeout``). Errors surface as ``RemoteError``
@@ -31,7 +33,7 @@ from store.proto import kvstore_pb2_grpc as pb_grpc
 from store.shm import Region
 from store.stream import RemoteError, check_reply, recv_buffers, recv_frame, send_frame, tune
 
-TRANSPORTS = ("auto", "shm", "stream", "grpc")
+TRANSPORTS = ("auto", "shm", "stream", "grpc", "ucx")
 DEFAULT_PORT = 50051
 WINDOW_START = 64  # payloads in a region start past the nonce, cache-line aligned
 MAX_REGION_BYTES = 1 << 30
@@ -67,9 +69,10 @@ def parse_url(url: str) -> Address:
 class _Conn:
     """One stream connection, optionally with a shared-memory region attached."""
 
-    def __init__(self, sock: socket.socket, region: Region | None) -> None:
-        self.sock = sock
+    def __init__(self, sock: Any, region: Region | None, ucx: bool = False) -> None:
+        self.sock = sock  # a socket, or a UcxSocket (store/ucx_transport.py)
         self.region = region
+        self.ucx = ucx
 
     def close(self) -> None:
         self.sock.close()
@@ -92,6 +95,10 @@ class KVStoreClient:
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport {transport!r} is not one of {', '.join(TRANSPORTS)}")
+        if transport == "ucx":
+            from store.ucx_transport import load
+
+            load()  # not installed: say so now, not as a miss per request
         self.address = parse_url(url)
         self.url = url
         self.token = token
@@ -341,7 +348,11 @@ class KVStoreClient:
     def _take(self, transport: str) -> _Conn:
         with self._lock:
             for i, conn in enumerate(self._idle):
-                if transport == "stream" or (conn.region is not None) == bool(self._shm_ok):
+                if conn.ucx != (transport == "ucx"):
+                    continue
+                if transport in ("stream", "ucx") or (conn.region is not None) == bool(
+                    self._shm_ok
+                ):
                     return self._idle.pop(i)
         return self._connect(transport)
 
@@ -356,6 +367,10 @@ class KVStoreClient:
             sock.settimeout(self.timeout)
             send_frame(sock, {"op": "hello", "token": self.token, "client": self._name})
             self._limits = check_reply(recv_frame(sock))
+            if transport == "ucx":
+                from store.ucx_transport import client_upgrade
+
+                return _Conn(client_upgrade(sock, self.timeout, self.connect_timeout), None, True)
             region = None
             if transport != "stream" and self._shm_ok is not False:
                 region = self._attach(sock, self.region_bytes)

@@ -18,6 +18,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
     p.add_argument("--stream-port", type=int, default=0, help="bulk-data port (0: any free port)")
     p.add_argument(
+        "--ucx",
+        action="store_true",
+        help="also move bulk data over UCX for clients that ask (transport ucx; needs ucxx)",
+    )
+    p.add_argument(
         "--metrics-port", default="9400", help="Prometheus /metrics port; 'off' for none"
     )
     p.add_argument("--cpu-size", help="CPU tier size, e.g. 8GiB")
@@ -84,11 +89,18 @@ def serve_options(args: argparse.Namespace) -> Any:
         raise ConfigError(f"--auth-token-file: {exc.strerror}: {args.auth_token_file}") from None
     except ValueError as exc:
         raise ConfigError(f"--auth-token-file: {exc}") from None
+    if args.ucx:
+        from store.ucx_transport import UcxUnavailable, context
+
+        try:
+            context()
+        except UcxUnavailable as exc:
+            raise ConfigError(f"--ucx: {exc}") from None
     try:
         limits = Limits(args.max_batch, parse_size(args.max_chunk_size, "--max-chunk-size"),
                         parse_size(args.max_request_size, "--max-request-size"))  # fmt: skip
         return ServeOptions(args.host, args.port, args.stream_port, metrics_port, token, limits,
-                            args.drain_timeout)  # fmt: skip
+                            args.drain_timeout, args.ucx)  # fmt: skip
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -37,6 +37,7 @@ class ServeOptions:
     token: str | None = None
     limits: Limits = Limits()
     drain_timeout: float = 30.0
+    ucx: bool = False  # stream connections may move onto UCX (store/ucx_transport.py)
 
     def __post_init__(self) -> None:
         for name in ("port", "stream_port"):
@@ -56,7 +57,7 @@ class Daemon:
         self.store = TieredStore(config)
         self.activity = Activity(self.store.metrics.registry)
         self.service = StoreService(self.store, options.limits)
-        self.streams = StreamServer(self.service, self.activity, options.token)
+        self.streams = StreamServer(self.service, self.activity, options.token, ucx=options.ucx)
         self.stream_port = self.streams.start(options.host, options.stream_port)
         max_message = options.limits.max_chunk_bytes + (1 << 20)
         servicer = KVStoreServicer(self.service, self.activity, self.stream_port)
@@ -95,7 +96,8 @@ def run(config: StoreConfig, options: ServeOptions) -> int:
         signal.signal(sig, lambda *_: stop.set())
     print(
         f"kvstore serve: grpc {options.host}:{daemon.port} stream {daemon.stream_port} "
-        f"metrics {daemon.metrics_port or '-'} tiers {','.join(config.tiers)}",
+        f"metrics {daemon.metrics_port or '-'} tiers {','.join(config.tiers)}"
+        + (" ucx" if options.ucx else ""),
         flush=True,
     )
     while not stop.wait(3600):

@@ -3,6 +3,7 @@
 One thread per connection (a client keeps one connection per concurrent caller). The
 first frame must be ``hello`` (with the bearer token when one is configured). Then:
 
+* ``ucx`` (with ``--ucx``) moves the connection onto UCX: store/ucx_transport.py.
 * ``attach`` maps the client's shared-memory region (store/shm.py) after checking the
   nonce at its start: proof that client and daemon share a host.
 * ``get`` answers in parts: a frame listing hits (index, header[, offset]), then, on the
@@ -46,6 +47,10 @@ PUT_GROUP_BYTES = 4 << 20
 by the connection's helper thread while the next group arrives."""
 
 
+HANDSHAKE_TIMEOUT = 10.0
+"""Seconds the daemon gives a client to connect its end of a UCX connection."""
+
+
 class _OutOfStep(Exception):
     """Payload bytes of a refused request were not read: answer, then drop the connection."""
 
@@ -59,11 +64,14 @@ class StreamServer:
         activity: Activity,
         token: str | None,
         max_region_bytes: int = 1 << 34,
+        ucx: bool = False,
     ) -> None:
         self.service = service
         self.activity = activity
         self.token = token
         self.max_region_bytes = max_region_bytes
+        self.ucx = ucx  # serve {"op": "ucx"}: connections move onto UCX (store/ucx_transport.py)
+        self.ucx_timeout: float | None = None  # idle UCX connections wait without a deadline
         self._listener: socket.socket | None = None
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -101,7 +109,7 @@ class StreamServer:
         session = _Session(self, conn, peer)
         try:
             while self._listener is not None:
-                if not session.handle(recv_frame(conn)):
+                if not session.handle(recv_frame(session.conn)):  # the socket, or UCX
                     break
         except (StreamClosed, OSError):
             pass
@@ -120,7 +128,8 @@ class _Session:
         self.server = server
         self.service = server.service
         self.activity = server.activity
-        self.conn = conn
+        self.conn: Any = conn  # the socket, or a UcxSocket once moved onto UCX
+        self.wire = "stream"  # the metrics label of non-region requests: stream or ucx
         self.client = peer
         self.authenticated = server.token is None
         self.region: Region | None = None
@@ -146,6 +155,8 @@ class _Session:
                 return self._error(
                     "UNAUTHENTICATED", "send hello with the bearer token first", False
                 )
+            if op == "ucx":
+                return self._ucx(meta)
             handler = {"attach": self._attach, "get": self._get, "put": self._put}.get(op)
             if handler is None:
                 return self._error("UNIMPLEMENTED", f"unknown op {str(op)[:40]!r}", True)
@@ -160,7 +171,7 @@ class _Session:
             return self._error("UNAVAILABLE", str(exc), meta.get("op") != "put", op)
 
     def _transport(self, meta: dict[str, Any]) -> str:
-        return "shm" if meta.get("region") else "stream"
+        return "shm" if meta.get("region") else self.wire
 
     def _error(self, code: str, message: str, keep: bool, op: Any = None) -> bool:
         self.activity.errors.labels(str(op).capitalize()[:16], code).inc()
@@ -183,6 +194,35 @@ class _Session:
                                "max_batch": limits.max_batch,
                                "max_chunk_bytes": limits.max_chunk_bytes,
                                "max_request_bytes": limits.max_request_bytes})  # fmt: skip
+        return True
+
+    def _ucx(self, meta: dict[str, Any]) -> bool:
+        """Move this connection onto UCX (store/ucx_transport.py has the handshake)."""
+        if not self.server.ucx:
+            return self._error(
+                "FAILED_PRECONDITION",
+                "this daemon serves no UCX (start it with --ucx)",
+                True,
+                "ucx",
+            )
+        if self.wire == "ucx":
+            return self._error("FAILED_PRECONDITION", "already on UCX", True, "ucx")
+        from store.ucx_transport import daemon_accept
+
+        try:
+            ucx, address = daemon_accept(
+                meta, HANDSHAKE_TIMEOUT, lambda: self.server._listener is not None
+            )
+        except ValueError as exc:
+            return self._error("INVALID_ARGUMENT", str(exc), True, "ucx")
+        try:
+            send_frame(self.conn, {"ok": True, "address": address})
+        except BaseException:
+            ucx.close()
+            raise
+        ucx.bootstrap, self.conn, self.wire = self.conn, ucx, "ucx"
+        send_frame(self.conn, {"ok": True, "ucx": True})
+        ucx.settimeout(self.server.ucx_timeout)
         return True
 
     def _attach(self, meta: dict[str, Any]) -> None:
@@ -237,7 +277,7 @@ class _Session:
         finally:
             if pending is not None:  # the send failed: let the fetch finish with the buffer
                 pending.exception()
-        self.activity.bytes.labels("out", "stream").inc(sent)
+        self.activity.bytes.labels("out", self.wire).inc(sent)
         send_frame(self.conn, {"ok": True, "done": len(keys)})
 
     def _fetch(self, keys: list[str], span: tuple[int, int], fp: Any, slot: int) -> list[Any]:
@@ -299,7 +339,7 @@ class _Session:
             stored = self.service.put([Chunk(h, p) for h, p in zip(headers, payloads, strict=True)])
         else:
             stored = self._receive_and_store(headers, sizes)
-        self.activity.bytes.labels("in", "shm" if region else "stream").inc(sum(sizes))
+        self.activity.bytes.labels("in", "shm" if region else self.wire).inc(sum(sizes))
         send_frame(self.conn, {"ok": True, "stored": stored})
 
     def _receive_and_store(self, headers: list[Any], sizes: list[int]) -> list[bool]:
@@ -367,6 +407,9 @@ class _Session:
         return out
 
     def close(self) -> None:
+        if self.wire == "ucx":
+            self.conn.bootstrap = None  # the socket is _serve's to close
+            self.conn.close()
         if self._io is not None:
             self._io.shutdown(wait=True)
             self._io = None
