@@ -11,6 +11,7 @@ from engine import paged_kernel
 from engine.batch import build_batch
 from engine.config import EngineConfig
 from engine.errors import ModelLoadError
+from engine.host_memory import zeros_on_huge_pages
 from engine.kv_manager import cdiv
 from engine.loader import ModelSource
 from engine.models.llama import LayerHook, LlamaForCausalLM
@@ -43,10 +44,7 @@ class ModelRunner:
         self.num_blocks = self._num_blocks()
         kv_shape = (self.num_blocks, 2, self.block_size, mc.num_kv_heads, mc.head_dim)
         # zeros, not empty: masked-out slots are multiplied by 0 and must not hold NaN
-        self.kv_caches = [
-            torch.zeros(kv_shape, dtype=self.dtype, device=self.device)
-            for _ in range(mc.num_layers)
-        ]
+        self.kv_caches = [self._zeros(kv_shape) for _ in range(mc.num_layers)]
         limit = config.max_model_len or mc.max_position_embeddings
         self.max_model_len = min(
             limit, mc.max_position_embeddings, self.num_blocks * self.block_size
@@ -55,6 +53,11 @@ class ModelRunner:
         self.before_layer: LayerHook | None = None
         self.after_layer: LayerHook | None = None
         self.connector: KVConnectorBase | None = None
+
+    def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.device.type == "cpu":  # streamed by decode attention: huge pages help
+            return zeros_on_huge_pages(shape, self.dtype)
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     def attach_connector(self, connector: KVConnectorBase) -> None:
         """Route every step's KV through ``connector``: its loads land before each layer's

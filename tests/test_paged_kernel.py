@@ -25,19 +25,21 @@ def kernel():
     return k
 
 
-def paged_case(lens: list[int], heads: int, kv_heads: int, dtype: torch.dtype, seed: int = 0):
+def paged_case(
+    lens: list[int], heads: int, kv_heads: int, dtype: torch.dtype, seed: int = 0, dim: int = 64
+):
     """A shuffled paged cache holding sequences of ``lens`` tokens, their tables and queries."""
     torch.manual_seed(seed)
     widths = [-(-n // BS) for n in lens]
     num_blocks = sum(widths) + 3
-    kv = torch.randn(num_blocks, 2, BS, kv_heads, 64).to(dtype)
+    kv = torch.randn(num_blocks, 2, BS, kv_heads, dim).to(dtype)
     free = torch.randperm(num_blocks).tolist()
     width = max(widths)
     tables = []
     for w in widths:
         tables.append(free[:w] + [0] * (width - w))
         free = free[w:]
-    q = torch.randn(len(lens), heads, 64).to(dtype)
+    q = torch.randn(len(lens), heads, dim).to(dtype)
     return q, kv, torch.tensor(tables), torch.tensor([n - 1 for n in lens])
 
 
@@ -55,21 +57,23 @@ def sdpa_reference(q, kv, tables, positions, window):
 
 
 @pytest.mark.parametrize(
-    ("heads", "kv_heads", "window", "dtype", "tol"),
+    ("heads", "kv_heads", "window", "dtype", "tol", "dim"),
     [
-        (12, 4, None, torch.float32, 1e-5),
-        (8, 8, None, torch.float32, 1e-5),  # no GQA
-        (8, 1, None, torch.float32, 1e-5),  # multi-query
-        (12, 4, 40, torch.float32, 1e-5),  # sliding window
-        (12, 4, None, torch.bfloat16, 2e-2),
+        (12, 4, None, torch.float32, 1e-5, 64),
+        (8, 8, None, torch.float32, 1e-5, 64),  # no GQA
+        (8, 1, None, torch.float32, 1e-5, 64),  # multi-query
+        (12, 4, 40, torch.float32, 1e-5, 64),  # sliding window: a first block begun midway
+        (12, 4, None, torch.bfloat16, 2e-2, 64),
+        (8, 2, None, torch.float32, 1e-5, 128),  # the other vectorised head size
+        (6, 2, 23, torch.float32, 1e-5, 80),  # a head size only the generic loop takes
     ],
 )
-def test_kernel_matches_gather_and_sdpa(kernel, heads, kv_heads, window, dtype, tol):
+def test_kernel_matches_gather_and_sdpa(kernel, heads, kv_heads, window, dtype, tol, dim):
     rng = random.Random(heads * 100 + kv_heads)
-    lens = [1, 2, 15, 16, 17, 33] + [rng.randrange(1, 700) for _ in range(20)]
-    q, kv, tables, positions = paged_case(lens, heads, kv_heads, dtype)
+    lens = [1, 2, 15, 16, 17, 31, 32, 33, 48] + [rng.randrange(1, 700) for _ in range(20)]
+    q, kv, tables, positions = paged_case(lens, heads, kv_heads, dtype, dim=dim)
     out = torch.full_like(q, float("nan"))
-    kernel.paged_decode(q, out, kv, tables, positions, window or 0, 64**-0.5)
+    kernel.paged_decode(q, out, kv, tables, positions, window or 0, dim**-0.5)
     ref = sdpa_reference(q, kv, tables, positions, window)
     assert not out.isnan().any()
     torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)

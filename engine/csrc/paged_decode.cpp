@@ -18,7 +18,12 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -99,6 +104,125 @@ void decode_one(const T* q, T* out, const T* kv, const int64_t* table, int64_t f
   }
 }
 
+#if defined(__AVX512F__)
+// float32 with head_dim = 16 * V (64, 128): the same computation, vectorised by hand.
+// Half of the generic loop's time was compute, not memory: a 64-wide dot product per
+// (token, head) ends in a horizontal sum. Here 16 tokens' dot products for one head are
+// summed together by a transpose-and-add (45 instructions instead of 16 reductions), and
+// a head's query (scores) or accumulator (values) stays in registers across a block's
+// tokens. Keys and values are still read once from memory, in block order.
+
+// Lane i of the result is the sum of the 16 lanes of a[i].
+inline __m512 sum16(const __m512* a) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i) {
+    const __m512 x = a[2 * i], y = a[2 * i + 1];
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  // c[i]: in each 128-bit lane, partial sums of tokens 4i..4i+3 (the lane's 4 floats).
+  for (int i = 0; i < 2; ++i) {
+    const __m512 x = _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0));
+    const __m512 y = _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1));
+    d[i] = _mm512_add_ps(x, y);
+  }
+  const __m512 x = _mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0));
+  const __m512 y = _mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1));
+  return _mm512_add_ps(x, y);
+}
+
+template <int V>
+void decode_one_f32(const float* q, float* out, const float* kv, const int64_t* table,
+                    int64_t first, int64_t last, int64_t block_size, int64_t kvh, int64_t g,
+                    float scale, std::vector<float>& scores, std::vector<float>& acc) {
+  constexpr int64_t d = 16 * V;
+  const int64_t n = last - first + 1, h = kvh * g, row = kvh * d;
+  const int64_t block_stride = 2 * block_size * row;
+  scores.resize(static_cast<size_t>(h * n));
+  // Scores, block by block: [h][n].
+  for (int64_t t = first; t <= last;) {
+    const int64_t off = t % block_size, cnt = std::min(block_size - off, last - t + 1);
+    const float* kb = kv + table[t / block_size] * block_stride + off * row;
+    if (t + cnt <= last) {
+      const char* nx = reinterpret_cast<const char*>(kv + table[(t + cnt) / block_size] * block_stride);
+      for (int64_t l = 0; l < block_size * row * 4; l += 64) _mm_prefetch(nx + l, _MM_HINT_T0);
+    }
+    for (int64_t j = 0; j < h; ++j) {
+      const float* kh = kb + (j / g) * d;
+      __m512 qv[V];
+      for (int v = 0; v < V; ++v)
+        qv[v] = _mm512_mul_ps(_mm512_loadu_ps(q + j * d + 16 * v), _mm512_set1_ps(scale));
+      float* sj = scores.data() + j * n + (t - first);
+      int64_t r = 0;
+      for (; r + 16 <= cnt; r += 16) {
+        __m512 a[16];
+        for (int u = 0; u < 16; ++u) {
+          const float* k = kh + (r + u) * row;
+          __m512 s = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+          for (int v = 1; v < V; ++v) s = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(k + 16 * v), s);
+          a[u] = s;
+        }
+        _mm512_storeu_ps(sj + r, sum16(a));
+      }
+      for (; r < cnt; ++r) {
+        const float* k = kh + r * row;
+        __m512 s = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+        for (int v = 1; v < V; ++v) s = _mm512_fmadd_ps(qv[v], _mm512_loadu_ps(k + 16 * v), s);
+        sj[r] = _mm512_reduce_add_ps(s);
+      }
+    }
+    t += cnt;
+  }
+  // Softmax per head (unnormalised; 1 / sum applied at the end).
+  std::vector<float> inv(static_cast<size_t>(h));
+  for (int64_t j = 0; j < h; ++j) {
+    float* sj = scores.data() + j * n;
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, sj[i]);
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t i = 0; i < n; ++i) {
+      sj[i] = exp_neg(sj[i] - mx);
+      total += sj[i];
+    }
+    inv[j] = 1.0f / total;
+  }
+  // Values, block by block; a head's accumulator stays in registers over a block.
+  acc.assign(static_cast<size_t>(h * d), 0.0f);
+  for (int64_t t = first; t <= last;) {
+    const int64_t off = t % block_size, cnt = std::min(block_size - off, last - t + 1);
+    const float* vb = kv + table[t / block_size] * block_stride + (block_size + off) * row;
+    if (t + cnt <= last) {
+      const char* nx = reinterpret_cast<const char*>(kv + table[(t + cnt) / block_size] * block_stride + block_size * row);
+      for (int64_t l = 0; l < block_size * row * 4; l += 64) _mm_prefetch(nx + l, _MM_HINT_T0);
+    }
+    for (int64_t j = 0; j < h; ++j) {
+      const float* vh = vb + (j / g) * d;
+      const float* pj = scores.data() + j * n + (t - first);
+      __m512 av[V];
+      for (int v = 0; v < V; ++v) av[v] = _mm512_loadu_ps(acc.data() + j * d + 16 * v);
+      for (int64_t r = 0; r < cnt; ++r) {
+        const __m512 p = _mm512_set1_ps(pj[r]);
+        const float* x = vh + r * row;
+        for (int v = 0; v < V; ++v) av[v] = _mm512_fmadd_ps(p, _mm512_loadu_ps(x + 16 * v), av[v]);
+      }
+      for (int v = 0; v < V; ++v) _mm512_storeu_ps(acc.data() + j * d + 16 * v, av[v]);
+    }
+    t += cnt;
+  }
+  for (int64_t j = 0; j < h; ++j) {
+    const __m512 w = _mm512_set1_ps(inv[j]);
+    for (int v = 0; v < V; ++v)
+      _mm512_storeu_ps(out + j * d + 16 * v,
+                       _mm512_mul_ps(_mm512_loadu_ps(acc.data() + j * d + 16 * v), w));
+  }
+}
+#endif
+
 template <typename T>
 void run(const torch::Tensor& q, torch::Tensor& out, const torch::Tensor& kv_cache,
          const torch::Tensor& tables, const torch::Tensor& positions, int64_t window, double scale) {
@@ -121,6 +245,16 @@ void run(const torch::Tensor& q, torch::Tensor& out, const torch::Tensor& kv_cac
       const int64_t s = order[i];
       const int64_t last = pos[s];
       const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float>) {
+        if (d == 64 || d == 128) {
+          (d == 64 ? decode_one_f32<4> : decode_one_f32<8>)(
+              qp + s * h * d, op + s * h * d, kv, tp + s * max_blocks, first, last, block_size,
+              kvh, g, static_cast<float>(scale), scores, acc);
+          continue;
+        }
+      }
+#endif
       decode_one<T>(qp + s * h * d, op + s * h * d, kv, tp + s * max_blocks, first, last,
                     block_size, kvh, d, g, static_cast<float>(scale), scores, acc, qf);
     }
