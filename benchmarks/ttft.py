@@ -19,6 +19,14 @@ Per length:
   limit   the load alone at the tier's measured get bandwidth (``store.bench``, chunks
           of the same size as here) plus one decode step: loaded bytes / GB/s + step.
 
+Connector overhead (``--overhead-pairs``, per tier): the same engine with the connector
+off and on, both loaded, alternating, each pair on fresh prompts (a new seed: nothing
+to hit, every chunk saved). TTFT pairs at ``--overhead-lengths``, and throughput pairs
+of a small batch (``--overhead-batch`` requests, prompts 128-1024 tokens, 32 output
+tokens each). Reported: the median of the per-pair ratios on / off (single long
+prefills on this VM vary by ~10% run to run; pairs taken back to back see the same
+machine).
+
 TTFT is ``RequestMetrics.ttft`` (arrival to first token) of a single request. The
 redis tier needs a server: ``--redis-url``, or a private ``redis-server`` is started
 when the binary is installed (otherwise the tier is skipped with a note).
@@ -51,8 +59,8 @@ MODEL = "bench"
 CHUNK = 256
 
 
-def prompt(length: int) -> list[int]:
-    rng = random.Random(length)
+def prompt(length: int, seed: int | None = None) -> list[int]:
+    rng = random.Random(length if seed is None else f"{length}-{seed}")
     return [rng.randrange(3, PRESETS[MODEL].vocab_size) for _ in range(length)]
 
 
@@ -119,7 +127,6 @@ def run(args: argparse.Namespace) -> dict:
     for n in lengths:
         results["off"][n] = ttft(off, prompt(n))[0]
         print(f"off     {n:>6} tokens  ttft {results['off'][n]:.3f}s", flush=True)
-    del off
     for tier in tiers:
         if tier == "redis" and args.redis_url is None:
             print("redis: no --redis-url and no redis-server binary; skipped")
@@ -144,9 +151,51 @@ def run(args: argparse.Namespace) -> dict:
                        "loaded_tokens": loaded, "load_limit": limit, "get_gbps": gbps}  # fmt: skip
             print(f"{tier:<7} {n:>6} tokens  cold {cold:.3f}s  warm {min(warm):.3f}s  "
                   f"limit {limit:.3f}s  ({loaded} tokens loaded at {gbps:.2f} GB/s)", flush=True)  # fmt: skip
-        llm.close()
         results["tiers"][tier] = rows
+        if args.overhead_pairs:
+            results.setdefault("overhead", {})[tier] = overhead(args, off, llm)
+        llm.close()
     return results
+
+
+def batch_tok_s(llm: LLM, seed: int, count: int) -> float:
+    """Output tokens/s of ``count`` fresh requests (prompts 128-1024, 32 tokens out)."""
+    rng = random.Random(seed)
+    ids = [prompt(rng.randrange(128, 1025), seed * 1000 + i) for i in range(count)]
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    start = time.perf_counter()
+    outs = llm.generate(ids, params)
+    return sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
+
+
+def overhead(args: argparse.Namespace, off: LLM, on: LLM) -> dict:
+    """Connector on (nothing to hit) over off: median per-pair ratios, fresh prompts."""
+    lengths = [int(x) for x in args.overhead_lengths.split(",") if x]
+    out: dict = {"pairs": args.overhead_pairs, "ttft": {}, "throughput": {}}
+    seed = 0
+
+    def pairs(measure) -> list[float]:
+        nonlocal seed
+        ratios = []
+        for i in range(args.overhead_pairs):
+            seed += 1
+            first, second = (off, on) if i % 2 == 0 else (on, off)
+            a, b = measure(first, seed), measure(second, seed + 10_000)
+            on_v, off_v = (b, a) if first is off else (a, b)
+            ratios.append(on_v / off_v)
+            on.engine.connector.flush()
+        return sorted(ratios)
+
+    for n in lengths:
+        r = pairs(lambda llm, sd, n=n: ttft(llm, prompt(n, sd))[0])
+        out["ttft"][n] = {"median": r[len(r) // 2], "ratios": r}
+        print(f"overhead ttft {n:>6} tokens: on/off median {r[len(r) // 2]:.3f} "
+              f"({', '.join(f'{x:.3f}' for x in r)})", flush=True)  # fmt: skip
+    r = pairs(lambda llm, sd: 1.0 / batch_tok_s(llm, sd, args.overhead_batch))
+    out["throughput"] = {"median": 1.0 / r[len(r) // 2], "ratios": [1.0 / x for x in r]}
+    print(f"overhead throughput ({args.overhead_batch} requests): on/off median "
+          f"{out['throughput']['median']:.3f}", flush=True)  # fmt: skip
+    return out
 
 
 def table(res: dict) -> str:
@@ -171,6 +220,9 @@ def main() -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--redis-url", default=None)
     p.add_argument("--disk-path", default=None)
+    p.add_argument("--overhead-pairs", type=int, default=4, help="0: skip the overhead pairs")
+    p.add_argument("--overhead-lengths", default="1024,4096")
+    p.add_argument("--overhead-batch", type=int, default=8)
     p.add_argument("--json", default="bench-results/ttft.json")
     args = p.parse_args()
     proc = None
@@ -185,6 +237,10 @@ def main() -> None:
             proc.terminate()
         tmp.cleanup()
     print(table(res))
+    for tier, o in res.get("overhead", {}).items():
+        cells = ", ".join(f"TTFT {n}: {v['median']:.3f}" for n, v in o["ttft"].items())
+        print(f"connector on / off, nothing to hit, {tier}: {cells}, "
+              f"throughput {o['throughput']['median']:.3f} (median of {o['pairs']} pairs)")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(res, indent=2))
     print(f"wrote {args.json}")

@@ -13,9 +13,12 @@ chunks (chunk = 4 blocks of 16 tokens) and whose prompt is 150 tokens::
 
 Only whole chunks are fetched; a chunk partly covered by the engine's prefix (c0) is
 fetched whole and only its blocks past ``start`` are written into the paged cache. A
-load also stops at the last full block before the prompt's last token (that token
-must compute), so a prompt whose stored prefix reaches its end loads its last chunk in
-part.
+load also stops one token before the prompt's end (that token must compute, and its
+step yields the first output token), so a prompt whose stored prefix reaches its end
+loads its last chunk in part and ends mid-block: the last token then computes alone,
+as a decode step over the loaded KV (a prefill of the rest of that block would attend
+to the whole context once per token). The scatter writes that last block whole; the
+step's own KV for the computed token is written after it.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ class RequestState:
     refs: list[ChunkRef]  # the prompt's full chunks (and generated ones with save_decoded)
     tiers: list[str] = field(default_factory=list)  # tier of each leading stored chunk, at lookup
     saved_upto: int = 0  # tokens [0, saved_upto) are stored or being saved
-    hit_end: int = 0  # where a load from the store would end (block-aligned)
+    hit_end: int = 0  # where a load from the store would end (at most the prompt's end - 1)
     load: LoadSpec | None = None  # planned at admission, handed out by the next meta
     load_start: int = 0  # the load's token range, kept for metrics
     load_end: int = 0

@@ -43,6 +43,7 @@ from connector.events import KVCacheEvent
 from connector.plan import RequestState, TieredConnectorMetadata, plan_load, plan_saves
 from connector.residency import ChunkInfo, ChunkResidency
 from connector.setup import resolve_store_config
+from connector.staging import StagingPool
 from connector.transfer import LoadResult, StepTransfers
 from store.keys import ChunkRef, chunk_refs
 from store.tiered import PutResult, TieredStore
@@ -76,6 +77,7 @@ class TieredConnector(KVConnectorBase):
             self.store.subscribe(self.residency.on_store_event)
         self._kv_caches: list[torch.Tensor] = []
         self._load_stream: torch.cuda.Stream | None = None
+        self._staging: StagingPool | None = None
         self._step: StepTransfers | None = None
         self._failed_blocks: set[int] = set()
         self.last_load_results: list[LoadResult] = []
@@ -112,10 +114,10 @@ class TieredConnector(KVConnectorBase):
         st = self._state(request)
         st.tiers = self.store.locate([r.key for r in st.refs])
         st.saved_upto = max(st.saved_upto, st.stored_end)  # stored chunks need no save
-        # A load must leave one prompt token to compute (its step yields the next token):
-        # it stops at the last full block before the prompt's last token, maybe mid-chunk.
-        bs = self.context.block_size
-        st.hit_end = min(st.stored_end, (request.num_tokens - 1) // bs * bs)
+        # A load must leave one prompt token to compute (its step yields the next token),
+        # and need leave no more: it may end mid-chunk and mid-block. A prompt found whole
+        # then computes its last token alone, as a decode step over the loaded KV.
+        st.hit_end = min(st.stored_end, request.num_tokens - 1)
         if self.context.kv_role == "producer":  # a producer computes every prompt itself
             st.hit_end = 0
             return 0, False
@@ -224,6 +226,10 @@ class TieredConnector(KVConnectorBase):
         device = self._kv_caches[0].device if self._kv_caches else None
         if device is not None and device.type == "cuda":  # loads copy on a side stream
             self._load_stream = torch.cuda.Stream(device)
+        elif device is not None:  # host staging: reused, not allocated per step
+            c = self.context
+            shape = (c.num_layers, 2, self.chunk_size, c.num_kv_heads, c.head_dim)
+            self._staging = StagingPool(shape, c.dtype)
 
     def start_load_kv(self, metadata: TieredConnectorMetadata) -> None:
         self._failed_blocks = set()
@@ -233,7 +239,7 @@ class TieredConnector(KVConnectorBase):
             return
         self._step = StepTransfers(
             self.context, self.store, self.chunk_size, self._kv_caches, metadata,
-            self._load_stream,
+            self._load_stream, self._staging,
         )  # fmt: skip
         self._step.start_saves()
         self._step.start_loads()

@@ -39,6 +39,7 @@ import torch
 
 from connector.base import ConnectorContext
 from connector.plan import LoadSpec, SaveSpec, TieredConnectorMetadata
+from connector.staging import StagingPool
 from store.chunk import Chunk, to_tensor
 from store.tiered import TieredStore
 
@@ -96,6 +97,7 @@ class StepTransfers:
     kv_caches: list[torch.Tensor]
     meta: TieredConnectorMetadata
     stream: torch.cuda.Stream | None = None  # CUDA: the side stream loads are copied on
+    pool: StagingPool | None = None  # CPU: load staging reused across steps
     started: float = field(default_factory=time.monotonic)
     jobs: list[_LoadJob] = field(default_factory=list)
     save_staging: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -111,8 +113,13 @@ class StepTransfers:
             self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
         pin = self.stream is not None
         for spec in self.meta.loads:
-            shape = self.chunk_shape(self.chunk_size)
-            staging = [torch.empty(shape, dtype=self.ctx.dtype, pin_memory=pin) for _ in spec.keys]
+            if self.pool is not None:
+                staging = self.pool.take(len(spec.keys))
+            else:
+                shape = self.chunk_shape(self.chunk_size)
+                staging = [
+                    torch.empty(shape, dtype=self.ctx.dtype, pin_memory=pin) for _ in spec.keys
+                ]
             job = _LoadJob(spec, staging, good_end=spec.start)
             job.future = self.store.get_layers_async(
                 spec.keys, staging, functools.partial(self._on_layer, job)
@@ -185,6 +192,13 @@ class StepTransfers:
             return True
 
     def _on_done(self, job: _LoadJob, future: Future) -> None:
+        try:
+            self._end_job(job, future)
+        finally:  # the store's job has ended: nothing writes into the staging any more
+            if self.pool is not None:
+                self.pool.give(job.staging)
+
+    def _end_job(self, job: _LoadJob, future: Future) -> None:
         with job.cond:
             job.finished = True
             if future.cancelled():
@@ -211,8 +225,14 @@ class StepTransfers:
                 break
             c_start = spec.chunk_starts[i]
             lo, hi = max(spec.start, c_start), min(spec.end, c_start + self.chunk_size)
-            ids = torch.tensor(spec.block_ids[lo // bs : hi // bs], device=self.kv_caches[0].device)
-            job.copies.append(_Copy(staged, lo - c_start, hi - c_start, ids))
+            # Whole blocks: a load ending mid-block fills that block's tail too, with the
+            # stored KV of tokens this step computes anyway (their own writes come after
+            # this layer's scatter, so the engine's values are the ones attended to).
+            top = min(-(-hi // bs) * bs, c_start + self.chunk_size)
+            ids = torch.tensor(
+                spec.block_ids[lo // bs : top // bs], device=self.kv_caches[0].device
+            )
+            job.copies.append(_Copy(staged, lo - c_start, top - c_start, ids))
             job.good_end = hi
 
     def _usable(self, chunk: Chunk | None) -> torch.Tensor | None:

@@ -61,13 +61,44 @@ def test_loaded_kv_gives_the_same_answer(tier, server, case, tmp_path, request):
 
 
 def test_a_prompt_stored_to_its_end_loads_its_last_chunk_in_part(case, tmp_path):
-    """128 tokens = 4 whole chunks stored; a load stops at block 7 (token 112) so that the
-    prompt's last token computes: the last chunk is fetched whole and used in part."""
+    """128 tokens = 4 whole chunks stored; the load stops one token short (127, mid-block)
+    so that the prompt's last token computes, alone, as a decode step over the loaded KV:
+    the last chunk is fetched whole and used in part."""
     model, a, _, (_, _, ref) = case
     with tiered_llm(model, store_config("cpu", tmp_path)) as llm:
         assert run(llm, a[:128]).token_ids == ref
         warm = run(llm, a[:128])
-        assert warm.token_ids == ref and warm.metrics.kv_sources == {"engine": 0, "cpu": 112}
+        assert warm.token_ids == ref and warm.metrics.kv_sources == {"engine": 0, "cpu": 127}
+
+
+def test_load_staging_is_reused_from_request_to_request(case, tmp_path):
+    """Host staging comes from the connector's pool: later loads allocate nothing new, and
+    the answers stay exact while buffers are reused (each load overwrites the last's)."""
+    model, a, b, (ref_a, ref_b, _) = case
+    with tiered_llm(model, store_config("cpu", tmp_path)) as llm:
+        run(llm, a), run(llm, b)
+        pool = llm.engine.connector._staging
+        assert run(llm, a).token_ids == ref_a
+        allocated = pool.allocated
+        assert allocated >= LOADABLE // CHUNK and len(pool) == allocated
+        for _ in range(2):
+            assert run(llm, b).token_ids == ref_b
+            assert run(llm, a).token_ids == ref_a
+        assert pool.allocated == allocated and len(pool) == allocated
+
+
+def test_the_staging_pool_keeps_a_bounded_number_of_buffers():
+    import torch
+
+    from connector.staging import StagingPool
+
+    pool = StagingPool((4, 1024), torch.float32, keep_bytes=3 * 4 * 1024 * 4)
+    first = pool.take(5)
+    assert pool.allocated == 5 and all(t.shape == (4, 1024) for t in first)
+    pool.give(first)
+    assert len(pool) == 3  # two dropped: over the byte budget
+    again = pool.take(4)
+    assert pool.allocated == 6 and sum(any(t is f for f in first) for t in again) == 3
 
 
 def test_saved_decoded_tokens_serve_the_next_turn(case, tmp_path):
