@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
@@ -40,26 +42,48 @@ class LLM:
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         cache_salt: str | None = None,
+        kv_transfer_params: dict | Sequence[dict | None] | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion; one output per prompt, in order."""
+        """Run every prompt to completion; one output per prompt, in order.
+
+        ``kv_transfer_params`` (one for all prompts, or one per prompt): disaggregated
+        prefill/decode legs as ``engine serve`` takes them (connector/disagg.py). A
+        prefill leg's output carries its ``kv_transfer_params`` once its KV is durable
+        and leased; those hand-offs finish on a worker thread while the engine keeps
+        stepping the other prompts."""
         batch = _as_batch(prompts)
-        if params is None or isinstance(params, SamplingParams):
-            param_list = [params or SamplingParams()] * len(batch)
-        else:
-            param_list = list(params)
-            if len(param_list) != len(batch):
-                raise InvalidRequestError(
-                    f"got {len(batch)} prompts but {len(param_list)} sampling params"
-                )
+        param_list = _per_prompt(
+            params or SamplingParams(), SamplingParams, batch, "sampling params"
+        )
+        kv_list = _per_prompt(kv_transfer_params, dict, batch, "kv_transfer_params")
         for p in batch:  # validate everything before admitting anything
             self.engine.tokenize(p)
-        reqs = [self.engine.add_request(p, sp, cache_salt=cache_salt) for p, sp in zip(batch, param_list, strict=True)]
-        done: dict[str, RequestOutput] = {}
-        while len(done) < len(reqs):
-            for out in self.engine.step():
-                if out.finished:
-                    done[out.request_id] = out
-        return [done[r.request_id] for r in reqs]
+        reqs = [
+            self.engine.add_request(p, sp, cache_salt=cache_salt, kv_transfer_params=kv)
+            for p, sp, kv in zip(batch, param_list, kv_list, strict=True)
+        ]
+        done: dict[str, RequestOutput | Future] = {}
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-handoff") as handoffs:
+            while len(done) < len(reqs):
+                for out in self.engine.step():
+                    if not out.finished:
+                        continue
+                    if out.kv_transfer_pending is not None:
+                        done[out.request_id] = handoffs.submit(self.engine.finish_kv_transfer, out)
+                    else:
+                        done[out.request_id] = out
+            outs = [done[r.request_id] for r in reqs]
+            return [o.result() if isinstance(o, Future) else o for o in outs]
+
+
+def _per_prompt(value: Any, single: type, batch: list, what: str) -> list:
+    """``value`` for every prompt: the same one, or a sequence of one per prompt."""
+    if value is None or isinstance(value, single):
+        return [value] * len(batch)
+    values = list(value)
+    if len(values) != len(batch):
+        raise InvalidRequestError(f"got {len(batch)} prompts but {len(values)} {what}")
+    return values
 
 
 def _as_batch(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

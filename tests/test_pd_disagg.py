@@ -81,6 +81,42 @@ def test_producer_hands_kv_to_consumer_with_the_answer_of_one_engine(pd):
     assert not consumer.requests and not producer.requests
 
 
+def test_the_offline_api_runs_both_legs_and_finishes_the_hand_off(pd):
+    """``LLM.generate(..., kv_transfer_params=...)``: a batch of prefill legs comes back
+    with their handles (the hand-offs finish while other prompts still run), and a batch
+    of decode legs loads them and answers as one engine would."""
+    from engine import LLM
+
+    daemon, remote, plain, *_ = pd
+    prompts = [salted(f"offline-{i}") for i in range(3)]
+    want = [run(plain, p, 6).token_ids for p in prompts]
+    kv = {"kv_connector": "tiered", "kv_config": {"tiers": [daemon.url], "chunk_size": CHUNK}}
+    common = dict(kv_cache_memory="4MiB", max_num_seqs=4, **kv)
+    with (
+        LLM("tiny", kv_role="producer", **common) as pre,
+        LLM("tiny", kv_role="consumer", **common) as dec,
+    ):
+        first = SamplingParams(temperature=0, max_tokens=1)
+        plain_one = SamplingParams(temperature=0, max_tokens=4)
+        outs = pre.generate(
+            [*prompts, PROMPT[:40]],
+            [first, first, first, plain_one],
+            kv_transfer_params=[{"do_remote_decode": True}] * 3 + [None],
+        )
+        handles = [o.kv_transfer_params for o in outs[:3]]
+        assert outs[3].kv_transfer_params is None and len(outs[3].token_ids) == 4
+        assert all(h["num_tokens"] == 5 * CHUNK and h["lease_id"] for h in handles)
+        assert remote.active_leases() == 3
+        got = dec.generate(
+            prompts, SamplingParams(temperature=0, max_tokens=6), kv_transfer_params=handles
+        )
+        assert [o.token_ids for o in got] == want
+        assert all(o.metrics.kv_sources.get("remote", 0) == 5 * CHUNK for o in got)
+        wait_for(lambda: remote.active_leases() == 0)
+        with pytest.raises(InvalidRequestError, match="kv_transfer_params"):
+            dec.generate(prompts, kv_transfer_params=[None])
+
+
 def test_expired_lease_and_evicted_kv_means_recompute(pd):
     daemon, remote, plain, producer, consumer = pd
     prompt = salted("expired")
@@ -127,7 +163,9 @@ def test_aborted_prefill_leg_leases_nothing(pd):
 
 
 def test_kv_role_config_is_checked():
-    with pytest.raises(InvalidRequestError, match="kv_role must be one of both, producer, consumer"):
+    with pytest.raises(
+        InvalidRequestError, match="kv_role must be one of both, producer, consumer"
+    ):
         EngineConfig(model="tiny", kv_connector="tiered", kv_role="prefill")
     with pytest.raises(InvalidRequestError, match="needs a KV connector"):
         EngineConfig(model="tiny", kv_role="producer")
