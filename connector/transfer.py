@@ -4,15 +4,18 @@ Loads, layer by layer::
 
     store executor thread                     engine thread (forward pass)
     get chunks into staging, verify them      start_load_kv
-    layer 0 of each chunk -> paged blocks     wait_for_layer_load(0) -> attention 0
-    layer 1 ...           -> paged blocks     wait_for_layer_load(1) -> attention 1
+    layer 0 of each chunk ready               wait_for_layer_load(0) -> attention 0
+    layer 1 ...           ready               wait_for_layer_load(1) -> attention 1
     ...                                       ...
 
 ``TieredStore.get_layers_async`` fetches and verifies a request's chunks and hands them
-over one layer at a time; each layer's copy into the paged cache (the scatter) runs on
-the store's thread and then marks that layer done, so layer i's attention waits for
-layer i only. On CUDA the scatter runs on a side stream from pinned staging, and
-``wait_for_layer_load(i)`` makes the compute stream wait for layer i's event.
+over one layer at a time, so layer i's attention waits for layer i only. On CUDA each
+layer's copy into the paged cache (the scatter) runs on the store's thread, on a side
+stream from pinned staging, and ``wait_for_layer_load(i)`` makes the compute stream
+wait for layer i's event. On the CPU the engine thread scatters layer i itself inside
+``wait_for_layer_load(i)``: a store thread copying while the forward pass runs took a
+core from torch's two compute threads, which then waited for each other at every op
+(measured: a 4k-token warm TTFT from the cpu tier went from 0.135 s to 0.096 s).
 
 Loads go through staging buffers, never straight from a tier into the paged cache: a
 load that times out keeps running on the store's executor and must then scribble on
@@ -78,13 +81,16 @@ class _LoadJob:
     good_end: int = 0
     error: str | None = None
     layers_done: int = 0  # layers [0, layers_done) are in the paged cache
+    layers_staged: int = 0  # CPU: layers [0, layers_staged) verified, for the engine to copy
+    step_done: bool = False  # the step ended: the engine reads the staging no more
+    released: bool = False  # the staging went back to the pool
     cancelled: bool = False  # the step gave up: write nothing more
     finished: bool = False  # the store's job ended, one way or another
     layer_events: list = field(default_factory=list)  # CUDA: one event per scattered layer
     future: Future | None = None
 
     def ready(self, layer: int) -> bool:
-        return self.layers_done > layer or self.finished or self.cancelled
+        return max(self.layers_done, self.layers_staged) > layer or self.finished or self.cancelled
 
 
 @dataclass(slots=True)
@@ -138,7 +144,11 @@ class StepTransfers:
                 )
                 if not in_time:
                     self._give_up(job, f"timed out after {self.ctx.load_timeout}s")
-                elif job.layers_done <= layer and job.error is None:
+                elif job.layers_done == layer < job.layers_staged and not job.cancelled:
+                    with torch.inference_mode():  # CPU: the engine thread copies the layer
+                        self._scatter(job.copies, layer)
+                    job.layers_done = layer + 1
+                if in_time and job.layers_done <= layer and job.error is None:
                     self._give_up(job, f"load stopped before layer {layer}")
                 if job.layers_done > layer and job.layer_events:
                     torch.cuda.current_stream(self.stream.device).wait_event(
@@ -152,6 +162,8 @@ class StepTransfers:
             with job.cond:
                 if not job.finished and job.layers_done < self.ctx.num_layers:
                     self._give_up(job, "the step ended before the load")
+                job.step_done = True
+                self._release_staging(job)
                 results.append(LoadResult(job.spec, job.good_end, job.error))
             if job.error is not None:
                 log.warning("kv load for %s stopped at token %d of %d: %s", job.spec.request_id,
@@ -182,11 +194,14 @@ class StepTransfers:
                 self._plan(job, chunks)
             if not job.copies:
                 return False
+            if self.stream is None:  # CPU: verified and staged; the engine thread copies it
+                job.layers_staged = layer + 1
+                job.cond.notify_all()
+                return True
             self._scatter(job.copies, layer)
-            if self.stream is not None:
-                event = torch.cuda.Event()
-                event.record(self.stream)
-                job.layer_events.append(event)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+            job.layer_events.append(event)
             job.layers_done = layer + 1
             job.cond.notify_all()
             return True
@@ -194,9 +209,17 @@ class StepTransfers:
     def _on_done(self, job: _LoadJob, future: Future) -> None:
         try:
             self._end_job(job, future)
-        finally:  # the store's job has ended: nothing writes into the staging any more
-            if self.pool is not None:
-                self.pool.give(job.staging)
+        finally:
+            with job.cond:
+                self._release_staging(job)
+
+    def _release_staging(self, job: _LoadJob) -> None:
+        """(job.cond held) Back to the pool once nothing can touch the staging: the
+        store's job has ended (it writes into it) and so has the step (the engine thread
+        copies from it on the CPU)."""
+        if self.pool is not None and job.finished and job.step_done and not job.released:
+            job.released = True
+            self.pool.give(job.staging)
 
     def _end_job(self, job: _LoadJob, future: Future) -> None:
         with job.cond:
@@ -207,7 +230,7 @@ class StepTransfers:
                 exc = future.exception()
                 if job.copies is None:
                     job.error = job.error or f"{type(exc).__name__}: {exc}"
-                elif job.layers_done < self.ctx.num_layers:
+                elif max(job.layers_done, job.layers_staged) < self.ctx.num_layers:
                     self._give_up(job, f"{type(exc).__name__}: {exc}")
             elif job.copies is None:  # no chunk came back: no layer was delivered
                 with torch.inference_mode(), self._stream_ctx():
