@@ -165,6 +165,7 @@ class StoreConfig:
     write_policy: str = "write_through"
     workers: int = 4  # executor threads for async loads, prefetches and saves
     io_threads: int = 4  # threads one large batched get/put is split across (1: no split)
+    save_nice: int = 10  # niceness of the thread running async saves (0: the caller's)
     gpu: PoolConfig = field(default_factory=lambda: PoolConfig(size=parse_size("1GiB")))
     cpu: PoolConfig = field(default_factory=PoolConfig)
     disk: DiskConfig = field(default_factory=DiskConfig)
@@ -188,6 +189,8 @@ class StoreConfig:
         for key in ("chunk_size", "workers", "io_threads"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be a positive integer, got {getattr(self, key)!r}")
+        if not isinstance(self.save_nice, int) or not 0 <= self.save_nice <= 19:
+            raise ConfigError(f"save_nice: must be an integer 0-19, got {self.save_nice!r}")
         for name in TIERS:
             getattr(self, name).validate(name)
 

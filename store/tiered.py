@@ -113,7 +113,7 @@ class TieredStore:
             Tier(n, b, config.write_policy_of(n), config.tier(n).verify) for n, b in built.items()
         ]
         self.metrics = StoreMetrics(lambda: {t.name: t.backend for t in self.tiers}, registry)
-        self._executor = PriorityExecutor(config.workers)
+        self._executor = PriorityExecutor(config.workers, save_nice=config.save_nice)
         self._io = (
             ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvstore-io")
             if config.io_threads > 1

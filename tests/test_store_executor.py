@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -10,7 +11,7 @@ from store.executor import Priority, PriorityExecutor
 
 
 def test_loads_and_prefetches_jump_ahead_of_queued_saves():
-    ex = PriorityExecutor(workers=1)
+    ex = PriorityExecutor(workers=1, save_workers=0)  # one queue for all
     gate = threading.Event()
     order: list[str] = []
     ex.submit(Priority.SAVE, gate.wait)  # occupies the only worker
@@ -21,6 +22,29 @@ def test_loads_and_prefetches_jump_ahead_of_queued_saves():
     for f in futures:
         f.result(5)
     assert order == ["load", "prefetch", "save0", "save1", "save2"]
+    ex.shutdown()
+
+
+def test_saves_run_on_a_nicer_lane_of_their_own_that_never_holds_up_a_load():
+    ex = PriorityExecutor(workers=1, save_workers=1, save_nice=7)
+    gate = threading.Event()
+    order: list[str] = []
+    ex.submit(Priority.SAVE, gate.wait)  # occupies the save lane
+    saves = [ex.submit(Priority.SAVE, order.append, f"save{i}") for i in range(3)]
+    assert ex.submit(Priority.LOAD, lambda: "loaded").result(5) == "loaded"  # not behind saves
+    assert order == [] and ex.pending() == 3
+    gate.set()
+    for f in saves:
+        f.result(5)
+    assert order == ["save0", "save1", "save2"]
+    nice = ex.submit(
+        Priority.SAVE, lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    )
+    load_nice = ex.submit(
+        Priority.LOAD, lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    )
+    base = load_nice.result(5)  # a load thread runs at the caller's niceness
+    assert base == os.getpriority(os.PRIO_PROCESS, 0) and nice.result(5) == min(19, base + 7)
     ex.shutdown()
 
 
