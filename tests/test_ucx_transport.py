@@ -285,3 +285,28 @@ def test_sigterm_with_an_idle_ucx_connection_drains_and_exits_0(ucxx):
     finally:
         c.close()
         d.kill()
+
+
+# -- prefill/decode over UCX --------------------------------------------------------------
+def test_a_prefill_decode_hand_off_over_ucx_matches_one_engine(daemon):
+    """Producer and consumer engines reach the daemon with ``remote.transport: ucx``: the
+    decode leg loads the prefill leg's KV over UCX and answers as one engine does."""
+    from engine import LLM, SamplingParams
+
+    chunk_size = 32
+    prompt = [(5 * i + 11) % 240 + 7 for i in range(4 * chunk_size + 5)]
+    kv = {"kv_connector": "tiered", "kv_config": {"tiers": [daemon.url], "chunk_size": chunk_size,
+                                                  "remote.transport": "ucx"}}  # fmt: skip
+    common = dict(kv_cache_memory="4MiB", max_num_seqs=2)
+    greedy = SamplingParams(temperature=0, max_tokens=6)
+    with LLM("tiny", **common) as plain:
+        want = plain.generate([prompt], greedy)[0].token_ids
+    with LLM("tiny", kv_role="producer", **common, **kv) as pre:
+        first = SamplingParams(temperature=0, max_tokens=1)
+        handle = pre.generate([prompt], first, kv_transfer_params={"do_remote_decode": True})[0]
+    params = handle.kv_transfer_params
+    assert params["num_tokens"] == 4 * chunk_size and params["lease_id"]
+    with LLM("tiny", kv_role="consumer", **common, **kv) as dec:
+        out = dec.generate([prompt], greedy, kv_transfer_params=params)[0]
+    assert out.token_ids == want
+    assert out.metrics.kv_sources.get("remote", 0) == 4 * chunk_size
