@@ -27,9 +27,10 @@ def test_loads_and_prefetches_jump_ahead_of_queued_saves():
 
 def test_saves_run_on_a_nicer_lane_of_their_own_that_never_holds_up_a_load():
     ex = PriorityExecutor(workers=1, save_workers=1, save_nice=7)
-    gate = threading.Event()
+    gate, started = threading.Event(), threading.Event()
     order: list[str] = []
-    ex.submit(Priority.SAVE, gate.wait)  # occupies the save lane
+    ex.submit(Priority.SAVE, lambda: (started.set(), gate.wait()))  # occupies the save lane
+    assert started.wait(5)
     saves = [ex.submit(Priority.SAVE, order.append, f"save{i}") for i in range(3)]
     assert ex.submit(Priority.LOAD, lambda: "loaded").result(5) == "loaded"  # not behind saves
     assert order == [] and ex.pending() == 3
