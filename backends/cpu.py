@@ -162,6 +162,28 @@ class CPUBackend(Backend):
             self.unpin(hits)
         return results
 
+    def borrow(self, keys: Sequence[str]) -> list[tuple[ChunkHeader, list[np.ndarray]] | None]:
+        """Each hit's header and payload as read-only views of the pool's pages (one per
+        run), pinned until the caller's ``unpin`` of the hit keys: a daemon sends them
+        straight to a socket instead of copying them out first. Host pools only."""
+        host = self.pool._host
+        with self._lock:
+            entries = [None if self._closed or host is None else self._entries.get(k) for k in keys]
+            hits = [k for k, e in zip(keys, entries, strict=True) if e is not None]
+            self._pins.pin(hits)
+            for key in hits:
+                self.policy.touch(key)
+        out: list[tuple[ChunkHeader, list[np.ndarray]] | None] = []
+        for entry in entries:
+            if entry is None:
+                out.append(None)
+                continue
+            views = [host[off : off + n] for off, n in entry.runs]
+            for v in views:
+                v.flags.writeable = False
+            out.append((entry.header, views))
+        return out
+
     def _new_buffer(self, nbytes: int) -> Any:
         return memoryview(np.empty(nbytes, dtype=np.uint8))
 

@@ -247,6 +247,27 @@ class TieredStore:
             todo = [i for i in todo if results[i] is None]
         return results
 
+    def borrow(self, keys: Sequence[str]) -> list[tuple[Any, list[Any]] | None]:
+        """Hits in the first tier, when it can lend them (a host ``cpu`` tier that does
+        not verify reads): (header, read-only views of its pages), pinned until
+        ``give_back`` of those keys. Everything else is None: ``get`` it."""
+        tier = self.tiers[0]
+        lend = getattr(tier.backend, "borrow", None)
+        if lend is None or tier.verify:
+            return [None] * len(keys)
+        start = time.perf_counter()
+        lent = lend(keys)
+        hits = [h for h in lent if h is not None]
+        self.metrics.hits.labels(tier.name).inc(len(hits))
+        self.metrics.bytes_read.labels(tier.name).inc(sum(h[0].nbytes for h in hits))
+        self.metrics.latency.labels(tier.name, "get").observe(time.perf_counter() - start)
+        return lent
+
+    def give_back(self, keys: Sequence[str]) -> None:
+        """End a ``borrow`` of ``keys`` (its hits): their pages may be reused again."""
+        if keys:
+            self.tiers[0].backend.unpin(keys)
+
     def _get_verified(
         self, tier: Tier, keys: list[str], outs: list[Any] | None
     ) -> list[Chunk | None]:

@@ -105,3 +105,21 @@ def test_a_chunk_larger_than_the_pool_is_refused():
     b.put([chunk(1, 1024)])
     assert b.put([chunk(2, 5 * 1024)]) == [False]
     assert b.contains([f"{1:064d}"]) == 1
+
+
+def test_borrowed_pages_are_read_only_pinned_views_until_unpinned():
+    b = CPUBackend(capacity=8 * 4096, page_size=4096, policy="lru")
+    cs = [chunk(i, 2 * 4096) for i in range(3)]  # two pages each; the pool holds four chunks
+    b.put(cs)
+    lent = b.borrow([cs[0].key, "missing", cs[2].key])
+    assert lent[1] is None
+    for (header, views), c in zip([lent[0], lent[2]], [cs[0], cs[2]], strict=True):
+        assert header == c.header and b"".join(bytes(v) for v in views) == bytes(c.payload)
+        assert not any(v.flags.writeable for v in views)
+    b.put([chunk(10, 2 * 4096), chunk(11, 2 * 4096)])  # full: evicts, but not the lent ones
+    assert b.contains([cs[0].key]) == 1 and b.contains([cs[2].key]) == 1
+    b.delete([cs[0].key])  # deleted while lent: its pages wait for the unpin
+    assert b"".join(bytes(v) for v in lent[0][1]) == bytes(cs[0].payload)
+    b.unpin([cs[0].key, cs[2].key])
+    b.check_integrity()
+    assert b.borrow([cs[0].key]) == [None]

@@ -349,3 +349,22 @@ def test_get_layers_hands_over_verified_chunks_layer_by_layer(tmp_path):
         assert [g.key for g in got[:2]] == ks and got[2] is None
         assert store.get_layers_async(keys(1, salt="x"), None, sink).result(10) == [None]
         assert len(calls) == 2  # nothing found: no layer to hand over
+
+
+def test_borrow_lends_first_tier_hits_only_and_give_back_unpins(tmp_path):
+    store = make_store(tmp_path)
+    ks = keys(3, "lend")
+    store.put(chunks(store, ks[:2]))
+    store.tiers[0].backend.delete([ks[1]])  # only on disk now
+    lent = store.borrow(ks)
+    assert lent[1] is None and lent[2] is None  # below the first tier, or nowhere: get it
+    header, views = lent[0]
+    assert header.key == ks[0] and b"".join(bytes(v) for v in views) == payload(0).tobytes()
+    assert store.tiers[0].backend._pins.__contains__(ks[0])
+    store.give_back([ks[0]])
+    assert not store.tiers[0].backend._pins.__contains__(ks[0])
+    store.close()
+    checking = make_store(tmp_path, **{"cpu.verify": True})  # a verifying tier lends nothing
+    checking.put(chunks(checking, ks[:1]))
+    assert checking.borrow(ks[:1]) == [None]
+    checking.close()

@@ -235,22 +235,37 @@ class StoreService:
         span: tuple[int, int],
         fingerprint: bytes | None,
         buffer: Callable[[int], np.ndarray],
-    ) -> list[Placed]:
-        """Hits of ``keys[start:end]``; payloads of keys of known size land back to back in
-        ``buffer(nbytes)`` (a caller's reused staging buffer), others in fresh buffers."""
+    ) -> tuple[list[Placed], list[str]]:
+        """Hits of ``keys[start:end]`` and the keys lent by the first tier.
+
+        Hits the first tier can lend (``TieredStore.borrow``) come as lists of read-only
+        views of its pages, pinned: the caller sends them and then ``store.give_back``s
+        the lent keys (always, even when it sends nothing). Other payloads of keys of
+        known size land back to back in ``buffer(nbytes)`` (a caller's reused staging
+        buffer), the rest in fresh buffers."""
         start, end = span
         part = keys[start:end]
-        sizes = [self.sizes.get(k) for k in part]
-        buf = buffer(sum(_aligned(n) for n in sizes if n is not None))
-        outs: list[np.ndarray | None] = []
-        pos = 0
-        for n in sizes:
-            if n is None:
-                outs.append(None)
-                continue
-            outs.append(buf[pos : pos + n])
-            pos += _aligned(n)
-        return self._hits(start, self.store.get(part, outs), fingerprint, [None] * len(part))
+        lent = self.store.borrow(part)
+        lent_keys = [k for k, item in zip(part, lent, strict=True) if item is not None]
+        try:
+            got: list[Chunk | None] = [None if x is None else Chunk(x[0], x[1]) for x in lent]
+            rest = [i for i, x in enumerate(lent) if x is None]
+            if rest:
+                sizes = [self.sizes.get(part[i]) for i in rest]
+                buf = buffer(sum(_aligned(n) for n in sizes if n is not None))
+                outs: list[np.ndarray | None] = []
+                pos = 0
+                for n in sizes:
+                    outs.append(None if n is None else buf[pos : pos + n])
+                    pos += 0 if n is None else _aligned(n)
+                for i, chunk in zip(
+                    rest, self.store.get([part[i] for i in rest], outs), strict=True
+                ):
+                    got[i] = chunk
+            return self._hits(start, got, fingerprint, [None] * len(part)), lent_keys
+        except BaseException:
+            self.store.give_back(lent_keys)
+            raise
 
     def get_into(
         self, keys: Sequence[str], fingerprint: bytes | None, window: np.ndarray

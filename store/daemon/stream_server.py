@@ -262,25 +262,32 @@ class _Session:
         encode = self.service.prefixes.encode
         sent = 0
         pending: Future | None = None
+        give_back = self.service.store.give_back
         try:
             if parts:
                 pending = self.io().submit(self._fetch, keys, parts[0], fp, 0)
             for i in range(len(parts)):
                 assert pending is not None
-                placed = pending.result()
+                placed, lent = pending.result()
                 pending = None
-                if i + 1 < len(parts):  # fetch the next part into the other buffer meanwhile
-                    pending = self.io().submit(self._fetch, keys, parts[i + 1], fp, (i + 1) % 2)
-                rows = [[p.index, encode(p.header)] for p in placed]
-                send_frame(self.conn, {"part": rows}, *[p.payload for p in placed])
-                sent += sum(p.header.nbytes for p in placed)
+                try:
+                    if i + 1 < len(parts):  # fetch the next part into the other buffer meanwhile
+                        pending = self.io().submit(self._fetch, keys, parts[i + 1], fp, (i + 1) % 2)
+                    rows = [[p.index, encode(p.header)] for p in placed]
+                    send_frame(self.conn, {"part": rows}, *_buffers(placed))
+                    sent += sum(p.header.nbytes for p in placed)
+                finally:  # sent (or failed): the lent pages may be reused
+                    give_back(lent)
         finally:
             if pending is not None:  # the send failed: let the fetch finish with the buffer
-                pending.exception()
+                if pending.exception() is None:
+                    give_back(pending.result()[1])
         self.activity.bytes.labels("out", self.wire).inc(sent)
         send_frame(self.conn, {"ok": True, "done": len(keys)})
 
-    def _fetch(self, keys: list[str], span: tuple[int, int], fp: Any, slot: int) -> list[Any]:
+    def _fetch(
+        self, keys: list[str], span: tuple[int, int], fp: Any, slot: int
+    ) -> tuple[list[Any], list[str]]:
         def buffer(nbytes: int) -> np.ndarray:
             if self.out_bufs[slot].nbytes < nbytes:
                 self.out_bufs[slot] = np.empty(max(nbytes, PART_BYTES), dtype=np.uint8)
@@ -416,6 +423,17 @@ class _Session:
         if self.region is not None:
             self.region.close()
             self.region = None
+
+
+def _buffers(placed: list[Any]) -> list[Any]:
+    """The payload buffers of ``placed``, in order: lent hits are lists of page views."""
+    out: list[Any] = []
+    for p in placed:
+        if isinstance(p.payload, list):
+            out += p.payload
+        else:
+            out.append(p.payload)
+    return out
 
 
 def _shutdown(conn: socket.socket) -> None:
