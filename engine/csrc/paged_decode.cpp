@@ -51,6 +51,25 @@ inline float exp_neg(float x) {
   return p * scale;
 }
 
+// Softmax of each of the h rows of n scores, in place and unnormalised: returns 1 / sum
+// per row (applied to the weighted values at the end).
+inline std::vector<float> softmax_rows(float* scores, int64_t h, int64_t n) {
+  std::vector<float> inv(static_cast<size_t>(h));
+  for (int64_t j = 0; j < h; ++j) {
+    float* sj = scores + j * n;
+    float mx = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, sj[i]);
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t i = 0; i < n; ++i) {
+      sj[i] = exp_neg(sj[i] - mx);
+      total += sj[i];
+    }
+    inv[j] = 1.0f / total;
+  }
+  return inv;
+}
+
 // All query heads of one sequence: keys and values of a token are one contiguous row of
 // kv_heads * head_dim, read once for every head. Scores are [H][n], accumulators [H][D].
 template <typename T>
@@ -76,19 +95,7 @@ void decode_one(const T* q, T* out, const T* kv, const int64_t* table, int64_t f
       scores[j * n + (t - first)] = s;
     }
   }
-  std::vector<float> inv(static_cast<size_t>(h));
-  for (int64_t j = 0; j < h; ++j) {
-    float* sj = scores.data() + j * n;
-    float mx = -INFINITY;
-    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, sj[i]);
-    float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-    for (int64_t i = 0; i < n; ++i) {
-      sj[i] = exp_neg(sj[i] - mx);
-      total += sj[i];
-    }
-    inv[j] = 1.0f / total;
-  }
+  const std::vector<float> inv = softmax_rows(scores.data(), h, n);
   for (int64_t t = first; t <= last; ++t) {
     const T* v = kv + table[t / block_size] * block_stride + (block_size + t % block_size) * row;
     for (int64_t j = 0; j < h; ++j) {
@@ -177,20 +184,7 @@ void decode_one_f32(const float* q, float* out, const float* kv, const int64_t* 
     }
     t += cnt;
   }
-  // Softmax per head (unnormalised; 1 / sum applied at the end).
-  std::vector<float> inv(static_cast<size_t>(h));
-  for (int64_t j = 0; j < h; ++j) {
-    float* sj = scores.data() + j * n;
-    float mx = -INFINITY;
-    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, sj[i]);
-    float total = 0.0f;
-#pragma omp simd reduction(+ : total)
-    for (int64_t i = 0; i < n; ++i) {
-      sj[i] = exp_neg(sj[i] - mx);
-      total += sj[i];
-    }
-    inv[j] = 1.0f / total;
-  }
+  const std::vector<float> inv = softmax_rows(scores.data(), h, n);
   // Values, block by block; a head's accumulator stays in registers over a block.
   acc.assign(static_cast<size_t>(h * d), 0.0f);
   for (int64_t t = first; t <= last;) {
