@@ -54,6 +54,7 @@ class CPUBackend(Backend):
         self._writing: set[str] = set()  # keys whose payload is being copied in
         self._pins = PinCounts()
         self._deferred: dict[str, list[list[int]]] = {}  # pages of deleted-while-pinned keys
+        self._reserved: dict[str, list[int]] = {}  # pages handed out by ``reserve``
         self._lock = threading.Lock()
         self.on_evict = None
         self.evictions = 0
@@ -184,6 +185,51 @@ class CPUBackend(Backend):
             out.append((entry.header, views))
         return out
 
+    def reserve(self, headers: Sequence[ChunkHeader]) -> list[list[np.ndarray] | None]:
+        """Writable views of freshly allocated pages for each chunk (one per run), for the
+        caller to fill (a daemon receives payloads straight into them) and then
+        ``commit``: nothing is visible before that. None where the key is stored or being
+        written already, or no room could be made. Host pools only."""
+        host = self.pool._host
+        out: list[list[np.ndarray] | None] = []
+        with self._lock:
+            for h in headers:
+                key = h.key
+                if self._closed or host is None or key in self._entries or key in self._writing:
+                    out.append(None)
+                    continue
+                pages = self._alloc(h.nbytes)
+                if pages is None:
+                    out.append(None)
+                    continue
+                self._writing.add(key)
+                self._reserved[key] = pages
+                runs = pages_to_runs(pages, self.pool.page_size, h.nbytes)
+                out.append([host[off : off + n] for off, n in runs])
+        return out
+
+    def commit(self, headers: Sequence[ChunkHeader], ok: Sequence[bool]) -> list[bool]:
+        """Publish the reserved chunks whose ``ok`` is true, free the others' pages; per
+        chunk, whether it is now stored here."""
+        stored = []
+        with self._lock:
+            for h, good in zip(headers, ok, strict=True):
+                pages = self._reserved.pop(h.key, None)
+                if pages is None:
+                    stored.append(False)
+                    continue
+                self._writing.discard(h.key)
+                if good and not self._closed:
+                    runs = pages_to_runs(pages, self.pool.page_size, h.nbytes)
+                    self._entries[h.key] = _Entry(h, pages, runs)
+                    self.policy.insert(h.key, len(pages))
+                    stored.append(True)
+                else:
+                    if not self._closed:
+                        self.pool.release(pages)
+                    stored.append(False)
+        return stored
+
     def _new_buffer(self, nbytes: int) -> Any:
         return memoryview(np.empty(nbytes, dtype=np.uint8))
 
@@ -231,6 +277,7 @@ class CPUBackend(Backend):
             self._entries.clear()
             self._pins.clear()
             self._deferred.clear()
+            self._reserved.clear()
             self.policy = POLICIES["lru"](0)
             self.pool.buf = torch.empty(0, dtype=torch.uint8)  # drop the big allocation
             self.pool._host = None
@@ -240,6 +287,7 @@ class CPUBackend(Backend):
         with self._lock:
             used = [p for e in self._entries.values() for p in e.pages]
             used += [p for lists in self._deferred.values() for pages in lists for p in pages]
+            used += [p for pages in self._reserved.values() for p in pages]
             self.pool.check_integrity(used)
             if len(self.policy) != len(self._entries):
                 raise AssertionError(

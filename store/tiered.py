@@ -263,6 +263,31 @@ class TieredStore:
         self.metrics.latency.labels(tier.name, "get").observe(time.perf_counter() - start)
         return lent
 
+    def reserve(self, headers: Sequence[Any]) -> list[list[Any] | None]:
+        """Writable page views in the first tier for each new chunk, when the store can
+        take chunks that way (its first tier reserves and no lower tier is written
+        through); fill them, then ``commit``. None for a chunk: ``put`` it instead."""
+        if not self.can_reserve():
+            return [None] * len(headers)
+        return self.tiers[0].backend.reserve(headers)
+
+    def can_reserve(self) -> bool:
+        """Whether ``reserve`` hands out pages: a chunk it does not reserve is then stored
+        already, being written, or finds no room."""
+        return hasattr(self.tiers[0].backend, "reserve") and all(
+            t.write_policy != "write_through" for t in self.tiers[1:]
+        )
+
+    def commit(self, headers: Sequence[Any], ok: Sequence[bool]) -> list[bool]:
+        """End a ``reserve``: publish the chunks whose ``ok`` is true (their payloads
+        checked by the caller), free the rest; per chunk, whether it is stored."""
+        tier = self.tiers[0]
+        stored = tier.backend.commit(headers, ok)
+        done = [h for h, good in zip(headers, stored, strict=True) if good]
+        self.metrics.bytes_written.labels(tier.name).inc(sum(h.nbytes for h in done))
+        self._emit(tier, [h.key for h in done], False)
+        return stored
+
     def give_back(self, keys: Sequence[str]) -> None:
         """End a ``borrow`` of ``keys`` (its hits): their pages may be reused again."""
         if keys:

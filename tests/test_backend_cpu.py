@@ -123,3 +123,25 @@ def test_borrowed_pages_are_read_only_pinned_views_until_unpinned():
     b.unpin([cs[0].key, cs[2].key])
     b.check_integrity()
     assert b.borrow([cs[0].key]) == [None]
+
+
+def test_reserved_pages_are_invisible_until_committed_and_freed_if_refused():
+    b = CPUBackend(capacity=8 * 4096, page_size=4096, policy="lru")
+    old = chunk(0, 4096)
+    b.put([old])
+    new = [chunk(1, 2 * 4096), chunk(2, 4096)]
+    places = b.reserve([old.header, *(c.header for c in new)])
+    assert places[0] is None  # stored already: nothing to reserve
+    for views, c in zip(places[1:], new, strict=True):
+        data = np.frombuffer(bytes(c.payload), np.uint8)
+        pos = 0
+        for v in views:
+            v[:] = data[pos : pos + v.nbytes]
+            pos += v.nbytes
+    assert b.contains([new[0].key]) == 0 and b.get([new[0].key]) == [None]
+    assert b.reserve([new[0].header]) == [None]  # being written
+    b.check_integrity()
+    assert b.commit([c.header for c in new], [True, False]) == [True, False]
+    assert bytes(b.get([new[0].key])[0].payload) == bytes(new[0].payload)
+    assert b.contains([new[1].key]) == 0 and b.usage().bytes_used == 3 * 4096
+    b.check_integrity()

@@ -154,6 +154,37 @@ def test_a_bad_checksum_late_in_a_large_put_leaves_none_of_it_stored(client, tra
     client.delete([c.key for c in chunks])
 
 
+@pytest.fixture(scope="module")
+def cpu_only():
+    """A daemon with one cpu tier: stream puts land straight in its pages (reserve)."""
+    d = start_daemon("--cpu-size", "32MiB", "--max-batch", "64", "--max-chunk-size", "2MiB")
+    with KVStoreClient(d.url, timeout=10) as c:
+        yield c
+    assert d.terminate() == 0
+
+
+def test_puts_received_into_reserved_pages_round_trip_and_refuse_as_a_whole(cpu_only):
+    c = cpu_only
+    size = (1 << 20) - 4096
+    chunks = [chunk(i, size=size, tag="reserve") for i in range(6)]  # > 4 MiB: two groups
+    keys = [x.key for x in chunks]
+    assert c.put(chunks[:2], transport="stream") == [True, True]
+    # Already stored chunks, new ones, then a bad payload in the second group: refused,
+    # the new ones undone, and what was stored before the request kept.
+    bad = chunks[:5] + [_tampered(chunks[5], checksum=chunks[5].header.checksum ^ 1)]
+    with pytest.raises(RemoteError, match="checksum"):
+        c.put(bad, transport="stream")
+    assert c.lookup(keys) == ["cpu", "cpu"]
+    assert c.put(chunks, transport="stream") == [True] * 6
+    outs = [np.empty(size, np.uint8) for _ in chunks]
+    got = c.get(keys, outs, transport="stream")
+    assert all(same(g, x) for g, x in zip(got, chunks, strict=True))
+    assert c.stats().tiers[0].items == 6
+    c.delete(keys)
+    tier = c.stats().tiers[0]
+    assert tier.items == 0 and tier.bytes_used == 0  # no reserved page was left behind
+
+
 def test_a_key_must_match_its_fingerprint_and_block_hash(client):
     block = b"\x05" * 32
     right = chunk_key(FP, block)

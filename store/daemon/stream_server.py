@@ -33,6 +33,7 @@ from store.shm import NONCE_BYTES, Region, RegionError
 from store.stream import (
     PROTOCOL_VERSION,
     StreamClosed,
+    recv_buffers,
     recv_exactly,
     recv_frame,
     send_frame,
@@ -350,13 +351,18 @@ class _Session:
         send_frame(self.conn, {"ok": True, "stored": stored})
 
     def _receive_and_store(self, headers: list[Any], sizes: list[int]) -> list[bool]:
-        """Read the payloads into this connection's staging buffer (reused across puts)
-        in groups of about PUT_GROUP_BYTES; the helper thread verifies and stores each
-        group while the next one arrives. If a payload fails its checksum, the chunks of
-        this request stored before it are deleted again and the request is refused."""
-        total = sum(sizes)
-        if self.staging.nbytes < total:
-            self.staging = np.empty(total, dtype=np.uint8)
+        """Read the payloads in groups of about PUT_GROUP_BYTES; the helper thread
+        verifies and stores each group while the next one arrives. Chunks the first tier
+        can reserve (``TieredStore.reserve``) are received straight into its pages and
+        published once verified (``commit``); the rest go through this connection's
+        staging buffer (reused across puts) and ``put``. If a payload fails its checksum,
+        the chunks of this request stored before it are deleted again, reserved pages
+        not yet published are freed, and the request is refused."""
+        store = self.service.store
+        places = store.reserve(headers)
+        staged = sum(n for n, p in zip(sizes, places, strict=True) if p is None)
+        if self.staging.nbytes < staged:
+            self.staging = np.empty(staged, dtype=np.uint8)
         view = memoryview(self.staging)
         jobs: list[tuple[int, int, Future]] = []
         start = pos = 0
@@ -366,32 +372,58 @@ class _Session:
                 while end < len(sizes) and (end == start or nbytes < PUT_GROUP_BYTES):
                     nbytes += sizes[end]
                     end += 1
-                recv_exactly(self.conn, view[pos : pos + nbytes])
-                payloads, at = [], pos
-                for n in sizes[start:end]:
-                    payloads.append(view[at : at + n])
-                    at += n
+                payloads: list[Any] = []
+                for n, place in zip(sizes[start:end], places[start:end], strict=True):
+                    if place is None:
+                        payloads.append(view[pos : pos + n])
+                        pos += n
+                    else:
+                        payloads.append(place)
+                recv_buffers(self.conn, [memoryview(b) for b in _flat(payloads)], wait_all=True)
                 jobs.append(
-                    (start, end, self.io().submit(self._store, headers[start:end], payloads))
-                )
-                start, pos = end, pos + nbytes
+                    (start, end, self.io().submit(
+                        self._store, headers[start:end], payloads, places[start:end]))
+                )  # fmt: skip
+                start = end
         finally:
             for _, _, job in jobs:  # nothing may still read the staging buffer after this
                 job.exception()
+            if any(p is not None for p in places):  # free whatever was not published
+                store.commit(headers, [False] * len(headers))
         stored: list[bool] = []
         for _, _, job in jobs:
             exc = job.exception()
-            if exc is not None:
-                done = [h.key for (a, b, j) in jobs if j.exception() is None for h in headers[a:b]]
-                if done:
-                    self.service.store.delete(done)
+            if exc is not None:  # undo what this request stored (never what was there before)
+                fresh = [k for j in jobs if j[2].exception() is None for k in j[2].result()[1]]
+                if fresh:
+                    store.delete(fresh)
                 raise exc
-            stored += job.result()
+            stored += job.result()[0]
         return stored
 
-    def _store(self, headers: list[Any], payloads: list[memoryview]) -> list[bool]:
+    def _store(
+        self, headers: list[Any], payloads: list[Any], places: list[Any]
+    ) -> tuple[list[bool], list[str]]:
+        """Verify a group, then publish its reserved chunks and put the others; per chunk
+        whether it is stored, and the keys this call stored that were not there before
+        (known for reserved chunks; for a store that reserves nothing, every put key)."""
         self.service.verify_payloads(headers, payloads)
-        return self.service.put([Chunk(h, p) for h, p in zip(headers, payloads, strict=True)])
+        mine = [i for i, p in enumerate(places) if p is None]
+        stored = [False] * len(headers)
+        chunks = [Chunk(headers[i], payloads[i]) for i in mine]
+        for i, ok in zip(mine, self.service.put(chunks), strict=True):
+            stored[i] = ok
+        fresh = [] if self.service.store.can_reserve() else [headers[i].key for i in mine]
+        lent = [i for i, p in enumerate(places) if p is not None]
+        if lent:
+            for i in lent:
+                self.service.sizes.add(headers[i].key, headers[i].nbytes)
+            got = self.service.store.commit([headers[i] for i in lent], [True] * len(lent))
+            for i, ok in zip(lent, got, strict=True):
+                stored[i] = ok
+                if ok:
+                    fresh.append(headers[i].key)
+        return stored, fresh
 
     def _discard(self, nbytes: int) -> None:
         """Read and drop ``nbytes`` payload bytes of a refused put."""
@@ -425,15 +457,20 @@ class _Session:
             self.region = None
 
 
+def _flat(payloads: list[Any]) -> list[Any]:
+    """Buffers of ``payloads`` in order: a reserved chunk's payload is a list of page views."""
+    out: list[Any] = []
+    for p in payloads:
+        if isinstance(p, list):
+            out += p
+        else:
+            out.append(p)
+    return out
+
+
 def _buffers(placed: list[Any]) -> list[Any]:
     """The payload buffers of ``placed``, in order: lent hits are lists of page views."""
-    out: list[Any] = []
-    for p in placed:
-        if isinstance(p.payload, list):
-            out += p.payload
-        else:
-            out.append(p.payload)
-    return out
+    return _flat([p.payload for p in placed])
 
 
 def _shutdown(conn: socket.socket) -> None:
