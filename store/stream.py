@@ -79,14 +79,12 @@ def send_buffers(sock: socket.socket, buffers: Sequence[Any]) -> None:
         i = _advance(views, i, sent)
 
 
-def recv_buffers(sock: socket.socket, views: Sequence[memoryview], wait_all: bool = False) -> None:
-    """Fill writable byte views in order with few system calls (scattered ``recvmsg_into``;
-    with ``wait_all``, each call waits for all its views, as ``recv_exactly`` does)."""
+def recv_buffers(sock: socket.socket, views: Sequence[memoryview]) -> None:
+    """Fill writable byte views in order with few system calls (scattered ``recvmsg_into``)."""
     views = [v for v in views if v.nbytes]
-    flags = socket.MSG_WAITALL if wait_all else 0
     i = 0
     while i < len(views):
-        got = sock.recvmsg_into(views[i : i + _IOV_MAX], 0, flags)[0]
+        got = sock.recvmsg_into(views[i : i + _IOV_MAX])[0]
         if not got:
             raise StreamClosed("stream closed mid-payload")
         i = _advance(views, i, got)

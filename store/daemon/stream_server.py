@@ -33,7 +33,6 @@ from store.shm import NONCE_BYTES, Region, RegionError
 from store.stream import (
     PROTOCOL_VERSION,
     StreamClosed,
-    recv_buffers,
     recv_exactly,
     recv_frame,
     send_frame,
@@ -379,7 +378,8 @@ class _Session:
                         pos += n
                     else:
                         payloads.append(place)
-                recv_buffers(self.conn, [memoryview(b) for b in _flat(payloads)], wait_all=True)
+                for buf in _flat(payloads):  # one MSG_WAITALL receive per run of pages
+                    recv_exactly(self.conn, memoryview(buf).cast("B"))
                 jobs.append(
                     (start, end, self.io().submit(
                         self._store, headers[start:end], payloads, places[start:end]))
