@@ -167,9 +167,9 @@ class CPUBackend(Backend):
         """Each hit's header and payload as read-only views of the pool's pages (one per
         run), pinned until the caller's ``unpin`` of the hit keys: a daemon sends them
         straight to a socket instead of copying them out first. Host pools only."""
-        host = self.pool._host
+        host = self.pool.on_host
         with self._lock:
-            entries = [None if self._closed or host is None else self._entries.get(k) for k in keys]
+            entries = [None if self._closed or not host else self._entries.get(k) for k in keys]
             hits = [k for k, e in zip(keys, entries, strict=True) if e is not None]
             self._pins.pin(hits)
             for key in hits:
@@ -179,10 +179,7 @@ class CPUBackend(Backend):
             if entry is None:
                 out.append(None)
                 continue
-            views = [host[off : off + n] for off, n in entry.runs]
-            for v in views:
-                v.flags.writeable = False
-            out.append((entry.header, views))
+            out.append((entry.header, self.pool.views(entry.runs, writable=False)))
         return out
 
     def reserve(self, headers: Sequence[ChunkHeader]) -> list[list[np.ndarray] | None]:
@@ -190,12 +187,12 @@ class CPUBackend(Backend):
         caller to fill (a daemon receives payloads straight into them) and then
         ``commit``: nothing is visible before that. None where the key is stored or being
         written already, or no room could be made. Host pools only."""
-        host = self.pool._host
+        host = self.pool.on_host
         out: list[list[np.ndarray] | None] = []
         with self._lock:
             for h in headers:
                 key = h.key
-                if self._closed or host is None or key in self._entries or key in self._writing:
+                if self._closed or not host or key in self._entries or key in self._writing:
                     out.append(None)
                     continue
                 pages = self._alloc(h.nbytes)
@@ -204,8 +201,9 @@ class CPUBackend(Backend):
                     continue
                 self._writing.add(key)
                 self._reserved[key] = pages
-                runs = pages_to_runs(pages, self.pool.page_size, h.nbytes)
-                out.append([host[off : off + n] for off, n in runs])
+                out.append(
+                    self.pool.views(pages_to_runs(pages, self.pool.page_size, h.nbytes), True)
+                )
         return out
 
     def commit(self, headers: Sequence[ChunkHeader], ok: Sequence[bool]) -> list[bool]:

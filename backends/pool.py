@@ -117,6 +117,22 @@ class PagedPool:
     def release(self, pages: list[int]) -> None:
         self._free.extend(reversed(pages))
 
+    @property
+    def on_host(self) -> bool:
+        """Whether the pool is host memory (``views`` can hand out its bytes)."""
+        return self._host is not None
+
+    def views(self, runs: list[Run], writable: bool) -> list[np.ndarray] | None:
+        """The pool bytes at ``runs`` as host arrays, one per run (no copy); None for a
+        device pool. Read-only unless ``writable``."""
+        if self._host is None:
+            return None
+        out = [self._host[off : off + n] for off, n in runs]
+        if not writable:
+            for v in out:
+                v.flags.writeable = False
+        return out
+
     def write(self, runs: list[Run], src: Any) -> None:
         """Copy ``src`` (host buffer or tensor) into the pool at ``runs``."""
         if self._host is not None and not _is_device(src):

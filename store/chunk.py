@@ -130,7 +130,13 @@ def host_view(buf: Any) -> memoryview:
 
 
 def checksum(payload: Any) -> int:
-    """xxh3-64 of a host buffer (memoryview, bytes, numpy array)."""
+    """xxh3-64 of a host buffer (memoryview, bytes, numpy array), or of the bytes of a
+    list of them back to back (a payload held in several runs of pool pages)."""
+    if isinstance(payload, list):
+        digest = xxhash.xxh3_64()
+        for part in payload:
+            digest.update(part)
+        return digest.intdigest()
     return xxhash.xxh3_64_intdigest(payload)
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-import xxhash
 
 from backends.pool import host_array
 from store.chunk import Chunk, ChunkError, ChunkHeader, checksum, decode_header, encode_prefix
@@ -177,14 +176,7 @@ class StoreService:
         on reads (memory this process owns), so a chunk is hashed once, on arrival, while
         its bytes are still in the CPU caches."""
         for header, payload in zip(headers, payloads, strict=True):
-            if isinstance(payload, list):  # received into reserved pages: one view per run
-                digest = xxhash.xxh3_64()
-                for part in payload:
-                    digest.update(part)
-                got = digest.intdigest()
-            else:
-                got = checksum(payload)
-            if got != header.checksum:
+            if checksum(payload) != header.checksum:  # a list: reserved pages, one per run
                 raise BadRequest(f"chunk {header.key[:12]}: payload checksum mismatch")
 
     def check_put_size(self, count: int, nbytes: int) -> None:
