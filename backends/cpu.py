@@ -45,10 +45,13 @@ class CPUBackend(Backend):
         page_size: int = 64 * 1024,
         policy: str = "s3fifo",
         pin_memory: bool | None = None,
+        shared: bool = False,
     ) -> None:
-        if pin_memory is None:
-            pin_memory = self.device == "cpu" and torch.cuda.is_available()
-        self.pool = PagedPool(capacity, page_size, device=self.device, pin=pin_memory)
+        if pin_memory is None:  # a shared pool is a daemon's: it feeds sockets, not a GPU
+            pin_memory = self.device == "cpu" and torch.cuda.is_available() and not shared
+        self.pool = PagedPool(
+            capacity, page_size, device=self.device, pin=pin_memory, shared=shared
+        )
         self.policy = POLICIES[policy](self.pool.num_pages)
         self._entries: dict[str, _Entry] = {}
         self._writing: set[str] = set()  # keys whose payload is being copied in
@@ -163,10 +166,10 @@ class CPUBackend(Backend):
             self.unpin(hits)
         return results
 
-    def borrow(self, keys: Sequence[str]) -> list[tuple[ChunkHeader, list[np.ndarray]] | None]:
-        """Each hit's header and payload as read-only views of the pool's pages (one per
-        run), pinned until the caller's ``unpin`` of the hit keys: a daemon sends them
-        straight to a socket instead of copying them out first. Host pools only."""
+    def lend(self, keys: Sequence[str]) -> list[tuple[ChunkHeader, list[Run]] | None]:
+        """Each hit's header and the runs of the pool holding its payload, pinned until
+        the caller's ``unpin`` of the hit keys: the pages stay as they are (not evicted,
+        not reused) while someone reads them. Host pools only."""
         host = self.pool.on_host
         with self._lock:
             entries = [None if self._closed or not host else self._entries.get(k) for k in keys]
@@ -174,13 +177,21 @@ class CPUBackend(Backend):
             self._pins.pin(hits)
             for key in hits:
                 self.policy.touch(key)
-        out: list[tuple[ChunkHeader, list[np.ndarray]] | None] = []
-        for entry in entries:
-            if entry is None:
-                out.append(None)
-                continue
-            out.append((entry.header, self.pool.views(entry.runs, writable=False)))
-        return out
+        return [None if e is None else (e.header, e.runs) for e in entries]
+
+    def borrow(self, keys: Sequence[str]) -> list[tuple[ChunkHeader, list[np.ndarray]] | None]:
+        """``lend``, with each payload as read-only views of the pool's pages (one per
+        run): a daemon sends them straight to a socket instead of copying them out."""
+        return [
+            None if x is None else (x[0], self.pool.views(x[1], writable=False))  # type: ignore[misc]
+            for x in self.lend(keys)
+        ]
+
+    @property
+    def shared(self) -> Any:
+        """The pool's SharedBuffer when it lives in shared memory (clients on this host
+        map it read-only and copy lent chunks out themselves), else None."""
+        return self.pool.shared
 
     def reserve(self, headers: Sequence[ChunkHeader]) -> list[list[np.ndarray] | None]:
         """Writable views of freshly allocated pages for each chunk (one per run), for the
@@ -277,8 +288,7 @@ class CPUBackend(Backend):
             self._deferred.clear()
             self._reserved.clear()
             self.policy = POLICIES["lru"](0)
-            self.pool.buf = torch.empty(0, dtype=torch.uint8)  # drop the big allocation
-            self.pool._host = None
+            self.pool.close()  # drop the big allocation
 
     def check_integrity(self) -> None:
         """Raise unless index, policy and allocator agree (no page owned twice or lost)."""

@@ -16,11 +16,16 @@ mixed sizes degrade to a few runs per chunk, never to a failure::
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+
+from backends.shared_memory import SharedBuffer, SharedMemoryUnavailable
+
+log = logging.getLogger(__name__)
 
 
 class Run(NamedTuple):
@@ -80,17 +85,34 @@ class PagedPool:
     """``num_pages`` pages of ``page_size`` bytes in one tensor on ``device``."""
 
     def __init__(
-        self, capacity: int, page_size: int, device: str = "cpu", pin: bool = False
+        self,
+        capacity: int,
+        page_size: int,
+        device: str = "cpu",
+        pin: bool = False,
+        shared: bool = False,
     ) -> None:
         if page_size < 1 or capacity < page_size:
             raise ValueError(f"pool of {capacity} bytes cannot hold one page of {page_size}")
         self.page_size = page_size
         self.num_pages = capacity // page_size
         self.device = torch.device(device)
-        self.buf = torch.empty(
-            self.num_pages * page_size, dtype=torch.uint8, device=self.device, pin_memory=pin
-        )
+        self.shared: SharedBuffer | None = None  # host pools others may map (shared_memory.py)
+        if shared and self.device.type == "cpu" and not pin:
+            try:
+                self.shared = SharedBuffer(self.num_pages * page_size)
+            except SharedMemoryUnavailable as exc:
+                log.warning("cpu pool in private memory (%s): same-host gets copy twice", exc)
+        if self.shared is not None:
+            self.buf = self.shared.tensor
+        else:
+            self.buf = torch.empty(
+                self.num_pages * page_size, dtype=torch.uint8, device=self.device, pin_memory=pin
+            )
         self._host = self.buf.numpy() if self.device.type == "cpu" else None
+        if self._host is not None:
+            self._rw = memoryview(self._host).cast("B")
+            self._ro = self._rw.toreadonly()
         self._free = list(range(self.num_pages - 1, -1, -1))  # stack: pop() yields 0, 1, 2...
 
     @property
@@ -122,16 +144,14 @@ class PagedPool:
         """Whether the pool is host memory (``views`` can hand out its bytes)."""
         return self._host is not None
 
-    def views(self, runs: list[Run], writable: bool) -> list[np.ndarray] | None:
-        """The pool bytes at ``runs`` as host arrays, one per run (no copy); None for a
-        device pool. Read-only unless ``writable``."""
+    def views(self, runs: list[Run], writable: bool) -> list[memoryview] | None:
+        """The pool bytes at ``runs`` as byte memoryviews, one per run (no copy; slicing
+        a memoryview costs a tenth of a numpy view, and a get hands out one per chunk);
+        None for a device pool. Read-only unless ``writable``."""
         if self._host is None:
             return None
-        out = [self._host[off : off + n] for off, n in runs]
-        if not writable:
-            for v in out:
-                v.flags.writeable = False
-        return out
+        whole = self._rw if writable else self._ro
+        return [whole[off : off + n] for off, n in runs]
 
     def write(self, runs: list[Run], src: Any) -> None:
         """Copy ``src`` (host buffer or tensor) into the pool at ``runs``."""
@@ -170,6 +190,18 @@ class PagedPool:
         # may reuse its buffer (or we may reuse the pages) as soon as we return.
         if self.device.type == "cuda" or self.buf.is_pinned():
             torch.cuda.synchronize()
+
+    def close(self) -> None:
+        """Drop the pool's memory (the owner has dropped every view it handed out)."""
+        self.buf = torch.empty(0, dtype=torch.uint8)
+        self._host = None
+        for view in (self._ro, self._rw) if hasattr(self, "_ro") else ():
+            try:
+                view.release()
+            except BufferError:  # a view is still out; it goes with its last holder
+                pass
+        if self.shared is not None:
+            self.shared.close()
 
     def check_integrity(self, used_pages: list[int]) -> None:
         """Raise unless free and used pages partition the pool exactly once."""

@@ -13,7 +13,11 @@ log = logging.getLogger(__name__)
 def build_backend(name: str, config: StoreConfig) -> Backend:
     """The backend of tier ``name`` as configured; may raise BackendUnavailable."""
     t = config.tier(name)
-    if name in ("cpu", "gpu"):
+    if name == "cpu":
+        return create_backend(
+            name, capacity=t.size, page_size=t.page_size, policy=t.policy, shared=t.shared
+        )
+    if name == "gpu":
         return create_backend(name, capacity=t.size, page_size=t.page_size, policy=t.policy)
     if name in ("disk", "gds"):
         return create_backend(

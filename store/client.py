@@ -27,7 +27,9 @@ import grpc
 import numpy as np
 
 from backends.pool import flat_bytes, host_array
+from backends.shared_memory import PoolMapping
 from store.chunk import Chunk, ChunkError, decode_header, encode_prefix, host_view, on_device
+from store.daemon.pool_share import fetch_pool_fd
 from store.proto import kvstore_pb2 as pb
 from store.proto import kvstore_pb2_grpc as pb_grpc
 from store.shm import Region
@@ -35,6 +37,7 @@ from store.stream import RemoteError, check_reply, recv_buffers, recv_frame, sen
 
 TRANSPORTS = ("auto", "shm", "stream", "grpc", "ucx")
 DEFAULT_PORT = 50051
+IN_POOL = -1  # a get row's offset when the payload is read from the daemon's shared pool
 WINDOW_START = 64  # payloads in a region start past the nonce, cache-line aligned
 MAX_REGION_BYTES = 1 << 30
 _HEADER_CACHE = 1 << 16
@@ -69,10 +72,13 @@ def parse_url(url: str) -> Address:
 class _Conn:
     """One stream connection, optionally with a shared-memory region attached."""
 
-    def __init__(self, sock: Any, region: Region | None, ucx: bool = False) -> None:
+    def __init__(
+        self, sock: Any, region: Region | None, ucx: bool = False, pool: Any = None
+    ) -> None:
         self.sock = sock  # a socket, or a UcxSocket (store/ucx_transport.py)
         self.region = region
         self.ucx = ucx
+        self.pool: PoolMapping | None = pool  # the daemon's shared cpu pool, read-only
 
     def close(self) -> None:
         self.sock.close()
@@ -126,6 +132,7 @@ class KVStoreClient:
         self._stream_port: int | None = None
         self._shm_ok: bool | None = None if transport in ("auto", "shm") else False
         self._limits: dict[str, int] = {}
+        self._pools: dict[str, PoolMapping] = {}
 
     # -- control (gRPC) -------------------------------------------------------------
     def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
@@ -234,21 +241,31 @@ class KVStoreClient:
             region = conn.region
             assert region is not None
             send_frame(conn.sock, {"op": "get", "keys": keys[start:], "fp": fp, "region": True,
-                                   "offset": WINDOW_START, "length": region.size - WINDOW_START})  # fmt: skip
+                                   "offset": WINDOW_START, "length": region.size - WINDOW_START,
+                                   "pool": conn.pool is not None})  # fmt: skip
             done = 0
             for meta in _replies(conn.sock):
                 if "part" not in meta:
                     done = meta["done"]
+                    if meta.get("release"):  # copied out of the pool: its pages may go
+                        send_frame(conn.sock, {"op": "release"})
                     break
-                for index, raw, offset in meta["part"]:
-                    header = _header(raw, index, len(keys) - start)
-                    src = region.array[
-                        WINDOW_START + offset : WINDOW_START + offset + header.nbytes
-                    ]
-                    if src.nbytes != header.nbytes:
-                        raise RemoteError("INTERNAL", "daemon placed a payload outside the region")
+                for row in meta["part"]:
+                    index, offset = row[0], row[2]
+                    header = _header(row[1], index, len(keys) - start)
                     dst, final = _destination(outs, start + index, header.nbytes)
-                    np.copyto(dst, src)
+                    if offset == IN_POOL:
+                        if conn.pool is None or not conn.pool.read(row[3], dst):
+                            raise RemoteError("INTERNAL", "daemon named pool pages out of range")
+                    else:
+                        src = region.array[
+                            WINDOW_START + offset : WINDOW_START + offset + header.nbytes
+                        ]
+                        if src.nbytes != header.nbytes:
+                            raise RemoteError(
+                                "INTERNAL", "daemon placed a payload outside the region"
+                            )
+                        np.copyto(dst, src)
                     results[start + index] = Chunk(header, _deliver(dst, final, header.nbytes))
             if done == 0:  # the next payload does not fit: a bigger region, or the socket
                 if not self._grow(conn, 2 * region.size):
@@ -281,7 +298,7 @@ class KVStoreClient:
         size = max(size, 2 * (conn.region.size if conn.region else 0))
         if size > MAX_REGION_BYTES:
             return False
-        region = self._attach(conn.sock, size)
+        region, _ = self._attach(conn.sock, size)
         if region is None:
             return False
         if conn.region is not None:
@@ -289,21 +306,44 @@ class KVStoreClient:
         conn.region = region
         return True
 
-    def _attach(self, sock: socket.socket, size: int) -> Region | None:
-        """A region the daemon has mapped, or None if it cannot (another host)."""
+    def _attach(self, sock: socket.socket, size: int) -> tuple[Region | None, Any]:
+        """A region the daemon has mapped, or None if it cannot (another host); and the
+        daemon's offer of its shared pool, if it made one."""
         region = Region.create(size)
         try:
             send_frame(sock, {"op": "attach", "name": region.name, "nonce": region.nonce})
-            check_reply(recv_frame(sock))
-            return region
+            reply = check_reply(recv_frame(sock))
+            return region, reply.get("pool")
         except RemoteError as exc:
             if exc.code != "INVALID_ARGUMENT":
                 raise
             region.close()
             self._shm_ok = False
-            return None
+            return None, None
         finally:
             region.unlink()  # both sides have it mapped (or it failed): the name can go
+
+    def _pool(self, offer: Any) -> PoolMapping | None:
+        """This client's read-only mapping of the daemon's shared cpu pool named in
+        ``offer`` (mapped once per daemon), or None where it cannot be had."""
+        if not isinstance(offer, dict) or not isinstance(offer.get("size"), int):
+            return None
+        name = offer.get("socket")
+        with self._lock:
+            if name in self._pools:
+                return self._pools[name]
+        fd = fetch_pool_fd(offer, self.connect_timeout)
+        if fd is None:
+            return None
+        try:
+            mapping = PoolMapping(fd, offer["size"])
+        except (OSError, ValueError):
+            return None
+        finally:
+            os.close(fd)
+        with self._lock:
+            self._pools = {name: mapping}  # a restarted daemon has a new pool: drop the old
+        return mapping
 
     # -- gRPC path ------------------------------------------------------------------
     def _grpc_put(self, chunks: Sequence[Chunk], fp: bytes | None) -> list[bool]:
@@ -350,9 +390,11 @@ class KVStoreClient:
             for i, conn in enumerate(self._idle):
                 if conn.ucx != (transport == "ucx"):
                     continue
-                if transport in ("stream", "ucx") or (conn.region is not None) == bool(
-                    self._shm_ok
-                ):
+                if transport in ("stream", "ucx"):
+                    return self._idle.pop(i)
+                # auto/shm: a connection of the kind the daemon allows; while that is
+                # unknown (no attach tried yet), a new one that tries
+                if self._shm_ok is not None and (conn.region is not None) == self._shm_ok:
                     return self._idle.pop(i)
         return self._connect(transport)
 
@@ -371,11 +413,12 @@ class KVStoreClient:
                 from store.ucx_transport import client_upgrade
 
                 return _Conn(client_upgrade(sock, self.timeout, self.connect_timeout), None, True)
-            region = None
+            region, pool = None, None
             if transport != "stream" and self._shm_ok is not False:
-                region = self._attach(sock, self.region_bytes)
+                region, offer = self._attach(sock, self.region_bytes)
                 self._shm_ok = region is not None
-            return _Conn(sock, region)
+                pool = self._pool(offer) if offer else None
+            return _Conn(sock, region, pool=pool)
         except BaseException:
             sock.close()
             raise

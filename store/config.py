@@ -76,10 +76,13 @@ class PoolConfig(TierConfig):
     page_size: int = _size("64KiB")
     policy: str = "s3fifo"
     verify: bool = False  # memory this process owns: checked when it leaves, not on reads
+    shared: bool = False  # cpu only: a pool same-host clients map read-only (the daemon's)
 
     def validate(self, name: str) -> None:
         TierConfig.validate(self, name)
         _check_choice(f"{name}.policy", self.policy, EVICTION_POLICIES)
+        if self.shared and name != "cpu":
+            raise ConfigError(f"{name}.shared: only the cpu tier's pool can be shared")
         if self.page_size > self.size:
             raise ConfigError(
                 f"{name}.page_size ({self.page_size}) exceeds {name}.size ({self.size})"

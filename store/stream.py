@@ -70,21 +70,44 @@ def recv_exactly(sock: socket.socket, view: memoryview) -> None:
         got += r
 
 
+SEND_BYTES = 1 << 20
+"""Bytes handed to one ``sendmsg``. Loopback TCP moved 1 MiB chunks at 2.6 GB/s when
+a whole 4 MiB part went in one call and at 3.5 GB/s in 1 MiB calls (2.5 at 256 KiB or
+2 MiB); the sender's kernel time per byte drops too: each call's data stays within the
+core's 2 MiB L2 while the stack copies it (docs/daemon.md)."""
+
+
 def send_buffers(sock: socket.socket, buffers: Sequence[Any]) -> None:
     """``sendall`` of many buffers with few system calls (gathered ``sendmsg``)."""
     views = [v for v in (memoryview(b).cast("B") for b in buffers) if v.nbytes]
     i = 0
     while i < len(views):
-        sent = sock.sendmsg(views[i : i + _IOV_MAX])
+        sent = sock.sendmsg(_batch(views, i, SEND_BYTES))
         i = _advance(views, i, sent)
 
 
+def _batch(views: list[memoryview], i: int, limit: int) -> list[memoryview]:
+    """``views[i:]`` cut to at most ``limit`` bytes (and _IOV_MAX buffers) for one call."""
+    batch: list[memoryview] = []
+    size = 0
+    for v in views[i : i + _IOV_MAX]:
+        if v.nbytes > limit - size:
+            batch.append(v[: limit - size])
+            break
+        batch.append(v)
+        size += v.nbytes
+        if size == limit:
+            break
+    return batch
+
+
 def recv_buffers(sock: socket.socket, views: Sequence[memoryview]) -> None:
-    """Fill writable byte views in order with few system calls (scattered ``recvmsg_into``)."""
+    """Fill writable byte views in order with few system calls (scattered ``recvmsg_into``,
+    ``MSG_WAITALL``: one call per batch of views, not one per socket-buffer load)."""
     views = [v for v in views if v.nbytes]
     i = 0
     while i < len(views):
-        got = sock.recvmsg_into(views[i : i + _IOV_MAX])[0]
+        got = sock.recvmsg_into(views[i : i + _IOV_MAX], 0, socket.MSG_WAITALL)[0]
         if not got:
             raise StreamClosed("stream closed mid-payload")
         i = _advance(views, i, got)

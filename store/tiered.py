@@ -251,8 +251,24 @@ class TieredStore:
         """Hits in the first tier, when it can lend them (a host ``cpu`` tier that does
         not verify reads): (header, read-only views of its pages), pinned until
         ``give_back`` of those keys. Everything else is None: ``get`` it."""
+        return self._lend_first("borrow", keys)
+
+    def lend(self, keys: Sequence[str]) -> list[tuple[Any, list[Any]] | None]:
+        """``borrow``, with (header, runs of the first tier's pool) for each hit: for a
+        reader that maps that pool itself (``shared_pool``)."""
+        return self._lend_first("lend", keys)
+
+    def shared_pool(self) -> Any:
+        """The first tier's SharedBuffer when its pool is in shared memory and it lends
+        hits (so same-host clients may read them in place), else None."""
         tier = self.tiers[0]
-        lend = getattr(tier.backend, "borrow", None)
+        if tier.verify or not hasattr(tier.backend, "lend"):
+            return None
+        return getattr(tier.backend, "shared", None)
+
+    def _lend_first(self, method: str, keys: Sequence[str]) -> list[Any]:
+        tier = self.tiers[0]
+        lend = getattr(tier.backend, method, None)
         if lend is None or tier.verify:
             return [None] * len(keys)
         start = time.perf_counter()

@@ -33,7 +33,7 @@ import numpy as np
 
 from store.chunk import make_chunk
 from store.client import KVStoreClient
-from store.stream import recv_into, tune
+from store.stream import recv_into, send_buffers, tune
 
 REPEATS = 5
 MAX_CHUNKS = 1024
@@ -56,7 +56,7 @@ class RawPeer:
     def put(self, data: list[np.ndarray]) -> None:
         self.sock.sendall(struct.pack("<cQQ", b"p", len(data), data[0].nbytes))
         for d in data:
-            self.sock.sendall(d)
+            send_buffers(self.sock, [d])  # in SEND_BYTES calls, as the client sends
         recv_into(self.sock, memoryview(bytearray(1)))
 
     def get(self, outs: list[np.ndarray]) -> None:

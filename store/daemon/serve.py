@@ -19,6 +19,7 @@ from prometheus_client import start_http_server
 from store.config import StoreConfig
 from store.daemon.activity import Activity
 from store.daemon.grpc_api import KVStoreServicer, start_grpc
+from store.daemon.pool_share import PoolShare
 from store.daemon.service import Limits, StoreService
 from store.daemon.stream_server import StreamServer
 from store.tiered import TieredStore
@@ -57,7 +58,10 @@ class Daemon:
         self.store = TieredStore(config)
         self.activity = Activity(self.store.metrics.registry)
         self.service = StoreService(self.store, options.limits)
-        self.streams = StreamServer(self.service, self.activity, options.token, ucx=options.ucx)
+        self.pool_share = _share_pool(self.store)
+        self.streams = StreamServer(
+            self.service, self.activity, options.token, ucx=options.ucx, pool=self.pool_share
+        )
         self.stream_port = self.streams.start(options.host, options.stream_port)
         max_message = options.limits.max_chunk_bytes + (1 << 20)
         servicer = KVStoreServicer(self.service, self.activity, self.stream_port)
@@ -82,10 +86,24 @@ class Daemon:
             log.warning("drain timed out with %d requests in flight", self.activity.in_flight)
         self.grpc.stop(grace=1.0).wait()
         self.streams.stop()
+        if self.pool_share is not None:
+            self.pool_share.close()
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
         self.store.close()
+
+
+def _share_pool(store: TieredStore) -> PoolShare | None:
+    """Offer the first tier's shared pool to same-host clients, where it is shared."""
+    shared = store.shared_pool()
+    if shared is None:
+        return None
+    try:
+        return PoolShare(shared)
+    except OSError as exc:
+        log.warning("cannot offer the shared cpu pool (%s): same-host gets copy twice", exc)
+        return None
 
 
 def run(config: StoreConfig, options: ServeOptions) -> int:

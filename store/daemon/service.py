@@ -22,6 +22,8 @@ from store.metrics import TierStats
 from store.tiered import TieredStore
 
 KEY = re.compile(r"^[0-9a-f]{64}$")
+IN_POOL = -1
+"""``Placed.offset`` of a hit a client reads from its mapping of the shared pool."""
 PART_BYTES = 4 << 20
 """A get is answered in parts of about this many payload bytes, so the client copies
 one part out while the daemon fetches the next."""
@@ -268,34 +270,53 @@ class StoreService:
             raise
 
     def get_into(
-        self, keys: Sequence[str], fingerprint: bytes | None, window: np.ndarray
+        self,
+        keys: Sequence[str],
+        fingerprint: bytes | None,
+        window: np.ndarray,
+        lent: list[str] | None = None,
     ) -> Iterator[list[Placed] | int]:
         """Hits of ``keys`` written into ``window`` (a client's shared memory), in parts.
 
         Payloads of keys whose size is known go straight from the tiers into the window;
         others are fetched, then copied. Keys are taken in order while they fit; the last
         item yielded is how many keys were handled (the client asks again for the rest).
+
+        With ``lent`` (the client maps the first tier's shared pool), first-tier hits are
+        not copied at all: each comes with offset ``IN_POOL`` and its pool runs as
+        payload, pinned, its key appended to ``lent``; the caller ``give_back``s them
+        once the client has read them. They take no room in the window.
         """
         keys = self.check_keys(keys)
         pos = start = 0
         while start < len(keys):
             end = self._part_end(keys, start)
-            offsets: list[int | None] = []
-            for k in keys[start:end]:
-                size = self.sizes.get(k)
-                if size is not None and pos + size > window.nbytes:
-                    break
-                offsets.append(None if size is None else pos)
-                pos += _aligned(size or 0)
-            if not offsets:
+            part = keys[start:end]
+            loans = self.store.lend(part) if lent is not None else [None] * len(part)
+            cut = start
+            try:
+                places: list[int | None] = []
+                for k, loan in zip(part, loans, strict=True):
+                    size = None if loan is not None else self.sizes.get(k)
+                    if size is not None and pos + size > window.nbytes:
+                        break
+                    places.append(IN_POOL if loan is not None else None if size is None else pos)
+                    pos += _aligned(size or 0)
+                placed, pos, stop = self._fetch_into(
+                    keys, start, places, loans, window, pos, fingerprint
+                )
+                cut = start + len(places) if stop is None else stop
+            finally:  # lent hits past the cut were not placed: their pins go now
+                kept = cut - start
+                late = [k for k, loan in zip(part[kept:], loans[kept:], strict=True) if loan is not None]
+                self.store.give_back(late)
+                if lent is not None:
+                    lent += [k for k, loan in zip(part[:kept], loans[:kept], strict=True) if loan is not None]
+            if cut == start:  # the first payload does not fit
                 break
-            part, pos, stop = self._fetch_into(keys, start, offsets, window, pos, fingerprint)
-            yield part
-            if stop is not None:
-                start = stop
-                break
-            start += len(offsets)
-            if start < end:  # the next known-size payload does not fit
+            yield [p for p in placed if p.index < cut]
+            start = cut
+            if start < end:  # the next payload does not fit
                 break
         yield start
 
@@ -303,20 +324,28 @@ class StoreService:
         self,
         keys: list[str],
         start: int,
-        offsets: list[int | None],
+        places: list[int | None],
+        loans: list[Any],
         window: np.ndarray,
         pos: int,
         fingerprint: bytes | None,
     ) -> tuple[list[Placed], int, int | None]:
         """One part of ``get_into``: placed hits, the next free position, and the index of
         the first unknown-size hit that did not fit (None when all did)."""
-        part = keys[start : start + len(offsets)]
+        part = keys[start : start + len(places)]
+        got: list[Chunk | None] = [None] * len(places)
+        fetch = [i for i, o in enumerate(places) if o != IN_POOL]
         outs = [
-            None if o is None else window[o : o + self.sizes.get(k)]  # type: ignore[operator]
-            for k, o in zip(part, offsets, strict=True)
+            None if places[i] is None else window[places[i] : places[i] + self.sizes.get(part[i])]  # type: ignore[operator]
+            for i in fetch
         ]
+        for i, chunk in zip(fetch, self.store.get([part[i] for i in fetch], outs), strict=True):
+            got[i] = chunk
+        for i, o in enumerate(places):
+            if o == IN_POOL:
+                got[i] = Chunk(loans[i][0], loans[i][1])  # payload: the runs in the pool
         placed: list[Placed] = []
-        for p in self._hits(start, self.store.get(part, outs), fingerprint, offsets):
+        for p in self._hits(start, got, fingerprint, places):
             if p.offset is None:  # size was unknown: copy into the window if it fits
                 n = p.header.nbytes
                 if pos + n > window.nbytes:

@@ -7,7 +7,9 @@ first frame must be ``hello`` (with the bearer token when one is configured). Th
 * ``attach`` maps the client's shared-memory region (store/shm.py) after checking the
   nonce at its start: proof that client and daemon share a host.
 * ``get`` answers in parts: a frame listing hits (index, header[, offset]), then, on the
-  socket path, their payloads; with ``region`` the payloads are in shared memory.
+  socket path, their payloads; with ``region`` the payloads are in shared memory: in the
+  client's region, or (``pool``) where they lie in the daemon's cpu pool, which the
+  client maps read-only (pool_share.py), pinned until the client sends ``release``.
 * ``put`` is one frame listing headers, then the payloads (or their region offsets).
   The whole request is read and checked before anything is stored.
 
@@ -28,11 +30,13 @@ import numpy as np
 
 from store.chunk import Chunk
 from store.daemon.activity import Activity, Draining
-from store.daemon.service import PART_BYTES, BadRequest, StoreService
+from store.daemon.pool_share import PoolShare
+from store.daemon.service import IN_POOL, PART_BYTES, BadRequest, StoreService
 from store.shm import NONCE_BYTES, Region, RegionError
 from store.stream import (
     PROTOCOL_VERSION,
     StreamClosed,
+    recv_buffers,
     recv_exactly,
     recv_frame,
     send_frame,
@@ -45,6 +49,10 @@ log = logging.getLogger(__name__)
 PUT_GROUP_BYTES = 4 << 20
 """A stream put is received in groups of about this many bytes, each verified and stored
 by the connection's helper thread while the next group arrives."""
+
+
+RELEASE_TIMEOUT = 30.0
+"""Seconds a client may take to copy a get's chunks out of the shared pool."""
 
 
 HANDSHAKE_TIMEOUT = 10.0
@@ -65,8 +73,10 @@ class StreamServer:
         token: str | None,
         max_region_bytes: int = 1 << 34,
         ucx: bool = False,
+        pool: PoolShare | None = None,
     ) -> None:
         self.service = service
+        self.pool = pool  # hands attached clients the shared cpu pool (pool_share.py)
         self.activity = activity
         self.token = token
         self.max_region_bytes = max_region_bytes
@@ -236,7 +246,10 @@ class _Session:
         if self.region is not None:
             self.region.close()
         self.region = region
-        send_frame(self.conn, {"ok": True, "size": region.size})
+        reply: dict[str, Any] = {"ok": True, "size": region.size}
+        if self.server.pool is not None and self.wire == "stream":
+            reply["pool"] = self.server.pool.offer()  # same host proven: the pool may be read
+        send_frame(self.conn, reply)
 
     def _window(self, meta: dict[str, Any]) -> np.ndarray:
         if self.region is None:
@@ -256,22 +269,26 @@ class _Session:
         if not isinstance(keys, list):
             raise BadRequest("keys must be a list of strings")
         if meta.get("region"):
-            return self._get_into(keys, fp, self._window(meta))
+            return self._get_into(meta, keys, fp)
         keys = self.service.check_keys(keys)
         parts = self.service.plan_parts(keys)
         encode = self.service.prefixes.encode
         sent = 0
         pending: Future | None = None
         give_back = self.service.store.give_back
+        inline = True  # the first part: nothing to overlap with yet
         try:
-            if parts:
-                pending = self.io().submit(self._fetch, keys, parts[0], fp, 0)
             for i in range(len(parts)):
-                assert pending is not None
-                placed, lent = pending.result()
-                pending = None
+                if pending is None:
+                    placed, lent = self._fetch(keys, parts[i], fp, i % 2)
+                else:
+                    placed, lent = pending.result()
+                    pending = None
+                # Parts the first tier lent whole cost a lookup and pins, less than a
+                # hand-off to the helper thread: those are fetched inline, just in time.
+                inline = len(lent) == parts[i][1] - parts[i][0]
                 try:
-                    if i + 1 < len(parts):  # fetch the next part into the other buffer meanwhile
+                    if i + 1 < len(parts) and not inline:  # fetch the next part meanwhile
                         pending = self.io().submit(self._fetch, keys, parts[i + 1], fp, (i + 1) % 2)
                     rows = [[p.index, encode(p.header)] for p in placed]
                     send_frame(self.conn, {"part": rows}, *_buffers(placed))
@@ -295,29 +312,56 @@ class _Session:
 
         return self.service.fetch_part(keys, span, fp, buffer)
 
-    def _get_into(self, keys: list[Any], fp: bytes | None, window: np.ndarray) -> None:
+    def _get_into(self, meta: dict[str, Any], keys: list[Any], fp: bytes | None) -> None:
         """The shared-memory get: the helper thread copies part *n+1* from the tiers into
-        the window while this thread announces part *n* (and the client copies it out)."""
+        the window while this thread announces part *n* (and the client copies it out).
+
+        A client that maps the shared pool (``"pool": true``) is instead told where first-
+        tier hits lie in the pool; their pages stay pinned until it says ``release``."""
+        window = self._window(meta)
         encode = self.service.prefixes.encode
         sent = 0
-        parts = self.service.get_into(keys, fp, window)
+        lent: list[str] | None = [] if meta.get("pool") and self.server.pool else None
+        parts = self.service.get_into(keys, fp, window, lent)
         pending: Future | None = self.io().submit(next, parts, None)
         try:
             while pending is not None:
                 item = pending.result()
                 pending = None
                 if item is None or isinstance(item, int):
-                    send_frame(self.conn, {"ok": True, "done": item or 0})
+                    send_frame(self.conn, {"ok": True, "done": item or 0, "release": bool(lent)})
                     break
                 pending = self.io().submit(next, parts, None)
-                rows = [[p.index, encode(p.header), p.offset] for p in item]
+                rows = [
+                    [p.index, encode(p.header), p.offset]
+                    if p.offset != IN_POOL
+                    else [p.index, encode(p.header), IN_POOL, [x for run in p.payload for x in run]]
+                    for p in item
+                ]
                 sent += sum(p.header.nbytes for p in item)
                 send_frame(self.conn, {"part": rows})
+            if lent:
+                self._await_release()
         finally:
             if pending is not None:
                 pending.exception()
             parts.close()
+            if lent:
+                self.service.store.give_back(lent)
         self.activity.bytes.labels("out", "shm").inc(sent)
+
+    def _await_release(self) -> None:
+        """Wait for the client to say it has copied the lent chunks out of the pool. A
+        client that never does loses its connection, so its pins cannot outlive it."""
+        self.conn.settimeout(RELEASE_TIMEOUT)
+        try:
+            meta = recv_frame(self.conn)
+        except TimeoutError:
+            raise StreamClosed("no release of lent pool pages in time") from None
+        finally:
+            self.conn.settimeout(None)
+        if meta.get("op") != "release":
+            raise StreamClosed(f"expected release of lent pool pages, got {meta.get('op')!r}")
 
     # -- put ------------------------------------------------------------------------
     def _put(self, meta: dict[str, Any]) -> None:
@@ -378,8 +422,7 @@ class _Session:
                         pos += n
                     else:
                         payloads.append(place)
-                for buf in _flat(payloads):  # one MSG_WAITALL receive per run of pages
-                    recv_exactly(self.conn, memoryview(buf).cast("B"))
+                recv_buffers(self.conn, [memoryview(b).cast("B") for b in _flat(payloads)])
                 jobs.append(
                     (start, end, self.io().submit(
                         self._store, headers[start:end], payloads, places[start:end]))

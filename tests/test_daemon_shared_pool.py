@@ -1,0 +1,215 @@
+"""The daemon's cpu pool in shared memory: same-host clients map it read-only and copy
+hits out themselves (backends/shared_memory.py, store/daemon/pool_share.py)."""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+import numpy as np
+import pytest
+from daemon_proc import chunk, same, start_daemon
+
+from backends.shared_memory import PoolMapping, SharedBuffer
+from store.client import IN_POOL, WINDOW_START, KVStoreClient
+from store.daemon import pool_share
+from store.daemon.pool_share import PoolShare, fetch_pool_fd
+from store.stream import recv_frame, send_frame
+
+MiB = 1 << 20
+
+
+def test_clients_get_a_descriptor_that_cannot_write():
+    shared = SharedBuffer(4 * 4096)
+    try:
+        shared.tensor[:5] = torch_bytes(b"hello")
+        fd = shared.reader_fd()
+        try:
+            view = mmap.mmap(fd, shared.nbytes, prot=mmap.PROT_READ)
+            assert view[:5] == b"hello"
+            shared.tensor[5:6] = torch_bytes(b"!")  # the owner's writes show through
+            assert view[:6] == b"hello!"
+            view.close()
+            with pytest.raises(PermissionError):
+                mmap.mmap(fd, shared.nbytes)  # read-write shared mapping: refused
+            with pytest.raises(OSError):
+                os.write(fd, b"x")
+            with pytest.raises(OSError):
+                os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+    finally:
+        shared.close()
+
+
+def torch_bytes(b: bytes):
+    import torch
+
+    return torch.frombuffer(bytearray(b), dtype=torch.uint8)
+
+
+def test_a_mapping_reads_only_runs_inside_the_pool_that_fill_the_buffer():
+    shared = SharedBuffer(8192)
+    shared.tensor.copy_(torch_bytes(bytes(range(256)) * 32))
+    fd = shared.reader_fd()
+    pool = PoolMapping(fd, 8192)
+    os.close(fd)
+    try:
+        dst = np.zeros(300, np.uint8)
+        assert pool.read([100, 200, 4096, 100], dst)  # two runs, in order
+        want = np.frombuffer(bytes(range(256)) * 32, np.uint8)
+        assert (dst[:200] == want[100:300]).all() and (dst[200:] == want[4096:4196]).all()
+        for bad in ([8000, 300], [0, 299], [0, 150, 150], [-1, 300], [0.0, 300], [True, 300]):
+            dst[:] = 7
+            assert not pool.read(bad, dst), bad
+            assert (dst == 7).all()  # nothing copied from a refused answer
+        with pytest.raises(ValueError):
+            PoolMapping(shared.reader_fd(), 4096)  # the size must be the pool's
+    finally:
+        pool.close()
+        shared.close()
+
+
+def test_a_ticket_is_good_once_and_not_after_it_expires(monkeypatch):
+    shared = SharedBuffer(4096)
+    share = PoolShare(shared)
+    try:
+        offer = share.offer()
+        fd = fetch_pool_fd(offer, 2.0)
+        assert fd is not None and os.fstat(fd).st_size == 4096
+        os.close(fd)
+        assert fetch_pool_fd(offer, 2.0) is None  # used up
+        assert fetch_pool_fd(dict(offer, ticket="0" * 32), 2.0) is None  # never issued
+        monkeypatch.setattr(pool_share, "TICKET_SECONDS", -1.0)
+        assert fetch_pool_fd(share.offer(), 2.0) is None  # expired
+        assert fetch_pool_fd({"socket": "kvstore-pool-nothere", "ticket": "0" * 32}, 1.0) is None
+    finally:
+        share.close()
+        shared.close()
+
+
+@pytest.fixture(scope="module")
+def small_daemon():
+    """8 MiB of cpu pool: eight 1 MiB chunks fill it."""
+    d = start_daemon("--cpu-size", "8MiB")
+    yield d
+    assert d.terminate() == 0
+
+
+def test_shm_gets_read_the_shared_pool(small_daemon):
+    chunks = [chunk(i, size=MiB, tag="pool") for i in range(4)]
+    with KVStoreClient(small_daemon.url, transport="shm") as c:
+        assert c.put(chunks) == [True] * 4
+        outs = [np.empty(MiB, np.uint8) for _ in chunks]
+        got = c.get([x.key for x in chunks], outs)
+        assert all(same(g, x) for g, x in zip(got, chunks, strict=True))
+        assert all(np.shares_memory(np.asarray(g.payload), o) for g, o in zip(got, outs, strict=True))
+        assert c._idle and c._idle[0].pool is not None
+        assert c.delete([x.key for x in chunks]) == 4
+
+
+def _lent_get(conn, keys):
+    """Ask for ``keys`` through the pool and read the answer, without releasing."""
+    send_frame(conn.sock, {"op": "get", "keys": keys, "region": True, "offset": WINDOW_START,
+                           "length": conn.region.size - WINDOW_START, "pool": True})  # fmt: skip
+    rows = []
+    while "part" in (meta := recv_frame(conn.sock)):
+        rows += meta["part"]
+    assert meta["done"] == len(keys) and meta["release"] is True
+    assert [r[2] for r in rows] == [IN_POOL] * len(keys)
+    return [r[3] for r in rows]
+
+
+def test_lent_pages_stay_put_until_the_client_releases_them(small_daemon):
+    first = [chunk(i, size=MiB, tag="lent") for i in range(4)]
+    later = [chunk(i, size=MiB, tag="later") for i in range(8)]
+    with (KVStoreClient(small_daemon.url, transport="shm") as reader,
+          KVStoreClient(small_daemon.url, transport="stream") as writer):  # fmt: skip
+        assert writer.put(first) == [True] * 4
+        with reader._borrow("shm") as conn:
+            runs = _lent_get(conn, [x.key for x in first])
+            # Deleted and crowded out while lent: the pages must not be reused yet.
+            assert writer.delete([x.key for x in first]) == 4
+            writer.put(later)  # each evicts the one before it once the 4 free MiB are used
+            held = writer.get([x.key for x in later])
+            assert sum(g is not None for g in held) == 4  # the lent 4 MiB are not reused
+            for r, x in zip(runs, first, strict=True):
+                dst = np.empty(MiB, np.uint8)
+                assert conn.pool.read(r, dst) and bytes(dst) == bytes(x.payload)
+            send_frame(conn.sock, {"op": "release"})
+        writer.delete([x.key for x in later])
+        assert writer.put(later) == [True] * 8  # released: the whole pool is usable again
+        assert writer.lookup([x.key for x in later]) == ["cpu"] * 8
+        writer.delete([x.key for x in later])
+
+
+def test_a_client_that_goes_away_without_releasing_frees_its_pins(small_daemon):
+    first = [chunk(i, size=MiB, tag="gone") for i in range(4)]
+    later = [chunk(i, size=MiB, tag="after-gone") for i in range(8)]
+    with KVStoreClient(small_daemon.url, transport="stream") as writer:
+        assert writer.put(first) == [True] * 4
+        for ending in ("close", "wrong op"):
+            reader = KVStoreClient(small_daemon.url, transport="shm")
+            conn = reader._take("shm")
+            _lent_get(conn, [x.key for x in first])
+            if ending == "wrong op":  # anything but release: the daemon drops the connection
+                send_frame(conn.sock, {"op": "get", "keys": []})
+                assert conn.sock.recv(1) == b""
+            conn.close()
+            reader.close()
+        writer.delete([x.key for x in first])
+        deadline_ok = False
+        for _ in range(50):  # the daemon notices the closed socket promptly
+            if writer.put(later) == [True] * 8:
+                deadline_ok = True
+                break
+            writer.delete([x.key for x in later])
+        assert deadline_ok
+        writer.delete([x.key for x in later])
+
+
+def test_hits_below_the_cpu_tier_still_come_through_the_region(tmp_path):
+    d = start_daemon("--cpu-size", "4MiB", "--disk-path", str(tmp_path), "--disk-size", "64MiB",
+                     "--set", "disk.fsync=false")  # fmt: skip
+    try:
+        chunks = [chunk(i, size=MiB, tag="mixed") for i in range(10)]
+        with KVStoreClient(d.url, transport="shm") as c:
+            assert c.put(chunks) == [True] * 10  # written through to disk; the last 4 in cpu
+            with c._borrow("shm") as conn:
+                keys = [x.key for x in chunks[::-1]]  # cpu hits first: disk hits get promoted
+                send_frame(conn.sock, {"op": "get", "keys": keys,
+                                       "region": True, "offset": WINDOW_START,
+                                       "length": conn.region.size - WINDOW_START, "pool": True})  # fmt: skip
+                offsets = []
+                while "part" in (meta := recv_frame(conn.sock)):
+                    offsets += [r[2] for r in meta["part"]]
+                assert meta["release"] and len(offsets) == 10
+                send_frame(conn.sock, {"op": "release"})
+            assert 0 < offsets.count(IN_POOL) < 10  # both paths in one get
+            got = c.get([x.key for x in chunks])
+            assert all(same(g, x) for g, x in zip(got, chunks, strict=True))
+    finally:
+        assert d.terminate() == 0
+
+
+def test_a_private_pool_serves_shm_gets_through_the_region():
+    d = start_daemon("--cpu-size", "8MiB", "--set", "cpu.shared=false")
+    try:
+        chunks = [chunk(i, size=100_000, tag="private") for i in range(5)]
+        with KVStoreClient(d.url, transport="shm") as c:
+            assert c.put(chunks) == [True] * 5
+            got = c.get([x.key for x in chunks])
+            assert all(same(g, x) for g, x in zip(got, chunks, strict=True))
+            assert c._idle[0].region is not None and c._idle[0].pool is None
+    finally:
+        assert d.terminate() == 0
+
+
+def test_shm_is_tried_even_after_stream_connections_were_pooled(small_daemon):
+    chunks = [chunk(i, size=100_000, tag="order") for i in range(3)]
+    with KVStoreClient(small_daemon.url) as c:
+        assert c.put(chunks, transport="stream") == [True] * 3  # pools a plain connection
+        got = c.get([x.key for x in chunks], transport="shm")
+        assert all(same(g, x) for g, x in zip(got, chunks, strict=True))
+        assert any(conn.pool is not None for conn in c._idle)  # not the stream one again
+        c.delete([x.key for x in chunks])
