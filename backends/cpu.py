@@ -57,7 +57,7 @@ class CPUBackend(Backend):
         self._writing: set[str] = set()  # keys whose payload is being copied in
         self._pins = PinCounts()
         self._deferred: dict[str, list[list[int]]] = {}  # pages of deleted-while-pinned keys
-        self._reserved: dict[str, list[int]] = {}  # pages handed out by ``reserve``
+        self._reserved: dict[str, tuple[list[int], list[Run]]] = {}  # handed out by ``reserve``
         self._lock = threading.Lock()
         self.on_evict = None
         self.evictions = 0
@@ -211,10 +211,9 @@ class CPUBackend(Backend):
                     out.append(None)
                     continue
                 self._writing.add(key)
-                self._reserved[key] = pages
-                out.append(
-                    self.pool.views(pages_to_runs(pages, self.pool.page_size, h.nbytes), True)
-                )
+                runs = pages_to_runs(pages, self.pool.page_size, h.nbytes)
+                self._reserved[key] = (pages, runs)
+                out.append(self.pool.views(runs, True))
         return out
 
     def commit(self, headers: Sequence[ChunkHeader], ok: Sequence[bool]) -> list[bool]:
@@ -223,13 +222,13 @@ class CPUBackend(Backend):
         stored = []
         with self._lock:
             for h, good in zip(headers, ok, strict=True):
-                pages = self._reserved.pop(h.key, None)
-                if pages is None:
+                held = self._reserved.pop(h.key, None)
+                if held is None:
                     stored.append(False)
                     continue
+                pages, runs = held
                 self._writing.discard(h.key)
                 if good and not self._closed:
-                    runs = pages_to_runs(pages, self.pool.page_size, h.nbytes)
                     self._entries[h.key] = _Entry(h, pages, runs)
                     self.policy.insert(h.key, len(pages))
                     stored.append(True)
@@ -295,7 +294,7 @@ class CPUBackend(Backend):
         with self._lock:
             used = [p for e in self._entries.values() for p in e.pages]
             used += [p for lists in self._deferred.values() for pages in lists for p in pages]
-            used += [p for pages in self._reserved.values() for p in pages]
+            used += [p for pages, _ in self._reserved.values() for p in pages]
             self.pool.check_integrity(used)
             if len(self.policy) != len(self._entries):
                 raise AssertionError(

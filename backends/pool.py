@@ -37,6 +37,8 @@ class Run(NamedTuple):
 
 def pages_to_runs(pages: list[int], page_size: int, nbytes: int) -> list[Run]:
     """Coalesce consecutive page numbers into byte runs covering exactly ``nbytes``."""
+    if nbytes and pages == list(range(pages[0], pages[0] + len(pages))):  # one run
+        return [Run(pages[0] * page_size, nbytes)]
     runs: list[Run] = []
     left = nbytes
     start = prev = pages[0] if pages else 0

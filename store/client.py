@@ -3,7 +3,9 @@ for bulk data.
 
 ``transport`` chooses the bulk path of ``get`` and ``put``:
 
-* ``shm``: payloads cross through a shared-memory region (same host only);
+* ``shm`` (same host only): gets copy first-tier hits out of the daemon's shared pool,
+  mapped read-only; the daemon reads puts out of this process (cross-memory attach)
+  where permitted; anything else crosses a shared-memory region;
 * ``stream``: payloads on the daemon's stream port, straight into the caller's buffers;
 * ``grpc``: payloads inline in gRPC messages (slowest; what other languages would use);
 * ``ucx``: the stream's frames and payloads over UCX (RDMA, NVLink, ...; needs ucxx and a
@@ -28,6 +30,7 @@ import numpy as np
 
 from backends.pool import flat_bytes, host_array
 from backends.shared_memory import PoolMapping
+from store import cma
 from store.chunk import Chunk, ChunkError, decode_header, encode_prefix, host_view, on_device
 from store.daemon.pool_share import fetch_pool_fd
 from store.proto import kvstore_pb2 as pb
@@ -79,6 +82,11 @@ class _Conn:
         self.region = region
         self.ucx = ucx
         self.pool: PoolMapping | None = pool  # the daemon's shared cpu pool, read-only
+
+    @property
+    def cma(self) -> bool:
+        """Whether the daemon reads this connection's put payloads from our memory."""
+        return self.region is not None and self.region.cma
 
     def close(self) -> None:
         self.sock.close()
@@ -276,6 +284,14 @@ class KVStoreClient:
             start += done
 
     def _shm_put(self, conn: _Conn, chunks: Sequence[Chunk], fp: Any) -> list[bool]:
+        if conn.cma:  # the daemon copies each payload straight out of this process
+            views = [host_view(c.payload) for c in chunks]  # alive until the answer
+            rows = [
+                [encode_prefix(c.header), v.nbytes, b""] for c, v in zip(chunks, views, strict=True)
+            ]
+            addrs = [cma.address(v) for v in views]
+            send_frame(conn.sock, {"op": "put", "fp": fp, "chunks": rows, "cma": addrs})
+            return list(check_reply(recv_frame(conn.sock))["stored"])
         need = WINDOW_START + sum(_aligned(host_view(c.payload).nbytes) for c in chunks)
         if conn.region is None or (need > conn.region.size and not self._grow(conn, need)):
             return self._stream_put(conn, chunks, fp)
@@ -311,8 +327,10 @@ class KVStoreClient:
         daemon's offer of its shared pool, if it made one."""
         region = Region.create(size)
         try:
-            send_frame(sock, {"op": "attach", "name": region.name, "nonce": region.nonce})
+            send_frame(sock, {"op": "attach", "name": region.name, "nonce": region.nonce,
+                              "pid": os.getpid(), "at": cma.address(region.array)})  # fmt: skip
             reply = check_reply(recv_frame(sock))
+            region.cma = bool(reply.get("cma"))
             return region, reply.get("pool")
         except RemoteError as exc:
             if exc.code != "INVALID_ARGUMENT":

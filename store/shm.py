@@ -2,9 +2,12 @@
 
 A client creates a region (a file in ``/dev/shm``, mapped), tells the daemon its name
 and a random nonce written at its start, and the daemon maps the same file. If the
-daemon reads the nonce back, both run on one host and bulk data can skip the network:
-on a get the daemon copies payloads from its tiers straight into the region and the
-client copies them out (one memcpy on each side); a put is the same in reverse.
+daemon reads the nonce back, both run on one host and bulk data can skip the network.
+First-tier hits are then read by the client straight from the daemon's shared pool
+(store/daemon/pool_share.py) and puts are read by the daemon straight from the client's
+memory where the system allows (store/cma.py); everything else crosses the region: the
+daemon copies payloads from its tiers into it and the client copies them out, or the
+reverse for a put.
 
 Why a named file and not ``multiprocessing.shared_memory``: Python 3.11's attaching
 side registers the segment with its resource tracker, which unlinks it when *that*
@@ -36,6 +39,7 @@ class Region:
     def __init__(self, name: str, fd: int, size: int) -> None:
         self.name = name
         self.size = size
+        self.cma = False  # client side: the daemon can read this process's memory
         self._mmap: mmap.mmap | None = mmap.mmap(fd, size)
         os.close(fd)
         self.array = np.frombuffer(self._mmap, dtype=np.uint8)

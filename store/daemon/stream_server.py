@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from store import cma
 from store.chunk import Chunk
 from store.daemon.activity import Activity, Draining
 from store.daemon.pool_share import PoolShare
@@ -143,6 +144,7 @@ class _Session:
         self.client = peer
         self.authenticated = server.token is None
         self.region: Region | None = None
+        self.cma_pid: int | None = None  # the client's pid, when puts may read its memory
         self.staging = np.empty(0, dtype=np.uint8)  # a put's payloads (stream path)
         self.out_bufs = [np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8)]  # gets
         self._io: ThreadPoolExecutor | None = None
@@ -246,7 +248,8 @@ class _Session:
         if self.region is not None:
             self.region.close()
         self.region = region
-        reply: dict[str, Any] = {"ok": True, "size": region.size}
+        self.cma_pid = _probe_cma(meta, region.nonce) if self.wire == "stream" else None
+        reply: dict[str, Any] = {"ok": True, "size": region.size, "cma": self.cma_pid is not None}
         if self.server.pool is not None and self.wire == "stream":
             reply["pool"] = self.server.pool.offer()  # same host proven: the pool may be read
         send_frame(self.conn, reply)
@@ -367,6 +370,8 @@ class _Session:
     def _put(self, meta: dict[str, Any]) -> None:
         rows, fp = meta.get("chunks"), meta.get("fp") or None
         region = bool(meta.get("region"))
+        cma = meta.get("cma")  # payload addresses in the client's memory (store/cma.py)
+        region = region or cma is not None  # either way, no payload bytes on the stream
         if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) >= 3 for r in rows):
             raise (BadRequest if region else _OutOfStep)(
                 "put needs chunks: [[header, nbytes, block_hash, ...]]"
@@ -384,7 +389,9 @@ class _Session:
             if not region:
                 self._discard(sum(sizes))  # keep the stream in step
             raise
-        if region:
+        if cma is not None:
+            stored = self._receive_and_store(headers, sizes, self._cma_source(cma, sizes))
+        elif region:
             payloads = self._region_payloads(meta, rows, sizes)
             self.service.verify_payloads(headers, payloads)
             stored = self.service.put([Chunk(h, p) for h, p in zip(headers, payloads, strict=True)])
@@ -393,8 +400,31 @@ class _Session:
         self.activity.bytes.labels("in", "shm" if region else self.wire).inc(sum(sizes))
         send_frame(self.conn, {"ok": True, "stored": stored})
 
-    def _receive_and_store(self, headers: list[Any], sizes: list[int]) -> list[bool]:
-        """Read the payloads in groups of about PUT_GROUP_BYTES; the helper thread
+    def _cma_source(self, addrs: Any, sizes: list[int]) -> Any:
+        """A ``fill`` for ``_receive_and_store`` that copies chunk ``i``'s payload from
+        ``addrs[i]`` in the client's memory (a connection whose attach proved it may)."""
+        pid = self.cma_pid
+        if pid is None:
+            raise BadRequest("this connection cannot read the client's memory (attach first)")
+        if not isinstance(addrs, list) or len(addrs) != len(sizes):
+            raise BadRequest("cma needs one payload address per chunk")
+        if not all(type(a) is int and 0 <= a < 1 << 64 for a in addrs):
+            raise BadRequest("payload addresses must be non-negative integers")
+
+        def fill(start: int, end: int, buffers: list[Any]) -> None:
+            remote = [(addrs[i], sizes[i]) for i in range(start, end)]
+            try:
+                cma.read(pid, buffers, remote)
+            except OSError as exc:
+                raise BadRequest(f"cannot read the payloads from the client's memory: {exc}") from None
+
+        return fill
+
+    def _receive_and_store(
+        self, headers: list[Any], sizes: list[int], fill: Any = None
+    ) -> list[bool]:
+        """Read the payloads in groups of about PUT_GROUP_BYTES (from the socket, or by
+        ``fill(start, end, buffers)``: chunks ``start:end`` into ``buffers``); the helper thread
         verifies and stores each group while the next one arrives. Chunks the first tier
         can reserve (``TieredStore.reserve``) are received straight into its pages and
         published once verified (``commit``); the rest go through this connection's
@@ -409,6 +439,7 @@ class _Session:
         view = memoryview(self.staging)
         jobs: list[tuple[int, int, Future]] = []
         start = pos = 0
+        failed: BaseException | None = None
         try:
             while start < len(sizes):
                 end, nbytes = start, 0
@@ -422,27 +453,30 @@ class _Session:
                         pos += n
                     else:
                         payloads.append(place)
-                recv_buffers(self.conn, [memoryview(b).cast("B") for b in _flat(payloads)])
+                buffers = [memoryview(b).cast("B") for b in _flat(payloads)]
+                if fill is None:
+                    recv_buffers(self.conn, buffers)
+                else:
+                    fill(start, end, buffers)
                 jobs.append(
                     (start, end, self.io().submit(
                         self._store, headers[start:end], payloads, places[start:end]))
                 )  # fmt: skip
                 start = end
+        except BadRequest as exc:  # a payload that could not be read (fill): refuse it all
+            failed = exc
         finally:
             for _, _, job in jobs:  # nothing may still read the staging buffer after this
                 job.exception()
             if any(p is not None for p in places):  # free whatever was not published
                 store.commit(headers, [False] * len(headers))
-        stored: list[bool] = []
-        for _, _, job in jobs:
-            exc = job.exception()
-            if exc is not None:  # undo what this request stored (never what was there before)
-                fresh = [k for j in jobs if j[2].exception() is None for k in j[2].result()[1]]
-                if fresh:
-                    store.delete(fresh)
-                raise exc
-            stored += job.result()[0]
-        return stored
+        failed = failed or next((e for _, _, j in jobs if (e := j.exception())), None)
+        if failed is not None:  # undo what this request stored (never what was there before)
+            fresh = [k for j in jobs if j[2].exception() is None for k in j[2].result()[1]]
+            if fresh:
+                store.delete(fresh)
+            raise failed
+        return [ok for _, _, job in jobs for ok in job.result()[0]]
 
     def _store(
         self, headers: list[Any], payloads: list[Any], places: list[Any]
@@ -514,6 +548,20 @@ def _flat(payloads: list[Any]) -> list[Any]:
 def _buffers(placed: list[Any]) -> list[Any]:
     """The payload buffers of ``placed``, in order: lent hits are lists of page views."""
     return _flat([p.payload for p in placed])
+
+
+def _probe_cma(meta: dict[str, Any], nonce: bytes) -> int | None:
+    """The client's pid if this process can read its memory: the nonce must come back
+    from where the client says its region is mapped (``at``) in process ``pid``."""
+    pid, at = meta.get("pid"), meta.get("at")
+    if not (type(pid) is int and type(at) is int and pid > 0 and at > 0 and cma.available()):
+        return None
+    probe = bytearray(NONCE_BYTES)
+    try:
+        cma.read(pid, [probe], [(at, NONCE_BYTES)])
+    except (OSError, ValueError):
+        return None
+    return pid if bytes(probe) == nonce else None
 
 
 def _shutdown(conn: socket.socket) -> None:

@@ -1,0 +1,109 @@
+"""Cross-memory attach: the daemon copies a same-host client's put payloads straight out
+of the client's memory with ``process_vm_readv``.
+
+Why: a shared-memory put used to be two copies (the client into its region, the daemon
+from the region into its pool), and a socket put is two copies plus the TCP stack. Read
+across processes, it is one copy, from the caller's buffer into the pool pages reserved
+for the chunk, which the daemon then verifies against the chunk's checksum as always.
+UCX's ``cma`` transport and Open MPI's shared-memory path use the same system call.
+
+When it is allowed: Linux lets a process read another's memory when it may ``ptrace``
+it (same user, and Yama's ``ptrace_scope`` permitting; containers may also filter the
+call). So the daemon never assumes: at attach it reads the client's region nonce at the
+address where the *client* has it mapped. Only if those bytes come back does the
+connection use this path; otherwise puts go through the region. That read also proves
+the pid is the client's own process in the daemon's pid namespace.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+IOV_MAX = 1024  # iovecs per side of one call (Linux's UIO_MAXIOV)
+
+
+class _Iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+def _load() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        fn = libc.process_vm_readv
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_ssize_t
+    fn.argtypes = [ctypes.c_int, ctypes.POINTER(_Iovec), ctypes.c_ulong,
+                   ctypes.POINTER(_Iovec), ctypes.c_ulong, ctypes.c_ulong]  # fmt: skip
+    return fn
+
+
+_readv = _load()
+
+
+def available() -> bool:
+    """Whether this system has ``process_vm_readv`` at all (Linux with glibc)."""
+    return _readv is not None
+
+
+def address(buf: Any) -> int:
+    """The address of a contiguous host buffer in this process."""
+    return int(np.frombuffer(buf, dtype=np.uint8).ctypes.data) if len(memoryview(buf)) else 0
+
+
+def read(pid: int, local: Sequence[Any], remote: Sequence[tuple[int, int]]) -> None:
+    """Fill the writable buffers ``local`` in order with the bytes of ``remote``
+    (``(address, nbytes)`` ranges of process ``pid``), back to back; the totals must
+    match. Raises OSError (EFAULT for a range the process has not mapped, EPERM or
+    ESRCH when its memory cannot be read)."""
+    if _readv is None:
+        raise OSError("process_vm_readv is not available here")
+    dst = [(address(b), memoryview(b).nbytes) for b in local]
+    src = [r for r in remote if r[1]]
+    dst = [d for d in dst if d[1]]
+    if sum(n for _, n in dst) != sum(n for _, n in src):
+        raise ValueError("local and remote ranges differ in size")
+    while dst:
+        ldst, lsrc = _take(dst), _take(src)
+        want = min(sum(n for _, n in ldst), sum(n for _, n in lsrc))
+        liov, riov = _iovecs(ldst), _iovecs(lsrc)
+        got = _readv(pid, liov, len(ldst), riov, len(lsrc), 0)
+        if got < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"process_vm_readv from pid {pid}: {os.strerror(err)}")
+        if got == 0 and want:
+            raise OSError(f"process_vm_readv from pid {pid} read nothing")
+        _drop(dst, got)
+        _drop(src, got)
+
+
+def _take(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    return ranges[:IOV_MAX]
+
+
+def _iovecs(ranges: list[tuple[int, int]]) -> Any:
+    arr = (_Iovec * len(ranges))()
+    for i, (addr, n) in enumerate(ranges):
+        arr[i].iov_base = addr
+        arr[i].iov_len = n
+    return arr
+
+
+def _drop(ranges: list[tuple[int, int]], n: int) -> None:
+    """Remove ``n`` done bytes from the front of ``ranges`` (in place)."""
+    i = 0
+    while n and i < len(ranges):
+        addr, size = ranges[i]
+        if n >= size:
+            n -= size
+            i += 1
+        else:
+            ranges[i] = (addr + n, size - n)
+            n = 0
+    del ranges[:i]

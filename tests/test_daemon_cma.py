@@ -1,0 +1,111 @@
+"""Shared-memory puts by cross-memory attach: the daemon reads payloads out of the
+client's own memory (store/cma.py), checked like any other put."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from daemon_proc import chunk, same, start_daemon
+
+from store import cma
+from store.chunk import encode_prefix
+from store.client import KVStoreClient
+from store.shm import Region
+from store.stream import RemoteError, check_reply, recv_frame, send_frame
+
+MiB = 1 << 20
+pytestmark = pytest.mark.skipif(not cma.available(), reason="no process_vm_readv (not Linux)")
+
+
+def test_read_gathers_and_scatters_across_ranges_of_a_process():
+    src = np.arange(10_000, dtype=np.uint32).view(np.uint8)
+    a, b = np.zeros(15_000, np.uint8), np.zeros(25_000, np.uint8)
+    base = cma.address(src)
+    cma.read(os.getpid(), [a, b], [(base, 30_000), (base + 30_000, 10_000)])
+    assert bytes(a) + bytes(b) == bytes(src)
+    many = [np.zeros(3, np.uint8) for _ in range(cma.IOV_MAX + 5)]  # more than one call
+    cma.read(os.getpid(), many, [(base, 3 * len(many))])
+    assert b"".join(bytes(m) for m in many) == bytes(src[: 3 * len(many)])
+    with pytest.raises(OSError):
+        cma.read(os.getpid(), [a], [(8, a.nbytes)])  # nothing is mapped there
+    with pytest.raises(ValueError):
+        cma.read(os.getpid(), [a], [(base, 1)])
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    d = start_daemon("--cpu-size", "64MiB", "--max-request-size", "16MiB")
+    yield d
+    assert d.terminate() == 0
+
+
+def _cma_conn(client):
+    conn = client._take("shm")
+    assert conn.cma, "the daemon could not read this process (ptrace not permitted here?)"
+    return conn
+
+
+def test_shm_puts_are_read_from_the_clients_memory(daemon):
+    chunks = [chunk(i, size=MiB + 2 * i, tag="cma") for i in range(6)]
+    with KVStoreClient(daemon.url, transport="shm") as c:
+        conn = _cma_conn(c)
+        c._release(conn, True)
+        assert c.put(chunks) == [True] * 6
+        got = c.get([x.key for x in chunks], transport="stream")
+        assert all(same(g, x) for g, x in zip(got, chunks, strict=True))
+        c.delete([x.key for x in chunks])
+
+
+def _put_frame(conn, chunks, addrs):
+    rows = [[encode_prefix(x.header), x.header.nbytes, b""] for x in chunks]
+    send_frame(conn.sock, {"op": "put", "chunks": rows, "cma": addrs})
+    return recv_frame(conn.sock)
+
+
+def test_unreadable_or_wrong_payloads_refuse_the_whole_put(daemon):
+    good = [chunk(i, size=3 * MiB, tag="cma-bad") for i in range(4)]  # 12 MiB: 3 groups
+    older = chunk(99, size=4096, tag="cma-bad")
+    with KVStoreClient(daemon.url, transport="shm") as c:
+        assert c.put([older]) == [True]
+        conn = _cma_conn(c)
+        views = [np.asarray(x.payload).reshape(-1).view(np.uint8) for x in good]
+        addrs = [cma.address(v) for v in views]
+        for bad in (
+            addrs[:3] + [8],  # the last group cannot be read
+            addrs[:3] + [cma.address(views[0])],  # readable, but another chunk's bytes
+            addrs[:3] + [-1],
+            addrs[:3],  # one address short
+        ):
+            reply = _put_frame(conn, good, bad)
+            assert reply.get("error") == "INVALID_ARGUMENT", reply
+        c._release(conn, True)  # still in step after every refusal
+        assert c.get([x.key for x in good]) == [None] * 4  # nothing of them stored
+        assert same(c.get([older.key])[0], older)  # and what was there is untouched
+
+
+def test_a_connection_that_proved_nothing_cannot_ask_for_reads(daemon):
+    x = chunk(1, size=4096, tag="cma-stream")
+    with KVStoreClient(daemon.url, transport="stream") as c:
+        c.health()
+        with c._borrow("stream") as conn:
+            reply = _put_frame(conn, [x], [cma.address(np.asarray(x.payload).reshape(-1))])
+            with pytest.raises(RemoteError, match="INVALID_ARGUMENT.*cannot read"):
+                check_reply(reply)
+        assert c.get([x.key]) == [None]
+
+
+def test_attach_with_someone_elses_pid_gets_no_reads(daemon):
+    with KVStoreClient(daemon.url, transport="shm") as c:
+        conn = _cma_conn(c)
+        for pid in (daemon.proc.pid, 1, 0):  # memory that does not hold this region's nonce
+            region = Region.create(4096)
+            try:
+                send_frame(conn.sock, {"op": "attach", "name": region.name, "nonce": region.nonce,
+                                       "pid": pid, "at": cma.address(region.array)})  # fmt: skip
+                assert check_reply(recv_frame(conn.sock))["cma"] is False, pid
+            finally:
+                region.unlink()
+                region.close()
+        conn.close()
