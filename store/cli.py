@@ -182,6 +182,7 @@ def _stats(args: argparse.Namespace) -> int:
 def _bench_daemon(args: argparse.Namespace) -> int:
     from store.daemon.bench import run_daemon_bench
     from store.daemon.commands import client_of
+    from store.heap import freeze_startup_heap
 
     try:
         sizes = [parse_size(s, "--sizes") for s in args.sizes.split(",") if s.strip()]
@@ -190,6 +191,7 @@ def _bench_daemon(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         _fail(str(exc))
     transports = [t.strip() for t in args.transports.split(",") if t.strip()]
+    freeze_startup_heap()  # a client in an engine runs in a heap frozen at start-up too
     bad = [t for t in transports if t not in ("stream", "shm", "grpc")]
     if bad or not transports:
         _fail(f"--transports: {','.join(bad) or 'nothing'}; choose from stream, shm, grpc")

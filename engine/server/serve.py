@@ -20,6 +20,7 @@ from engine.llm_engine import LLMEngine
 from engine.server.app import ServerContext, make_app
 from engine.server.chat import ChatTemplate
 from engine.server.metrics import ServerMetrics
+from store.heap import freeze_startup_heap
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,7 @@ def run_server(config: EngineConfig, host: str, port: int, served_model_name: st
         None if publisher is None else lambda: publisher.publish(llm_engine.take_kv_events())
     )
     engine = AsyncEngine(llm_engine, after_step)
+    freeze_startup_heap()  # model loaded, KV cache allocated: what is alive now stays
     name = served_model_name or config.model
     context = ServerContext(engine, name, chat_template, ServerMetrics(name))
     engine.start()

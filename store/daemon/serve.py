@@ -22,6 +22,7 @@ from store.daemon.grpc_api import KVStoreServicer, start_grpc
 from store.daemon.pool_share import PoolShare
 from store.daemon.service import Limits, StoreService
 from store.daemon.stream_server import StreamServer
+from store.heap import freeze_startup_heap
 from store.tiered import TieredStore
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ def _share_pool(store: TieredStore) -> PoolShare | None:
 def run(config: StoreConfig, options: ServeOptions) -> int:
     """Serve until SIGTERM/SIGINT, then drain and return 0."""
     daemon = Daemon(config, options)
+    freeze_startup_heap()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
