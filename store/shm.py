@@ -25,7 +25,7 @@ import secrets
 import numpy as np
 
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
-NAME = re.compile(r"^kvstore-[0-9a-f]{32}$")
+NAME = re.compile(r"kvstore-[0-9a-f]{32}")  # fullmatch
 NONCE_BYTES = 16
 
 
@@ -62,7 +62,7 @@ class Region:
     @classmethod
     def attach(cls, name: str, max_size: int) -> Region:
         """Map the client region ``name`` (daemon side); refuses foreign names and sizes."""
-        if not isinstance(name, str) or not NAME.match(name):
+        if not isinstance(name, str) or not NAME.fullmatch(name):
             raise RegionError(f"region name {name!r} is not of the form kvstore-<32 hex>")
         try:
             fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW)

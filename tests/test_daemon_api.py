@@ -202,7 +202,9 @@ def test_a_key_must_match_its_fingerprint_and_block_hash(client):
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_malformed_keys_and_batches_over_the_limit(client, transport):
-    for keys in (["not-hex"], ["A" * 64], [key(i) for i in range(65)], [""]):
+    bad = (["not-hex"], ["A" * 64], [key(i) for i in range(65)], [""], [key(1) + "\n"],
+           [key(1)[:63], key(2) + "0"])  # fmt: skip
+    for keys in bad:
         with pytest.raises(RemoteError) as exc:
             client.get(keys, transport=transport)
         assert exc.value.code == "INVALID_ARGUMENT"

@@ -21,7 +21,8 @@ from store.keys import chunk_key
 from store.metrics import TierStats
 from store.tiered import TieredStore
 
-KEY = re.compile(r"^[0-9a-f]{64}$")
+KEY = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a trailing newline in
+HEX = re.compile(r"[0-9a-f]*")
 IN_POOL = -1
 """``Placed.offset`` of a hit a client reads from its mapping of the shared pool."""
 PART_BYTES = 4 << 20
@@ -112,12 +113,18 @@ class StoreService:
             raise BadRequest("keys must be a list of strings")
         if len(keys) > self.limits.max_batch:
             raise BadRequest(f"{len(keys)} keys exceed the batch limit of {self.limits.max_batch}")
-        for k in keys:
-            if not isinstance(k, str) or not KEY.match(k):
-                raise BadRequest(
-                    f"malformed key {str(k)[:80]!r}: expected 64 lowercase hex characters"
-                )
-        return list(keys)
+        keys = list(keys)
+        # One regex pass over all keys at once (a per-key match cost ~1 µs, a tenth of
+        # sending a 64 KiB hit); only a batch that fails is searched key by key.
+        if not (
+            all(type(k) is str and len(k) == 64 for k in keys) and HEX.fullmatch("".join(keys))
+        ):
+            for k in keys:
+                if not isinstance(k, str) or not KEY.fullmatch(k):
+                    raise BadRequest(
+                        f"malformed key {str(k)[:80]!r}: expected 64 lowercase hex characters"
+                    )
+        return keys
 
     def check_chunk(
         self, header_raw: Any, payload: Any, fingerprint: bytes | None, block_hash: bytes | None
@@ -144,7 +151,7 @@ class StoreService:
         except (ChunkError, TypeError) as exc:
             raise BadRequest(f"unreadable chunk header: {exc}") from None
         key = header.key
-        if not isinstance(key, str) or not KEY.match(key):
+        if not isinstance(key, str) or not KEY.fullmatch(key):
             raise BadRequest(
                 f"malformed key {str(key)[:80]!r}: expected 64 lowercase hex characters"
             )
@@ -250,8 +257,10 @@ class StoreService:
         lent = self.store.borrow(part)
         lent_keys = [k for k, item in zip(part, lent, strict=True) if item is not None]
         try:
-            got: list[Chunk | None] = [None if x is None else Chunk(x[0], x[1]) for x in lent]
             rest = [i for i, x in enumerate(lent) if x is None]
+            if not rest:  # all lent: the common case of a hot cache, without the detours
+                return self._lent_hits(start, part, lent, fingerprint), lent_keys
+            got: list[Chunk | None] = [None if x is None else Chunk(x[0], x[1]) for x in lent]
             if rest:
                 sizes = [self.sizes.get(part[i]) for i in rest]
                 buf = buffer(sum(_aligned(n) for n in sizes if n is not None))
@@ -363,6 +372,20 @@ class StoreService:
             total += self.sizes.get(keys[end]) or PART_BYTES // 16
             end += 1
         return end
+
+    def _lent_hits(
+        self, base: int, part: list[str], lent: list[Any], fingerprint: bytes | None
+    ) -> list[Placed]:
+        """``_hits`` of a part the first tier lent whole: (header, views) per key."""
+        known = self.sizes.get
+        out = []
+        for i, (header, views) in enumerate(lent):
+            if fingerprint and header.fingerprint != fingerprint:
+                continue
+            if known(part[i]) is None:
+                self.sizes.add(part[i], header.nbytes)
+            out.append(Placed(base + i, header, None, views))
+        return out
 
     def _hits(
         self, base: int, got: list[Chunk | None], fingerprint: bytes | None, offsets: list[Any]
