@@ -175,6 +175,13 @@ def test_puts_received_into_reserved_pages_round_trip_and_refuse_as_a_whole(cpu_
     with pytest.raises(RemoteError, match="checksum"):
         c.put(bad, transport="stream")
     assert c.lookup(keys) == ["cpu", "cpu"]
+    # A bad header in a later group (checked a group ahead, after the first was stored):
+    # refused alike, and the stream stays in step for the next request.
+    for late in (_tampered(chunks[5], key="../x"), _tampered(chunks[5], fingerprint=b"\1" * 32)):
+        with pytest.raises(RemoteError) as exc:
+            c.put(chunks[:5] + [late], fingerprint=FP, transport="stream")
+        assert exc.value.code == "INVALID_ARGUMENT"
+        assert c.lookup(keys) == ["cpu", "cpu"]
     assert c.put(chunks, transport="stream") == [True] * 6
     outs = [np.empty(size, np.uint8) for _ in chunks]
     got = c.get(keys, outs, transport="stream")
