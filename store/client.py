@@ -452,8 +452,11 @@ class KVStoreClient:
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
+            pools, self._pools = self._pools, {}
         for conn in idle:
             conn.close()
+        for mapping in pools.values():  # unmapped now, or when the last view of it goes
+            mapping.close()
         self._channel.close()
 
     def __enter__(self) -> KVStoreClient:

@@ -279,19 +279,15 @@ class _Session:
         sent = 0
         pending: Future | None = None
         give_back = self.service.store.give_back
-        inline = True  # the first part: nothing to overlap with yet
         try:
+            if parts:
+                pending = self.io().submit(self._fetch, keys, parts[0], fp, 0)
             for i in range(len(parts)):
-                if pending is None:
-                    placed, lent = self._fetch(keys, parts[i], fp, i % 2)
-                else:
-                    placed, lent = pending.result()
-                    pending = None
-                # Parts the first tier lent whole cost a lookup and pins, less than a
-                # hand-off to the helper thread: those are fetched inline, just in time.
-                inline = len(lent) == parts[i][1] - parts[i][0]
+                assert pending is not None
+                placed, lent = pending.result()
+                pending = None
                 try:
-                    if i + 1 < len(parts) and not inline:  # fetch the next part meanwhile
+                    if i + 1 < len(parts):  # fetch the next part into the other buffer meanwhile
                         pending = self.io().submit(self._fetch, keys, parts[i + 1], fp, (i + 1) % 2)
                     rows = [[p.index, encode(p.header)] for p in placed]
                     send_frame(self.conn, {"part": rows}, *_buffers(placed))
