@@ -26,6 +26,15 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def unmap(m: mmap.mmap | None) -> None:
+    """Close a mapping; if a view of it is still alive, the GC unmaps it when that goes."""
+    if m is not None:
+        try:
+            m.close()
+        except BufferError:
+            log.debug("mapping still viewed at close; unmapped when the views go")
+
+
 class SharedMemoryUnavailable(OSError):
     """This system has no ``memfd_create`` (not Linux) or refused the allocation."""
 
@@ -64,11 +73,7 @@ class SharedBuffer:
         """Drop this process's mapping and descriptor; clients' mappings stay valid."""
         self.tensor = torch.empty(0, dtype=torch.uint8)
         m, self._mmap = self._mmap, None
-        if m is not None:
-            try:
-                m.close()
-            except BufferError:  # a view is still alive somewhere; the GC unmaps it later
-                log.debug("shared pool still viewed at close; unmapped when views go")
+        unmap(m)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -102,8 +107,4 @@ class PoolMapping:
     def close(self) -> None:
         m, self._mmap = self._mmap, None
         self.array = np.empty(0, dtype=np.uint8)
-        if m is not None:
-            try:
-                m.close()
-            except BufferError:
-                pass
+        unmap(m)

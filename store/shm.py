@@ -24,6 +24,8 @@ import secrets
 
 import numpy as np
 
+from backends.shared_memory import unmap
+
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
 NAME = re.compile(r"kvstore-[0-9a-f]{32}")  # fullmatch
 NONCE_BYTES = 16
@@ -89,8 +91,4 @@ class Region:
         """Unmap. Views still held elsewhere keep the memory alive until they go."""
         m, self._mmap = self._mmap, None
         self.array = np.empty(0, dtype=np.uint8)
-        if m is not None:
-            try:
-                m.close()
-            except BufferError:  # a caller still views the region; the GC unmaps it later
-                pass
+        unmap(m)
