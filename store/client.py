@@ -441,10 +441,19 @@ class KVStoreClient:
             sock.close()
             raise
 
-    def _release(self, conn: _Conn, ok: bool) -> None:
+    def _release(self, conn: _Conn, ok: bool, lost: bool = False) -> None:
+        """Pool ``conn`` again, or close it after a failure. ``lost``: the daemon may be
+        gone, so this client's mapping of its pool is dropped as well: a dead daemon's
+        pool memory lives on as long as any process maps it (a connection to a
+        restarted daemon maps the new pool)."""
         if not ok:
             conn.close()
             self._stream_port = None  # the daemon may have restarted elsewhere
+            if lost:
+                with self._lock:
+                    pools, self._pools = self._pools, {}
+                for mapping in pools.values():
+                    mapping.close()
             return
         with self._lock:
             self._idle.append(conn)
@@ -478,7 +487,8 @@ class _Borrowed:
         return self.conn
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.client._release(self.conn, exc_type is None)
+        lost = exc_type is not None and issubclass(exc_type, OSError)
+        self.client._release(self.conn, exc_type is None, lost)
 
 
 class _Offset:

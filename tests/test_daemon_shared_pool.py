@@ -14,7 +14,7 @@ from backends.shared_memory import PoolMapping, SharedBuffer
 from store.client import IN_POOL, WINDOW_START, KVStoreClient
 from store.daemon import pool_share
 from store.daemon.pool_share import PoolShare, fetch_pool_fd
-from store.stream import recv_frame, send_frame
+from store.stream import RemoteError, recv_frame, send_frame
 
 MiB = 1 << 20
 
@@ -213,3 +213,24 @@ def test_shm_is_tried_even_after_stream_connections_were_pooled(small_daemon):
         assert all(same(g, x) for g, x in zip(got, chunks, strict=True))
         assert any(conn.pool is not None for conn in c._idle)  # not the stream one again
         c.delete([x.key for x in chunks])
+
+
+def _maps_pool() -> bool:
+    with open("/proc/self/maps") as f:
+        return "kvstore-pool" in f.read()
+
+
+def test_a_dead_daemons_pool_is_unmapped_by_its_clients():
+    d = start_daemon("--cpu-size", "8MiB")
+    x = chunk(1, size=100_000, tag="dead")
+    c = KVStoreClient(d.url, transport="shm", timeout=2.0, connect_timeout=1.0)
+    try:
+        assert c.put([x]) == [True] and same(c.get([x.key])[0], x)
+        assert _maps_pool()  # the memfd of the daemon's pool, mapped read-only here
+        d.kill()
+        with pytest.raises((OSError, RemoteError)):  # the socket dies, then gRPC refuses
+            c.get([x.key])
+        assert c._pools == {} and not _maps_pool()  # its memory can go with the daemon
+    finally:
+        c.close()
+        d.kill()
