@@ -10,7 +10,7 @@ mapping), sealed against resizing. Clients never get the daemon's read-write
 descriptor: ``reader_fd`` re-opens the same memory through ``/proc/self/fd`` read-only,
 and a mapping of a read-only descriptor can never be made writable (``mmap`` and
 ``mprotect`` refuse ``PROT_WRITE`` on it), so a client can read chunks but not change
-one. How the descriptor reaches a client: store/daemon/pool_share.py.
+one. How the descriptor reaches a client: store/daemon/same_host.py.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from backends.pool import flat_bytes, host_array
 from backends.shared_memory import PoolMapping
 from store import cma
 from store.chunk import Chunk, ChunkError, decode_header, encode_prefix, host_view, on_device
-from store.daemon.pool_share import fetch_pool_fd
+from store.daemon.same_host import redeem
 from store.proto import kvstore_pb2 as pb
 from store.proto import kvstore_pb2_grpc as pb_grpc
 from store.shm import Region
@@ -323,45 +323,53 @@ class KVStoreClient:
         return True
 
     def _attach(self, sock: socket.socket, size: int) -> tuple[Region | None, Any]:
-        """A region the daemon has mapped, or None if it cannot (another host); and the
-        daemon's offer of its shared pool, if it made one."""
+        """A region the daemon has mapped, or None if it cannot (another host); and this
+        client's mapping of the daemon's shared pool, when it has one. Then, at the
+        daemon's same-host door (store/daemon/same_host.py), this process shows who it
+        is, so the daemon may read its puts from its memory (``region.cma``)."""
         region = Region.create(size)
         try:
             send_frame(sock, {"op": "attach", "name": region.name, "nonce": region.nonce,
-                              "pid": os.getpid(), "at": cma.address(region.array)})  # fmt: skip
+                              "at": cma.address(region.array)})  # fmt: skip
             reply = check_reply(recv_frame(sock))
-            region.cma = bool(reply.get("cma"))
-            return region, reply.get("pool")
         except RemoteError as exc:
+            region.close()
             if exc.code != "INVALID_ARGUMENT":
                 raise
-            region.close()
             self._shm_ok = False
             return None, None
         finally:
             region.unlink()  # both sides have it mapped (or it failed): the name can go
+        offer = reply.get("door")
+        if not isinstance(offer, dict):
+            return region, None
+        came_in, fd = redeem(offer, self.connect_timeout)
+        pool = self._pool(offer, fd)
+        if came_in and cma.available():
+            send_frame(sock, {"op": "cma"})
+            region.cma = bool(check_reply(recv_frame(sock)).get("cma"))
+        return region, pool
 
-    def _pool(self, offer: Any) -> PoolMapping | None:
-        """This client's read-only mapping of the daemon's shared cpu pool named in
-        ``offer`` (mapped once per daemon), or None where it cannot be had."""
-        if not isinstance(offer, dict) or not isinstance(offer.get("size"), int):
-            return None
-        name = offer.get("socket")
-        with self._lock:
-            if name in self._pools:
-                return self._pools[name]
-        fd = fetch_pool_fd(offer, self.connect_timeout)
-        if fd is None:
-            return None
+    def _pool(self, offer: dict[str, Any], fd: int | None) -> PoolMapping | None:
+        """This client's read-only mapping of the daemon's shared cpu pool, mapped once
+        per daemon (``fd``, when the door handed one over, is closed here)."""
+        name, size = offer.get("socket"), offer.get("size")
         try:
-            mapping = PoolMapping(fd, offer["size"])
-        except (OSError, ValueError):
-            return None
+            with self._lock:
+                if name in self._pools:
+                    return self._pools[name]
+            if fd is None or not isinstance(size, int) or size <= 0:
+                return None
+            try:
+                mapping = PoolMapping(fd, size)
+            except (OSError, ValueError):
+                return None
+            with self._lock:
+                self._pools = {name: mapping}  # a restarted daemon has a new pool: drop the old
+            return mapping
         finally:
-            os.close(fd)
-        with self._lock:
-            self._pools = {name: mapping}  # a restarted daemon has a new pool: drop the old
-        return mapping
+            if fd is not None:
+                os.close(fd)
 
     # -- gRPC path ------------------------------------------------------------------
     def _grpc_put(self, chunks: Sequence[Chunk], fp: bytes | None) -> list[bool]:
@@ -433,9 +441,8 @@ class KVStoreClient:
                 return _Conn(client_upgrade(sock, self.timeout, self.connect_timeout), None, True)
             region, pool = None, None
             if transport != "stream" and self._shm_ok is not False:
-                region, offer = self._attach(sock, self.region_bytes)
+                region, pool = self._attach(sock, self.region_bytes)
                 self._shm_ok = region is not None
-                pool = self._pool(offer) if offer else None
             return _Conn(sock, region, pool=pool)
         except BaseException:
             sock.close()

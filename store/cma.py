@@ -9,10 +9,12 @@ UCX's ``cma`` transport and Open MPI's shared-memory path use the same system ca
 
 When it is allowed: Linux lets a process read another's memory when it may ``ptrace``
 it (same user, and Yama's ``ptrace_scope`` permitting; containers may also filter the
-call). So the daemon never assumes: at attach it reads the client's region nonce at the
-address where the *client* has it mapped. Only if those bytes come back does the
-connection use this path; otherwise puts go through the region. That read also proves
-the pid is the client's own process in the daemon's pid namespace.
+call). So the daemon never assumes. Which process to read is the kernel's word, not
+the client's: the pid of whoever redeemed the connection's ticket at the daemon's
+same-host door (``SO_PEERCRED``, store/daemon/same_host.py). The daemon then reads the
+region's nonce at the address where the client says it has the region mapped; only if
+those bytes come back does the connection use this path, otherwise puts go through the
+region.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A client creates a region (a file in ``/dev/shm``, mapped), tells the daemon its
 and a random nonce written at its start, and the daemon maps the same file. If the
 daemon reads the nonce back, both run on one host and bulk data can skip the network.
 First-tier hits are then read by the client straight from the daemon's shared pool
-(store/daemon/pool_share.py) and puts are read by the daemon straight from the client's
+(store/daemon/same_host.py) and puts are read by the daemon straight from the client's
 memory where the system allows (store/cma.py); everything else crosses the region: the
 daemon copies payloads from its tiers into it and the client copies them out, or the
 reverse for a put.

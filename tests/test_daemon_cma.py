@@ -3,7 +3,11 @@ client's own memory (store/cma.py), checked like any other put."""
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,10 +16,12 @@ from daemon_proc import chunk, same, start_daemon
 from store import cma
 from store.chunk import encode_prefix
 from store.client import KVStoreClient
+from store.daemon.same_host import redeem
 from store.shm import Region
 from store.stream import RemoteError, check_reply, recv_frame, send_frame
 
 MiB = 1 << 20
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not cma.available(), reason="no process_vm_readv (not Linux)")
 
 
@@ -96,16 +102,51 @@ def test_a_connection_that_proved_nothing_cannot_ask_for_reads(daemon):
         assert c.get([x.key]) == [None]
 
 
-def test_attach_with_someone_elses_pid_gets_no_reads(daemon):
+def _reattach(conn, at=None):
+    """Attach a fresh region on ``conn``; the daemon's offer at its same-host door."""
+    region = Region.create(4096)
+    try:
+        send_frame(conn.sock, {"op": "attach", "name": region.name, "nonce": region.nonce,
+                               "at": cma.address(region.array) if at is None else at})  # fmt: skip
+        return region, check_reply(recv_frame(conn.sock))["door"]
+    finally:
+        region.unlink()
+
+
+def _redeemed(offer) -> bool:
+    came_in, fd = redeem(offer, 5.0)
+    if fd is not None:
+        os.close(fd)
+    return came_in
+
+
+def _ask_cma(conn) -> bool:
+    send_frame(conn.sock, {"op": "cma"})
+    return check_reply(recv_frame(conn.sock))["cma"]
+
+
+def test_reads_need_the_kernels_word_on_who_the_client_is(daemon):
     with KVStoreClient(daemon.url, transport="shm") as c:
         conn = _cma_conn(c)
-        for pid in (daemon.proc.pid, 1, 0):  # memory that does not hold this region's nonce
-            region = Region.create(4096)
-            try:
-                send_frame(conn.sock, {"op": "attach", "name": region.name, "nonce": region.nonce,
-                                       "pid": pid, "at": cma.address(region.array)})  # fmt: skip
-                assert check_reply(recv_frame(conn.sock))["cma"] is False, pid
-            finally:
-                region.unlink()
-                region.close()
+        region, offer = _reattach(conn)
+        assert not _ask_cma(conn)  # the ticket was never redeemed: no pid, no reads
+        region.close()
+        # Redeemed by another process (which has no such region mapped there): no reads,
+        # though the address and nonce are right for this one.
+        region, offer = _reattach(conn)
+        code = ("import json, sys; from store.daemon.same_host import redeem; "
+                "print(redeem(json.loads(sys.argv[1]), 5.0)[0])")  # fmt: skip
+        out = subprocess.run([sys.executable, "-c", code, json.dumps(offer)], check=True,
+                             capture_output=True, text=True, cwd=ROOT).stdout  # fmt: skip
+        assert out.strip() == "True" and not _ask_cma(conn)
+        region.close()
+        # Redeemed by this process, but naming an address where the nonce is not: no reads.
+        other = np.zeros(64, np.uint8)
+        region, offer = _reattach(conn, at=cma.address(other))
+        assert _redeemed(offer) and not _ask_cma(conn)
+        region.close()
+        # And the honest way, for contrast.
+        region, offer = _reattach(conn)
+        assert _redeemed(offer) and _ask_cma(conn)
+        region.close()
         conn.close()

@@ -1,10 +1,14 @@
 """The daemon's cpu pool in shared memory: same-host clients map it read-only and copy
-hits out themselves (backends/shared_memory.py, store/daemon/pool_share.py)."""
+hits out themselves (backends/shared_memory.py, store/daemon/same_host.py)."""
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,11 +16,12 @@ from daemon_proc import chunk, same, start_daemon
 
 from backends.shared_memory import PoolMapping, SharedBuffer
 from store.client import IN_POOL, WINDOW_START, KVStoreClient
-from store.daemon import pool_share
-from store.daemon.pool_share import PoolShare, fetch_pool_fd
+from store.daemon import same_host
+from store.daemon.same_host import SameHost, redeem
 from store.stream import RemoteError, recv_frame, send_frame
 
 MiB = 1 << 20
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def test_clients_get_a_descriptor_that_cannot_write():
@@ -70,22 +75,40 @@ def test_a_mapping_reads_only_runs_inside_the_pool_that_fill_the_buffer():
         shared.close()
 
 
-def test_a_ticket_is_good_once_and_not_after_it_expires(monkeypatch):
+def test_a_ticket_is_good_once_names_its_redeemer_and_expires(monkeypatch):
     shared = SharedBuffer(4096)
-    share = PoolShare(shared)
+    door = SameHost(shared)
     try:
-        offer = share.offer()
-        fd = fetch_pool_fd(offer, 2.0)
-        assert fd is not None and os.fstat(fd).st_size == 4096
+        offer = door.offer()
+        came_in, fd = redeem(offer, 2.0)
+        assert came_in and fd is not None and os.fstat(fd).st_size == 4096
         os.close(fd)
-        assert fetch_pool_fd(offer, 2.0) is None  # used up
-        assert fetch_pool_fd(dict(offer, ticket="0" * 32), 2.0) is None  # never issued
-        monkeypatch.setattr(pool_share, "TICKET_SECONDS", -1.0)
-        assert fetch_pool_fd(share.offer(), 2.0) is None  # expired
-        assert fetch_pool_fd({"socket": "kvstore-pool-nothere", "ticket": "0" * 32}, 1.0) is None
+        assert door.peer_pid(offer["ticket"]) == os.getpid()  # from the kernel
+        assert door.peer_pid(offer["ticket"]) is None  # answered once
+        assert redeem(offer, 2.0) == (False, None)  # used up
+        assert redeem(dict(offer, ticket="0" * 32), 2.0) == (False, None)  # never issued
+        monkeypatch.setattr(same_host, "TICKET_SECONDS", -1.0)
+        assert redeem(door.offer(), 2.0) == (False, None)  # expired
+        assert redeem({"socket": "kvstore-nothere", "ticket": "0" * 32}, 1.0) == (False, None)
     finally:
-        share.close()
+        door.close()
         shared.close()
+
+
+def test_the_door_names_whoever_redeemed_the_ticket_even_without_a_pool():
+    door = SameHost()  # no shared pool: pids only
+    try:
+        offer = door.offer()
+        assert offer["size"] == 0
+        code = ("import json, sys; from store.daemon.same_host import redeem; "
+                "print(redeem(json.loads(sys.argv[1]), 5.0))")  # fmt: skip
+        child = subprocess.run([sys.executable, "-c", code, json.dumps(offer)], check=True,
+                               capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+        assert child.stdout.strip() == "(True, None)"
+        pid = door.peer_pid(offer["ticket"])
+        assert pid is not None and pid not in (os.getpid(), 0)  # the child, not us
+    finally:
+        door.close()
 
 
 @pytest.fixture(scope="module")

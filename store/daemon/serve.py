@@ -19,7 +19,7 @@ from prometheus_client import start_http_server
 from store.config import StoreConfig
 from store.daemon.activity import Activity
 from store.daemon.grpc_api import KVStoreServicer, start_grpc
-from store.daemon.pool_share import PoolShare
+from store.daemon.same_host import SameHost
 from store.daemon.service import Limits, StoreService
 from store.daemon.stream_server import StreamServer
 from store.heap import freeze_startup_heap
@@ -59,9 +59,9 @@ class Daemon:
         self.store = TieredStore(config)
         self.activity = Activity(self.store.metrics.registry)
         self.service = StoreService(self.store, options.limits)
-        self.pool_share = _share_pool(self.store)
+        self.same_host = _open_door(self.store)
         self.streams = StreamServer(
-            self.service, self.activity, options.token, ucx=options.ucx, pool=self.pool_share
+            self.service, self.activity, options.token, ucx=options.ucx, same_host=self.same_host
         )
         self.stream_port = self.streams.start(options.host, options.stream_port)
         max_message = options.limits.max_chunk_bytes + (1 << 20)
@@ -87,23 +87,21 @@ class Daemon:
             log.warning("drain timed out with %d requests in flight", self.activity.in_flight)
         self.grpc.stop(grace=1.0).wait()
         self.streams.stop()
-        if self.pool_share is not None:
-            self.pool_share.close()
+        if self.same_host is not None:
+            self.same_host.close()
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
         self.store.close()
 
 
-def _share_pool(store: TieredStore) -> PoolShare | None:
-    """Offer the first tier's shared pool to same-host clients, where it is shared."""
-    shared = store.shared_pool()
-    if shared is None:
-        return None
+def _open_door(store: TieredStore) -> SameHost | None:
+    """The door for same-host clients (same_host.py), handing out the first tier's pool
+    where it is shared."""
     try:
-        return PoolShare(shared)
+        return SameHost(store.shared_pool())
     except OSError as exc:
-        log.warning("cannot offer the shared cpu pool (%s): same-host gets copy twice", exc)
+        log.warning("no door for same-host clients (%s): their gets and puts copy twice", exc)
         return None
 
 

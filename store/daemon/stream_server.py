@@ -9,7 +9,9 @@ first frame must be ``hello`` (with the bearer token when one is configured). Th
 * ``get`` answers in parts: a frame listing hits (index, header[, offset]), then, on the
   socket path, their payloads; with ``region`` the payloads are in shared memory: in the
   client's region, or (``pool``) where they lie in the daemon's cpu pool, which the
-  client maps read-only (pool_share.py), pinned until the client sends ``release``.
+  client maps read-only (same_host.py), pinned until the client sends ``release``.
+* ``cma`` asks whether puts may be read from the client's memory (store/cma.py); the
+  daemon answers from the pid the kernel gave for the client at its same-host door.
 * ``put`` is one frame listing headers, then the payloads (or their region offsets).
   The whole request is read and checked before anything is stored.
 
@@ -31,7 +33,7 @@ import numpy as np
 from store import cma
 from store.chunk import Chunk
 from store.daemon.activity import Activity, Draining
-from store.daemon.pool_share import PoolShare
+from store.daemon.same_host import SameHost
 from store.daemon.service import IN_POOL, PART_BYTES, BadRequest, StoreService
 from store.shm import NONCE_BYTES, Region, RegionError
 from store.stream import (
@@ -74,10 +76,10 @@ class StreamServer:
         token: str | None,
         max_region_bytes: int = 1 << 34,
         ucx: bool = False,
-        pool: PoolShare | None = None,
+        same_host: SameHost | None = None,
     ) -> None:
         self.service = service
-        self.pool = pool  # hands attached clients the shared cpu pool (pool_share.py)
+        self.same_host = same_host  # pids of same-host clients, the shared pool (same_host.py)
         self.activity = activity
         self.token = token
         self.max_region_bytes = max_region_bytes
@@ -145,6 +147,8 @@ class _Session:
         self.authenticated = server.token is None
         self.region: Region | None = None
         self.cma_pid: int | None = None  # the client's pid, when puts may read its memory
+        self.cma_at: Any = None  # where the client says it has the region mapped
+        self.ticket: str | None = None  # this session's ticket at the same-host door
         self.staging = np.empty(0, dtype=np.uint8)  # a put's payloads (stream path)
         self.out_bufs = [np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8)]  # gets
         self._io: ThreadPoolExecutor | None = None
@@ -169,7 +173,8 @@ class _Session:
                 )
             if op == "ucx":
                 return self._ucx(meta)
-            handler = {"attach": self._attach, "get": self._get, "put": self._put}.get(op)
+            handler = {"attach": self._attach, "cma": self._cma, "get": self._get,
+                       "put": self._put}.get(op)  # fmt: skip
             if handler is None:
                 return self._error("UNIMPLEMENTED", f"unknown op {str(op)[:40]!r}", True)
             with self.activity.request(self.client, op.capitalize(), self._transport(meta)):
@@ -248,11 +253,26 @@ class _Session:
         if self.region is not None:
             self.region.close()
         self.region = region
-        self.cma_pid = _probe_cma(meta, region.nonce) if self.wire == "stream" else None
-        reply: dict[str, Any] = {"ok": True, "size": region.size, "cma": self.cma_pid is not None}
-        if self.server.pool is not None and self.wire == "stream":
-            reply["pool"] = self.server.pool.offer()  # same host proven: the pool may be read
+        self.cma_pid, self.cma_at, self.ticket = None, meta.get("at"), None
+        reply: dict[str, Any] = {"ok": True, "size": region.size}
+        door = self.server.same_host
+        if door is not None and self.wire == "stream":  # same host proven: the door opens
+            offer = door.offer()
+            self.ticket = offer["ticket"]
+            reply["door"] = offer
         send_frame(self.conn, reply)
+
+    def _cma(self, meta: dict[str, Any]) -> None:
+        """May puts on this connection be read from the client's memory? Yes if the
+        process that redeemed this session's ticket (its pid from the kernel) has the
+        region's nonce where the client said it mapped the region (``at``)."""
+        door = self.server.same_host
+        pid = door.peer_pid(self.ticket) if door is not None and self.region else None
+        self.ticket = None
+        self.cma_pid = None
+        if pid is not None and self.region is not None:
+            self.cma_pid = _probe_cma(pid, self.cma_at, self.region.nonce)
+        send_frame(self.conn, {"ok": True, "cma": self.cma_pid is not None})
 
     def _window(self, meta: dict[str, Any]) -> np.ndarray:
         if self.region is None:
@@ -320,7 +340,8 @@ class _Session:
         window = self._window(meta)
         encode = self.service.prefixes.encode
         sent = 0
-        lent: list[str] | None = [] if meta.get("pool") and self.server.pool else None
+        door = self.server.same_host
+        lent: list[str] | None = [] if meta.get("pool") and door and door.nbytes else None
         parts = self.service.get_into(keys, fp, window, lent)
         pending: Future | None = self.io().submit(next, parts, None)
         try:
@@ -546,11 +567,10 @@ def _buffers(placed: list[Any]) -> list[Any]:
     return _flat([p.payload for p in placed])
 
 
-def _probe_cma(meta: dict[str, Any], nonce: bytes) -> int | None:
-    """The client's pid if this process can read its memory: the nonce must come back
-    from where the client says its region is mapped (``at``) in process ``pid``."""
-    pid, at = meta.get("pid"), meta.get("at")
-    if not (type(pid) is int and type(at) is int and pid > 0 and at > 0 and cma.available()):
+def _probe_cma(pid: int, at: Any, nonce: bytes) -> int | None:
+    """``pid`` if this process can read its memory and finds the region's nonce at
+    ``at`` there (so it is the client that mapped the region), else None."""
+    if not (type(at) is int and at > 0 and cma.available()):
         return None
     probe = bytearray(NONCE_BYTES)
     try:
