@@ -166,7 +166,7 @@ def cpu_only():
 def test_puts_received_into_reserved_pages_round_trip_and_refuse_as_a_whole(cpu_only):
     c = cpu_only
     size = (1 << 20) - 4096
-    chunks = [chunk(i, size=size, tag="reserve") for i in range(6)]  # > 4 MiB: two groups
+    chunks = [chunk(i, size=size, tag="reserve") for i in range(6)]  # several put groups
     keys = [x.key for x in chunks]
     assert c.put(chunks[:2], transport="stream") == [True, True]
     # Already stored chunks, new ones, then a bad payload in the second group: refused,

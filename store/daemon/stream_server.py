@@ -49,9 +49,18 @@ from store.stream import (
 log = logging.getLogger(__name__)
 
 
-PUT_GROUP_BYTES = 4 << 20
-"""A stream put is received in groups of about this many bytes, each verified and stored
-by the connection's helper thread while the next group arrives."""
+PUT_GROUP_BYTES = 1 << 20
+"""A socket put is received, verified and stored in groups of about this many bytes, all
+on the connection's thread: the socket's own buffers keep the client sending meanwhile,
+and a group still in the core's L2 cache hashes at ~18 GB/s against ~14 for 4 MiB.
+Measured against a helper thread storing 4 MiB groups while the next arrives (the
+GIL serialised the two): stream put 2.94-3.14 → 3.60-3.68 GB/s at 1 MiB chunks."""
+
+CMA_GROUP_BYTES = 4 << 20
+"""A cross-memory-attach put is copied in groups of about this many bytes while the
+helper thread verifies and stores the last group: there the copy is this thread's own
+work (``process_vm_readv`` releases the GIL), and doing both on one thread measured
+25% slower."""
 
 
 RELEASE_TIMEOUT = 30.0
@@ -440,15 +449,18 @@ class _Session:
     def _receive_and_store(
         self, headers: list[Any], sizes: list[int], fill: Any = None
     ) -> list[bool]:
-        """Read the payloads in groups of about PUT_GROUP_BYTES (from the socket, or by
-        ``fill(start, end, buffers)``: chunks ``start:end`` into ``buffers``); the helper thread
-        verifies and stores each group while the next one arrives. Chunks the first tier
+        """Read the payloads in groups (from the socket, or by ``fill(start, end,
+        buffers)``: chunks ``start:end`` into ``buffers``) and verify and store each: on
+        this thread for the socket, on the helper thread while the next group is copied
+        for ``fill``. Chunks the first tier
         can reserve (``TieredStore.reserve``) are received straight into its pages and
         published once verified (``commit``); the rest go through this connection's
         staging buffer (reused across puts) and ``put``. If a payload fails its checksum,
         the chunks of this request stored before it are deleted again, reserved pages
         not yet published are freed, and the request is refused."""
         store = self.service.store
+        inline = fill is None  # see PUT_GROUP_BYTES and CMA_GROUP_BYTES
+        group_bytes = PUT_GROUP_BYTES if inline else CMA_GROUP_BYTES
         places = store.reserve(headers)
         staged = sum(n for n, p in zip(sizes, places, strict=True) if p is None)
         if self.staging.nbytes < staged:
@@ -460,7 +472,7 @@ class _Session:
         try:
             while start < len(sizes):
                 end, nbytes = start, 0
-                while end < len(sizes) and (end == start or nbytes < PUT_GROUP_BYTES):
+                while end < len(sizes) and (end == start or nbytes < group_bytes):
                     nbytes += sizes[end]
                     end += 1
                 payloads: list[Any] = []
@@ -475,10 +487,10 @@ class _Session:
                     recv_buffers(self.conn, buffers)
                 else:
                     fill(start, end, buffers)
+                run = _now if inline else self.io().submit
                 jobs.append(
-                    (start, end, self.io().submit(
-                        self._store, headers[start:end], payloads, places[start:end]))
-                )  # fmt: skip
+                    (start, end, run(self._store, headers[start:end], payloads, places[start:end]))
+                )
                 start = end
         except BadRequest as exc:  # a payload that could not be read (fill): refuse it all
             failed = exc
@@ -549,6 +561,16 @@ class _Session:
         if self.region is not None:
             self.region.close()
             self.region = None
+
+
+def _now(fn: Any, *args: Any) -> Future:
+    """``fn(*args)`` run here, as a finished Future (like ``executor.submit``'s)."""
+    done: Future = Future()
+    try:
+        done.set_result(fn(*args))
+    except BaseException as exc:  # handed on through the Future, as submit would
+        done.set_exception(exc)
+    return done
 
 
 def _flat(payloads: list[Any]) -> list[Any]:
