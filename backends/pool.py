@@ -153,6 +153,9 @@ class PagedPool:
         if self._host is None:
             return None
         whole = self._rw if writable else self._ro
+        if len(runs) == 1:  # most chunks are one run
+            off, n = runs[0]
+            return [whole[off : off + n]]
         return [whole[off : off + n] for off, n in runs]
 
     def write(self, runs: list[Run], src: Any) -> None:

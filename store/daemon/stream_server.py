@@ -482,7 +482,10 @@ class _Session:
                         pos += n
                     else:
                         payloads.append(place)
-                buffers = [memoryview(b).cast("B") for b in _flat(payloads)]
+                buffers = [  # pool pages and staging slices are byte views already
+                    b if type(b) is memoryview and b.format == "B" else memoryview(b).cast("B")
+                    for b in _flat(payloads)
+                ]
                 if fill is None:
                     recv_buffers(self.conn, buffers)
                 else:
@@ -516,10 +519,13 @@ class _Session:
         self.service.verify_payloads(headers, payloads)
         mine = [i for i, p in enumerate(places) if p is None]
         stored = [False] * len(headers)
-        chunks = [Chunk(headers[i], payloads[i]) for i in mine]
-        for i, ok in zip(mine, self.service.put(chunks), strict=True):
-            stored[i] = ok
-        fresh = [] if self.service.store.can_reserve() else [headers[i].key for i in mine]
+        fresh: list[str] = []
+        if mine:
+            chunks = [Chunk(headers[i], payloads[i]) for i in mine]
+            for i, ok in zip(mine, self.service.put(chunks), strict=True):
+                stored[i] = ok
+            if not self.service.store.can_reserve():
+                fresh = [headers[i].key for i in mine]
         lent = [i for i, p in enumerate(places) if p is not None]
         if lent:
             for i in lent:
