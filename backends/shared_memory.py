@@ -6,11 +6,14 @@ one. With the pool itself in shared memory, the daemon only pins a hit's pages a
 names them; the client copies straight out of its own read-only mapping of the pool.
 
 The memory is a ``memfd`` (anonymous, no name in any file system, freed with its last
-mapping), sealed against resizing. Clients never get the daemon's read-write
-descriptor: ``reader_fd`` re-opens the same memory through ``/proc/self/fd`` read-only,
-and a mapping of a read-only descriptor can never be made writable (``mmap`` and
-``mprotect`` refuse ``PROT_WRITE`` on it), so a client can read chunks but not change
-one. How the descriptor reaches a client: store/daemon/same_host.py.
+mapping). Once the daemon has mapped it read-write, it is sealed against resizing and
+against every *future* write (``F_SEAL_FUTURE_WRITE``, Linux 5.1): no new writable
+mapping and no ``write`` succeed any more, for anyone, while the daemon's own mapping
+stays writable. The seal is what makes the memory read-only to clients: a read-only
+descriptor alone is not enough, since ``/proc/self/fd/N`` can be re-opened read-write
+(a memfd's mode is 0777). Where the kernel refuses the seal the pool stays private.
+Clients get a descriptor from ``reader_fd`` (read-only as well); how it reaches them:
+store/daemon/same_host.py.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+
+F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)  # Linux 5.1; no name in 3.11
 
 
 def unmap(m: mmap.mmap | None) -> None:
@@ -49,9 +54,9 @@ class SharedBuffer:
         fd = create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, nbytes)
-            seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
-            self._mmap: mmap.mmap | None = mmap.mmap(fd, nbytes)
+            self._mmap: mmap.mmap | None = mmap.mmap(fd, nbytes)  # before the write seal
+            seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals | fcntl.F_SEAL_SEAL)
         except OSError as exc:
             os.close(fd)
             raise SharedMemoryUnavailable(f"shared memory of {nbytes} bytes: {exc}") from None
@@ -70,10 +75,14 @@ class SharedBuffer:
         return os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | os.O_CLOEXEC)
 
     def close(self) -> None:
-        """Drop this process's mapping and descriptor; clients' mappings stay valid."""
+        """Drop this process's references and descriptor; clients' mappings stay valid.
+
+        Not ``mmap.close()``: a tensor made by ``torch.frombuffer`` holds no buffer
+        export, so closing would unmap memory that views handed out (a page being sent
+        or hashed by another thread) still use. The tensor keeps the mapping alive; it
+        is unmapped when the last view goes."""
         self.tensor = torch.empty(0, dtype=torch.uint8)
-        m, self._mmap = self._mmap, None
-        unmap(m)
+        self._mmap = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -257,6 +257,10 @@ class KVStoreClient:
                     done = meta["done"]
                     if meta.get("release"):  # copied out of the pool: its pages may go
                         send_frame(conn.sock, {"op": "release"})
+                        # Only the daemon's answer shows the pages were still pinned
+                        # while we copied (a stall past its timeout loses the
+                        # connection instead, and this get fails: no stale bytes).
+                        check_reply(recv_frame(conn.sock))
                     break
                 for row in meta["part"]:
                     index, offset = row[0], row[2]
@@ -364,7 +368,9 @@ class KVStoreClient:
                 mapping = PoolMapping(fd, size)
             except (OSError, ValueError):
                 return None
-            with self._lock:
+            with self._lock:  # another thread may have mapped it meanwhile: keep one
+                if name in self._pools:
+                    return self._pools[name]
                 self._pools = {name: mapping}  # a restarted daemon has a new pool: drop the old
             return mapping
         finally:
@@ -450,17 +456,16 @@ class KVStoreClient:
 
     def _release(self, conn: _Conn, ok: bool, lost: bool = False) -> None:
         """Pool ``conn`` again, or close it after a failure. ``lost``: the daemon may be
-        gone, so this client's mapping of its pool is dropped as well: a dead daemon's
-        pool memory lives on as long as any process maps it (a connection to a
-        restarted daemon maps the new pool)."""
+        gone, so this client forgets its mapping of the daemon's pool as well, and it is
+        unmapped once no connection uses it: a dead daemon's pool memory lives on as
+        long as any process maps it (a connection to a restarted daemon maps the new
+        pool)."""
         if not ok:
             conn.close()
             self._stream_port = None  # the daemon may have restarted elsewhere
-            if lost:
+            if lost:  # forgotten, not closed: connections still using it keep it mapped
                 with self._lock:
-                    pools, self._pools = self._pools, {}
-                for mapping in pools.values():
-                    mapping.close()
+                    self._pools = {}
             return
         with self._lock:
             self._idle.append(conn)
@@ -468,11 +473,9 @@ class KVStoreClient:
     def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
-            pools, self._pools = self._pools, {}
+            self._pools = {}  # unmapped when the last connection using it goes
         for conn in idle:
             conn.close()
-        for mapping in pools.values():  # unmapped now, or when the last view of it goes
-            mapping.close()
         self._channel.close()
 
     def __enter__(self) -> KVStoreClient:

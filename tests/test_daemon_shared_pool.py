@@ -9,6 +9,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -41,6 +42,18 @@ def test_clients_get_a_descriptor_that_cannot_write():
                 os.write(fd, b"x")
             with pytest.raises(OSError):
                 os.ftruncate(fd, 0)
+            # Re-opened read-write through /proc (a memfd's mode is 0777): the write
+            # seal still refuses every new writable mapping and every write.
+            rw = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+            try:
+                with pytest.raises(PermissionError):
+                    mmap.mmap(rw, shared.nbytes)
+                with pytest.raises(PermissionError):
+                    os.pwrite(rw, b"x", 0)
+            finally:
+                os.close(rw)
+            shared.tensor[6:7] = torch_bytes(b"?")  # the owner still writes
+            assert mmap.mmap(fd, shared.nbytes, prot=mmap.PROT_READ)[:7] == b"hello!?"
         finally:
             os.close(fd)
     finally:
@@ -160,6 +173,7 @@ def test_lent_pages_stay_put_until_the_client_releases_them(small_daemon):
                 dst = np.empty(MiB, np.uint8)
                 assert conn.pool.read(r, dst) and bytes(dst) == bytes(x.payload)
             send_frame(conn.sock, {"op": "release"})
+            assert recv_frame(conn.sock)["released"]  # pinned until then: the copies hold
         writer.delete([x.key for x in later])
         assert writer.put(later) == [True] * 8  # released: the whole pool is usable again
         assert writer.lookup([x.key for x in later]) == ["cpu"] * 8
@@ -208,6 +222,7 @@ def test_hits_below_the_cpu_tier_still_come_through_the_region(tmp_path):
                     offsets += [r[2] for r in meta["part"]]
                 assert meta["release"] and len(offsets) == 10
                 send_frame(conn.sock, {"op": "release"})
+                assert recv_frame(conn.sock)["released"]
             assert 0 < offsets.count(IN_POOL) < 10  # both paths in one get
             got = c.get([x.key for x in chunks])
             assert all(same(g, x) for g, x in zip(got, chunks, strict=True))
@@ -257,3 +272,29 @@ def test_a_dead_daemons_pool_is_unmapped_by_its_clients():
     finally:
         c.close()
         d.kill()
+
+
+def test_a_client_too_slow_to_release_gets_an_error_not_the_bytes(monkeypatch):
+    from store.config import from_flat
+    from store.daemon.serve import Daemon, ServeOptions
+
+    d = Daemon(from_flat({"tiers": ["cpu"], "cpu.size": "8MiB", "cpu.shared": True}),
+               ServeOptions(port=0, metrics_port=None))  # fmt: skip
+    d.streams.release_timeout = 0.3
+    try:
+        x = chunk(1, size=MiB, tag="slow")
+        with KVStoreClient(f"kvstore://127.0.0.1:{d.port}", transport="shm") as c:
+            assert c.put([x]) == [True]
+            read = PoolMapping.read
+
+            def stalled(self, runs, dst):  # the client stalls mid-copy past the timeout
+                time.sleep(1.0)
+                return read(self, runs, dst)
+
+            monkeypatch.setattr(PoolMapping, "read", stalled)
+            with pytest.raises(OSError):  # the pins were gone: what it copied may be stale
+                c.get([x.key])
+            monkeypatch.setattr(PoolMapping, "read", read)
+            assert same(c.get([x.key])[0], x)  # a fresh connection reads it fine
+    finally:
+        d.stop()

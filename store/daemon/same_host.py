@@ -142,7 +142,7 @@ def redeem(offer: dict[str, Any], timeout: float) -> tuple[bool, int | None]:
         sock.settimeout(timeout)
         sock.connect("\0" + name)
         sock.sendall(ticket.encode())
-        msg, fds, _, _ = socket.recv_fds(sock, 1, 1)
+        msg, fds, _, _ = socket.recv_fds(sock, 1, 1, socket.MSG_CMSG_CLOEXEC)
         if msg != b"k":
             for fd in fds:
                 os.close(fd)

@@ -94,6 +94,7 @@ class StreamServer:
         self.max_region_bytes = max_region_bytes
         self.ucx = ucx  # serve {"op": "ucx"}: connections move onto UCX (store/ucx_transport.py)
         self.ucx_timeout: float | None = None  # idle UCX connections wait without a deadline
+        self.release_timeout = RELEASE_TIMEOUT
         self._listener: socket.socket | None = None
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -380,9 +381,10 @@ class _Session:
         self.activity.bytes.labels("out", "shm").inc(sent)
 
     def _await_release(self) -> None:
-        """Wait for the client to say it has copied the lent chunks out of the pool. A
-        client that never does loses its connection, so its pins cannot outlive it."""
-        self.conn.settimeout(RELEASE_TIMEOUT)
+        """Wait for the client to say it has copied the lent chunks out of the pool, and
+        confirm. A client that does not within RELEASE_TIMEOUT loses its connection, so
+        its pins cannot outlive it, and never gets the confirmation its copies need."""
+        self.conn.settimeout(self.server.release_timeout)
         try:
             meta = recv_frame(self.conn)
         except TimeoutError:
@@ -391,6 +393,9 @@ class _Session:
             self.conn.settimeout(None)
         if meta.get("op") != "release":
             raise StreamClosed(f"expected release of lent pool pages, got {meta.get('op')!r}")
+        # The pages were still pinned when the release came: the client's copies are
+        # good. A client that hears nothing (the timeout dropped it) discards them.
+        send_frame(self.conn, {"ok": True, "released": True})
 
     # -- put ------------------------------------------------------------------------
     def _put(self, meta: dict[str, Any]) -> None:
