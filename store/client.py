@@ -82,6 +82,7 @@ class _Conn:
         self.region = region
         self.ucx = ucx
         self.pool: PoolMapping | None = pool  # the daemon's shared cpu pool, read-only
+        self.pid = os.getpid()  # a forked child must not use its parent's connections
 
     @property
     def cma(self) -> bool:
@@ -295,7 +296,15 @@ class KVStoreClient:
             ]
             addrs = [cma.address(v) for v in views]
             send_frame(conn.sock, {"op": "put", "fp": fp, "chunks": rows, "cma": addrs})
-            return list(check_reply(recv_frame(conn.sock))["stored"])
+            try:
+                return list(check_reply(recv_frame(conn.sock))["stored"])
+            except RemoteError as exc:
+                # Memory the daemon cannot read (device-mapped or RDMA-registered
+                # buffers, a process made undumpable): send the payloads instead, from now on.
+                if exc.code != "INVALID_ARGUMENT" or cma.REFUSED not in exc.message:
+                    raise
+                assert conn.region is not None
+                conn.region.cma = False
         need = WINDOW_START + sum(_aligned(host_view(c.payload).nbytes) for c in chunks)
         if conn.region is None or (need > conn.region.size and not self._grow(conn, need)):
             return self._stream_put(conn, chunks, fp)
@@ -419,6 +428,9 @@ class KVStoreClient:
 
     def _take(self, transport: str) -> _Conn:
         with self._lock:
+            if any(conn.pid != os.getpid() for conn in self._idle):  # we are a forked child
+                self._idle = [conn for conn in self._idle if conn.pid == os.getpid()]
+                self._pools = {}  # the parent's; pins and reads are per process
             for i, conn in enumerate(self._idle):
                 if conn.ucx != (transport == "ucx"):
                     continue

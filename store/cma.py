@@ -28,6 +28,9 @@ from typing import Any
 import numpy as np
 
 IOV_MAX = 1024  # iovecs per side of one call (Linux's UIO_MAXIOV)
+REFUSED = "cannot read the payloads from the client's memory"
+"""The daemon's one message for a put it could not read this way, whatever the cause (no
+oracle on memory); a client that sees it sends its payloads instead."""
 
 
 class _Iovec(ctypes.Structure):

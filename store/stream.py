@@ -80,9 +80,12 @@ core's 2 MiB L2 while the stack copies it (docs/daemon.md)."""
 def send_buffers(sock: socket.socket, buffers: Sequence[Any]) -> None:
     """``sendall`` of many buffers with few system calls (gathered ``sendmsg``)."""
     views = [v for v in (memoryview(b).cast("B") for b in buffers) if v.nbytes]
+    # Only a kernel socket gains from short calls; a UcxSocket waits for each call's
+    # completion, so it gets everything at once.
+    limit = SEND_BYTES if isinstance(sock, socket.socket) else 1 << 62
     i = 0
     while i < len(views):
-        sent = sock.sendmsg(_batch(views, i, SEND_BYTES))
+        sent = sock.sendmsg(_batch(views, i, limit))
         i = _advance(views, i, sent)
 
 

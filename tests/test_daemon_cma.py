@@ -150,3 +150,32 @@ def test_reads_need_the_kernels_word_on_who_the_client_is(daemon):
         assert _redeemed(offer) and _ask_cma(conn)
         region.close()
         conn.close()
+
+
+FALLBACK = """
+import sys
+import numpy as np
+sys.path.insert(0, "tests")
+from daemon_proc import chunk
+from store.client import KVStoreClient
+with KVStoreClient(sys.argv[1], transport="shm") as c:
+    first = [chunk(i, size=65536, tag="fallback") for i in range(3)]
+    assert c.put(first) == [True] * 3
+    conn = c._idle[0]
+    assert conn.cma
+    # What the daemon reads before every put is gone (as when the pid no longer is this
+    # process, or its memory became unreadable): the daemon refuses to read.
+    conn.region.array[:16] = 0
+    later = [chunk(i, size=65536, tag="fallback-later") for i in range(3)]
+    assert c.put(later) == [True] * 3  # refused by the daemon, then sent through the region
+    assert not conn.cma
+    got = c.get([x.key for x in later])
+    assert all(bytes(np.asarray(g.payload)) == bytes(x.payload) for g, x in zip(got, later))
+    print("ok")
+"""
+
+
+def test_a_put_the_daemon_cannot_read_falls_back_to_the_region(daemon):
+    out = subprocess.run([sys.executable, "-c", FALLBACK, daemon.url], capture_output=True,
+                         text=True, cwd=ROOT, timeout=60)  # fmt: skip
+    assert out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -7,6 +7,7 @@ import json
 import mmap
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import time
@@ -96,8 +97,8 @@ def test_a_ticket_is_good_once_names_its_redeemer_and_expires(monkeypatch):
         came_in, fd = redeem(offer, 2.0)
         assert came_in and fd is not None and os.fstat(fd).st_size == 4096
         os.close(fd)
-        assert door.peer_pid(offer["ticket"]) == os.getpid()  # from the kernel
-        assert door.peer_pid(offer["ticket"]) is None  # answered once
+        assert door.peer(offer["ticket"]) == (os.getpid(), os.getuid())  # from the kernel
+        assert door.peer(offer["ticket"]) is None  # answered once
         assert redeem(offer, 2.0) == (False, None)  # used up
         assert redeem(dict(offer, ticket="0" * 32), 2.0) == (False, None)  # never issued
         monkeypatch.setattr(same_host, "TICKET_SECONDS", -1.0)
@@ -118,8 +119,8 @@ def test_the_door_names_whoever_redeemed_the_ticket_even_without_a_pool():
         child = subprocess.run([sys.executable, "-c", code, json.dumps(offer)], check=True,
                                capture_output=True, text=True, cwd=ROOT)  # fmt: skip
         assert child.stdout.strip() == "(True, None)"
-        pid = door.peer_pid(offer["ticket"])
-        assert pid is not None and pid not in (os.getpid(), 0)  # the child, not us
+        peer = door.peer(offer["ticket"])
+        assert peer is not None and peer[0] not in (os.getpid(), 0)  # the child, not us
     finally:
         door.close()
 
@@ -298,3 +299,41 @@ def test_a_client_too_slow_to_release_gets_an_error_not_the_bytes(monkeypatch):
             assert same(c.get([x.key])[0], x)  # a fresh connection reads it fine
     finally:
         d.stop()
+
+
+def test_a_silent_visitor_does_not_hold_the_door_for_others():
+    door = SameHost()
+    squatters = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(3)]
+    try:
+        for s in squatters:  # connect and say nothing
+            s.connect("\0" + door.name)
+        start = time.monotonic()
+        offer = door.offer()
+        assert redeem(offer, 1.0) == (True, None)
+        assert time.monotonic() - start < 1.0  # served at once, not after the squatters
+    finally:
+        for s in squatters:
+            s.close()
+        door.close()
+    with pytest.raises(OSError):  # closed: the name is free again, nothing answers
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect("\0" + door.name)
+
+
+def test_one_get_lends_at_most_a_quarter_of_the_pool(small_daemon):
+    chunks = [chunk(i, size=MiB, tag="cap") for i in range(6)]  # 6 of the pool's 8 MiB
+    with KVStoreClient(small_daemon.url, transport="shm") as c:
+        assert c.put(chunks) == [True] * 6
+        with c._borrow("shm") as conn:
+            send_frame(conn.sock, {"op": "get", "keys": [x.key for x in chunks], "region": True,
+                                   "offset": WINDOW_START, "pool": True,
+                                   "length": conn.region.size - WINDOW_START})  # fmt: skip
+            offsets = []
+            while "part" in (meta := recv_frame(conn.sock)):
+                offsets += [r[2] for r in meta["part"]]
+            send_frame(conn.sock, {"op": "release"})
+            assert recv_frame(conn.sock)["released"]
+        # Lending stops in the part after 2 MiB (a quarter) were lent; the rest is copied.
+        assert offsets[:4] == [IN_POOL] * 4 and all(o >= 0 for o in offsets[4:])
+        got = c.get([x.key for x in chunks])
+        assert all(same(g, x) for g, x in zip(got, chunks, strict=True))
+        c.delete([x.key for x in chunks])

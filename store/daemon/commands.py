@@ -56,8 +56,7 @@ def daemon_config(args: argparse.Namespace, overrides: dict[str, str]) -> StoreC
     ``--disk-path`` and ``--redis-url`` add their tier when the tier list lacks it."""
     from store.config_load import flatten, read_yaml
 
-    values: dict[str, Any] = {"cpu.shared": True}  # same-host clients map the pool
-    values.update(flatten(read_yaml(args.config)) if args.config else {})
+    values: dict[str, Any] = flatten(read_yaml(args.config)) if args.config else {}
     values.update({k: os.environ[env_var(k)] for k in all_keys() if env_var(k) in os.environ})
     tiers = values.get("tiers", ["cpu"])
     tiers = [t.strip() for t in tiers.split(",")] if isinstance(tiers, str) else list(tiers)
@@ -71,6 +70,8 @@ def daemon_config(args: argparse.Namespace, overrides: dict[str, str]) -> StoreC
             tiers.append(tier)
     values["tiers"] = tiers
     values.update(overrides)
+    if tiers and tiers[0] == "cpu":  # same-host clients map the first tier's pool
+        values.setdefault("cpu.shared", True)
     return from_flat(values)
 
 

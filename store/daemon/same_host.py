@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 TICKET_SECONDS = 30.0
 MAX_TICKETS = 4096
 TICKET_BYTES = 32  # hex characters
+VISIT_SECONDS = 2.0  # a whole redemption, connect to descriptor
+MAX_VISITORS = 64  # redemptions in progress at once
 _UCRED = struct.Struct("3i")  # pid, uid, gid
 
 
@@ -51,8 +53,9 @@ class SameHost:
         self.name = f"kvstore-{secrets.token_hex(12)}"
         self._fd = shared.reader_fd() if shared is not None else -1
         self._tickets: dict[bytes, float] = {}  # issued, not yet redeemed: deadline
-        self._peers: OrderedDict[bytes, int] = OrderedDict()  # redeemed: the pid
+        self._peers: OrderedDict[bytes, tuple[int, int]] = OrderedDict()  # redeemed: pid, uid
         self._lock = threading.Lock()
+        self._active = 0  # redemptions in progress
         self._sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._sock.bind("\0" + self.name)
@@ -75,20 +78,20 @@ class SameHost:
             self._tickets[ticket] = now + TICKET_SECONDS
         return {"socket": self.name, "ticket": ticket.decode(), "size": self.nbytes}
 
-    def peer_pid(self, ticket: Any) -> int | None:
-        """The pid of the process that redeemed ``ticket``, per the kernel; None if no
+    def peer(self, ticket: Any) -> tuple[int, int] | None:
+        """(pid, uid) of the process that redeemed ``ticket``, per the kernel; None if no
         one has (yet). Each redeemed ticket answers once."""
         if not isinstance(ticket, str):
             return None
         with self._lock:
             return self._peers.pop(ticket.encode(), None)
 
-    def _redeem(self, ticket: bytes, pid: int) -> bool:
+    def _redeem(self, ticket: bytes, pid: int, uid: int) -> bool:
         with self._lock:
             deadline = self._tickets.pop(ticket, None)
             if deadline is None or deadline <= time.monotonic():
                 return False
-            self._peers[ticket] = pid
+            self._peers[ticket] = (pid, uid)
             while len(self._peers) > MAX_TICKETS:  # redeemed, never asked about
                 self._peers.popitem(last=False)
         return True
@@ -97,37 +100,67 @@ class SameHost:
         while (listener := self._sock) is not None:
             try:
                 conn, _ = listener.accept()
-            except OSError:
-                return  # closed
-            try:
-                conn.settimeout(5.0)
-                pid, _, _ = _UCRED.unpack(
-                    conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-                )
-                ticket = b""
-                while len(ticket) < TICKET_BYTES:
-                    more = conn.recv(TICKET_BYTES - len(ticket))
-                    if not more:
-                        break
-                    ticket += more
-                if not self._redeem(ticket, pid):
-                    conn.sendall(b"n")
-                elif self._fd >= 0:
-                    socket.send_fds(conn, [b"k"], [self._fd])
-                else:
-                    conn.sendall(b"k")
             except OSError as exc:
-                log.debug("same-host door: a client went away mid-handoff (%s)", exc)
-            finally:
+                if self._sock is None:
+                    return  # closed
+                log.warning("same-host door: accept failed (%s); retrying", exc)
+                time.sleep(0.1)  # e.g. out of descriptors for a moment
+                continue
+            with self._lock:
+                busy = self._active >= MAX_VISITORS
+                self._active += 0 if busy else 1
+            if busy:  # a crowd at the door: turn the newcomer away, not the next client
                 conn.close()
+                continue
+            threading.Thread(target=self._visit, args=(conn,), daemon=True,
+                             name="kvstore-same-host-visit").start()  # fmt: skip
+
+    def _visit(self, conn: socket.socket) -> None:
+        """One redemption, within VISIT_SECONDS in all (a slow or silent visitor holds
+        only its own thread)."""
+        deadline = time.monotonic() + VISIT_SECONDS
+        try:
+            pid, uid, _ = _UCRED.unpack(
+                conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+            )
+            ticket = b""
+            while len(ticket) < TICKET_BYTES:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                conn.settimeout(left)
+                more = conn.recv(TICKET_BYTES - len(ticket))
+                if not more:
+                    return
+                ticket += more
+            conn.settimeout(max(deadline - time.monotonic(), 0.01))
+            if not self._redeem(ticket, pid, uid):
+                conn.sendall(b"n")
+                return
+            with self._lock:  # not closed under us
+                if self._fd >= 0:
+                    socket.send_fds(conn, [b"k"], [self._fd])
+                    return
+            conn.sendall(b"k")
+        except OSError as exc:
+            log.debug("same-host door: a client went away mid-handoff (%s)", exc)
+        finally:
+            conn.close()
+            with self._lock:
+                self._active -= 1
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+            except OSError:
+                pass
             sock.close()
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
 
 def redeem(offer: dict[str, Any], timeout: float) -> tuple[bool, int | None]:

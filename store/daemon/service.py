@@ -284,6 +284,7 @@ class StoreService:
         fingerprint: bytes | None,
         window: np.ndarray,
         lent: list[str] | None = None,
+        lend_bytes: int = 0,
     ) -> Iterator[list[Placed] | int]:
         """Hits of ``keys`` written into ``window`` (a client's shared memory), in parts.
 
@@ -294,14 +295,17 @@ class StoreService:
         With ``lent`` (the client maps the first tier's shared pool), first-tier hits are
         not copied at all: each comes with offset ``IN_POOL`` and its pool runs as
         payload, pinned, its key appended to ``lent``; the caller ``give_back``s them
-        once the client has read them. They take no room in the window.
+        once the client has read them. They take no room in the window. Past about
+        ``lend_bytes`` lent in one request, hits are copied into the window instead, so
+        one request cannot pin the whole tier against eviction.
         """
         keys = self.check_keys(keys)
-        pos = start = 0
+        pos = start = lent_total = 0
         while start < len(keys):
             end = self._part_end(keys, start)
             part = keys[start:end]
-            loans = self.store.lend(part) if lent is not None else [None] * len(part)
+            lending = lent is not None and lent_total < lend_bytes
+            loans = self.store.lend(part) if lending else [None] * len(part)
             cut = start
             try:
                 places: list[int | None] = []
@@ -317,10 +321,16 @@ class StoreService:
                 cut = start + len(places) if stop is None else stop
             finally:  # lent hits past the cut were not placed: their pins go now
                 kept = cut - start
-                late = [k for k, loan in zip(part[kept:], loans[kept:], strict=True) if loan is not None]
+                late = [
+                    k for k, loan in zip(part[kept:], loans[kept:], strict=True) if loan is not None
+                ]
                 self.store.give_back(late)
                 if lent is not None:
-                    lent += [k for k, loan in zip(part[:kept], loans[:kept], strict=True) if loan is not None]
+                    kept_loans = [
+                        (k, x) for k, x in zip(part[:kept], loans[:kept], strict=True) if x
+                    ]
+                    lent += [k for k, _ in kept_loans]
+                    lent_total += sum(x[0].nbytes for _, x in kept_loans)
             if cut == start:  # the first payload does not fit
                 break
             yield [p for p in placed if p.index < cut]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import socket
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -158,6 +159,7 @@ class _Session:
         self.region: Region | None = None
         self.cma_pid: int | None = None  # the client's pid, when puts may read its memory
         self.cma_at: Any = None  # where the client says it has the region mapped
+        self.cma_nonce = b""  # the region's nonce at attach
         self.ticket: str | None = None  # this session's ticket at the same-host door
         self.staging = np.empty(0, dtype=np.uint8)  # a put's payloads (stream path)
         self.out_bufs = [np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8)]  # gets
@@ -198,7 +200,7 @@ class _Session:
             return self._error("UNAVAILABLE", str(exc), meta.get("op") != "put", op)
 
     def _transport(self, meta: dict[str, Any]) -> str:
-        return "shm" if meta.get("region") else self.wire
+        return "shm" if meta.get("region") or meta.get("cma") is not None else self.wire
 
     def _error(self, code: str, message: str, keep: bool, op: Any = None) -> bool:
         self.activity.errors.labels(str(op).capitalize()[:16], code).inc()
@@ -264,6 +266,7 @@ class _Session:
             self.region.close()
         self.region = region
         self.cma_pid, self.cma_at, self.ticket = None, meta.get("at"), None
+        self.cma_nonce = region.nonce  # as attached: later probes must find these bytes
         reply: dict[str, Any] = {"ok": True, "size": region.size}
         door = self.server.same_host
         if door is not None and self.wire == "stream":  # same host proven: the door opens
@@ -274,14 +277,16 @@ class _Session:
 
     def _cma(self, meta: dict[str, Any]) -> None:
         """May puts on this connection be read from the client's memory? Yes if the
-        process that redeemed this session's ticket (its pid from the kernel) has the
-        region's nonce where the client said it mapped the region (``at``)."""
+        process that redeemed this session's ticket (pid and uid from the kernel) runs as
+        this daemon's user and has the region's nonce where the client said it mapped
+        the region (``at``). Never across users: a daemon running as root must not
+        become a way to read other users' processes."""
         door = self.server.same_host
-        pid = door.peer_pid(self.ticket) if door is not None and self.region else None
+        peer = door.peer(self.ticket) if door is not None and self.region else None
         self.ticket = None
         self.cma_pid = None
-        if pid is not None and self.region is not None:
-            self.cma_pid = _probe_cma(pid, self.cma_at, self.region.nonce)
+        if peer is not None and self.region is not None and peer[1] == os.geteuid():
+            self.cma_pid = _probe_cma(peer[0], self.cma_at, self.cma_nonce)
         send_frame(self.conn, {"ok": True, "cma": self.cma_pid is not None})
 
     def _window(self, meta: dict[str, Any]) -> np.ndarray:
@@ -352,7 +357,7 @@ class _Session:
         sent = 0
         door = self.server.same_host
         lent: list[str] | None = [] if meta.get("pool") and door and door.nbytes else None
-        parts = self.service.get_into(keys, fp, window, lent)
+        parts = self.service.get_into(keys, fp, window, lent, door.nbytes // 4 if door else 0)
         pending: Future | None = self.io().submit(next, parts, None)
         try:
             while pending is not None:
@@ -435,8 +440,15 @@ class _Session:
         """A ``fill`` for ``_receive_and_store`` that copies chunk ``i``'s payload from
         ``addrs[i]`` in the client's memory (a connection whose attach proved it may)."""
         pid = self.cma_pid
-        if pid is None:
-            raise BadRequest("this connection cannot read the client's memory (attach first)")
+        # The nonce again, before every put: the pid must still be the client's process
+        # (not a reused pid, not the image of an exec).
+        if (
+            pid is None
+            or self.region is None
+            or _probe_cma(pid, self.cma_at, self.cma_nonce) is None
+        ):
+            self.cma_pid = None
+            raise BadRequest(f"{cma.REFUSED} (this connection may not; send payloads instead)")
         if not isinstance(addrs, list) or len(addrs) != len(sizes):
             raise BadRequest("cma needs one payload address per chunk")
         if not all(type(a) is int and 0 <= a < 1 << 64 for a in addrs):
@@ -446,8 +458,8 @@ class _Session:
             remote = [(addrs[i], sizes[i]) for i in range(start, end)]
             try:
                 cma.read(pid, buffers, remote)
-            except OSError as exc:
-                raise BadRequest(f"cannot read the payloads from the client's memory: {exc}") from None
+            except OSError:  # one message for every cause: no oracle on the memory
+                raise BadRequest(cma.REFUSED) from None
 
         return fill
 
