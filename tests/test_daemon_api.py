@@ -175,6 +175,12 @@ def test_puts_received_into_reserved_pages_round_trip_and_refuse_as_a_whole(cpu_
     with pytest.raises(RemoteError, match="checksum"):
         c.put(bad, transport="stream")
     assert c.lookup(keys) == ["cpu", "cpu"]
+    # A bad payload in the middle: the groups after it are read and dropped, not stored.
+    middle = chunks[:3] + [_tampered(chunks[3], checksum=chunks[3].header.checksum ^ 1)]
+    with pytest.raises(RemoteError, match="checksum"):
+        c.put(middle + chunks[4:], transport="stream")
+    assert c.lookup(keys) == ["cpu", "cpu"]
+    assert c.get([keys[4], keys[5]], transport="stream") == [None, None]
     # A bad header in a later group (checked a group ahead, after the first was stored):
     # refused alike, and the stream stays in step for the next request.
     for late in (_tampered(chunks[5], key="../x"), _tampered(chunks[5], fingerprint=b"\1" * 32)):

@@ -508,10 +508,12 @@ class _Session:
                 else:
                     fill(start, end, buffers)
                 run = _now if inline else self.io().submit
-                jobs.append(
-                    (start, end, run(self._store, headers[start:end], payloads, places[start:end]))
-                )
+                job = run(self._store, headers[start:end], payloads, places[start:end])
+                jobs.append((start, end, job))
                 start = end
+                if inline and job.exception() is not None:  # refused: store no more of it
+                    self._discard(sum(sizes[start:]))  # only keep the stream in step
+                    break
         except BadRequest as exc:  # a payload that could not be read (fill): refuse it all
             failed = exc
         finally:
