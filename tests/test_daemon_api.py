@@ -181,8 +181,8 @@ def test_puts_received_into_reserved_pages_round_trip_and_refuse_as_a_whole(cpu_
         c.put(middle + chunks[4:], transport="stream")
     assert c.lookup(keys) == ["cpu", "cpu"]
     assert c.get([keys[4], keys[5]], transport="stream") == [None, None]
-    # A bad header in a later group (checked a group ahead, after the first was stored):
-    # refused alike, and the stream stays in step for the next request.
+    # A bad header late in the request: all headers are checked before any payload is
+    # stored, so it is refused alike, and the stream stays in step for the next request.
     for late in (_tampered(chunks[5], key="../x"), _tampered(chunks[5], fingerprint=b"\1" * 32)):
         with pytest.raises(RemoteError) as exc:
             c.put(chunks[:5] + [late], fingerprint=FP, transport="stream")
