@@ -37,8 +37,6 @@ class Run(NamedTuple):
 
 def pages_to_runs(pages: list[int], page_size: int, nbytes: int) -> list[Run]:
     """Coalesce consecutive page numbers into byte runs covering exactly ``nbytes``."""
-    if nbytes and pages == list(range(pages[0], pages[0] + len(pages))):  # one run
-        return [Run(pages[0] * page_size, nbytes)]
     runs: list[Run] = []
     left = nbytes
     start = prev = pages[0] if pages else 0
@@ -112,9 +110,8 @@ class PagedPool:
                 self.num_pages * page_size, dtype=torch.uint8, device=self.device, pin_memory=pin
             )
         self._host = self.buf.numpy() if self.device.type == "cpu" else None
-        if self._host is not None:
-            self._rw = memoryview(self._host).cast("B")
-            self._ro = self._rw.toreadonly()
+        self._rw = None if self._host is None else memoryview(self._host).cast("B")
+        self._ro = None if self._rw is None else self._rw.toreadonly()
         self._free = list(range(self.num_pages - 1, -1, -1))  # stack: pop() yields 0, 1, 2...
 
     @property
@@ -153,9 +150,6 @@ class PagedPool:
         if self._host is None:
             return None
         whole = self._rw if writable else self._ro
-        if len(runs) == 1:  # most chunks are one run
-            off, n = runs[0]
-            return [whole[off : off + n]]
         return [whole[off : off + n] for off, n in runs]
 
     def write(self, runs: list[Run], src: Any) -> None:
@@ -200,9 +194,10 @@ class PagedPool:
         """Drop the pool's memory (the owner has dropped every view it handed out)."""
         self.buf = torch.empty(0, dtype=torch.uint8)
         self._host = None
-        for view in (self._ro, self._rw) if hasattr(self, "_ro") else ():
+        for view in (self._ro, self._rw):
             try:
-                view.release()
+                if view is not None:
+                    view.release()
             except BufferError:  # a view is still out; it goes with its last holder
                 pass
         if self.shared is not None:

@@ -74,22 +74,16 @@ def read(pid: int, local: Sequence[Any], remote: Sequence[tuple[int, int]]) -> N
     dst = [d for d in dst if d[1]]
     if sum(n for _, n in dst) != sum(n for _, n in src):
         raise ValueError("local and remote ranges differ in size")
-    while dst:
-        ldst, lsrc = _take(dst), _take(src)
-        want = min(sum(n for _, n in ldst), sum(n for _, n in lsrc))
-        liov, riov = _iovecs(ldst), _iovecs(lsrc)
-        got = _readv(pid, liov, len(ldst), riov, len(lsrc), 0)
+    while dst:  # both sides hold the same number of bytes, none of them empty
+        ldst, lsrc = dst[:IOV_MAX], src[:IOV_MAX]
+        got = _readv(pid, _iovecs(ldst), len(ldst), _iovecs(lsrc), len(lsrc), 0)
         if got < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"process_vm_readv from pid {pid}: {os.strerror(err)}")
-        if got == 0 and want:
+        if got == 0:
             raise OSError(f"process_vm_readv from pid {pid} read nothing")
         _drop(dst, got)
         _drop(src, got)
-
-
-def _take(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    return ranges[:IOV_MAX]
 
 
 def _iovecs(ranges: list[tuple[int, int]]) -> Any:
