@@ -35,6 +35,7 @@ from store.chunk import Chunk, ChunkError, decode_header, encode_prefix, host_vi
 from store.daemon.same_host import redeem
 from store.proto import kvstore_pb2 as pb
 from store.proto import kvstore_pb2_grpc as pb_grpc
+from store.put_frame import put_groups
 from store.shm import Region
 from store.stream import RemoteError, check_reply, recv_buffers, recv_frame, send_frame, tune
 
@@ -237,10 +238,8 @@ class KVStoreClient:
 
     def _stream_put(self, conn: _Conn, chunks: Sequence[Chunk], fp: Any) -> list[bool]:
         views = [host_view(c.payload) for c in chunks]  # sizes as sent, whatever headers say
-        rows = [
-            [encode_prefix(c.header), v.nbytes, b""] for c, v in zip(chunks, views, strict=True)
-        ]
-        send_frame(conn.sock, {"op": "put", "fp": fp, "chunks": rows}, *views)
+        groups = put_groups(chunks, [v.nbytes for v in views])
+        send_frame(conn.sock, {"op": "put", "fp": fp, "chunks": groups}, *views)
         return list(check_reply(recv_frame(conn.sock))["stored"])
 
     # -- shared-memory path ---------------------------------------------------------
@@ -291,11 +290,9 @@ class KVStoreClient:
     def _shm_put(self, conn: _Conn, chunks: Sequence[Chunk], fp: Any) -> list[bool]:
         if conn.cma:  # the daemon copies each payload straight out of this process
             views = [host_view(c.payload) for c in chunks]  # alive until the answer
-            rows = [
-                [encode_prefix(c.header), v.nbytes, b""] for c, v in zip(chunks, views, strict=True)
-            ]
+            groups = put_groups(chunks, [v.nbytes for v in views])
             addrs = [cma.address(v) for v in views]
-            send_frame(conn.sock, {"op": "put", "fp": fp, "chunks": rows, "cma": addrs})
+            send_frame(conn.sock, {"op": "put", "fp": fp, "chunks": groups, "cma": addrs})
             try:
                 return list(check_reply(recv_frame(conn.sock))["stored"])
             except RemoteError as exc:
@@ -309,16 +306,16 @@ class KVStoreClient:
         if conn.region is None or (need > conn.region.size and not self._grow(conn, need)):
             return self._stream_put(conn, chunks, fp)
         region = conn.region
-        rows, pos = [], 0
+        sizes, offsets, pos = [], [], 0
         for c in chunks:
-            n = host_view(c.payload).nbytes
-            np.copyto(
-                region.array[WINDOW_START + pos : WINDOW_START + pos + n],
-                host_array(host_view(c.payload)),
-            )
-            rows.append([encode_prefix(c.header), n, b"", pos])
+            view = host_view(c.payload)
+            n = view.nbytes
+            np.copyto(region.array[WINDOW_START + pos : WINDOW_START + pos + n], host_array(view))
+            sizes.append(n)
+            offsets.append(pos)
             pos += _aligned(n)
-        send_frame(conn.sock, {"op": "put", "fp": fp, "chunks": rows, "region": True,
+        groups = put_groups(chunks, sizes, offsets)
+        send_frame(conn.sock, {"op": "put", "fp": fp, "chunks": groups, "region": True,
                                "offset": WINDOW_START, "length": region.size - WINDOW_START})  # fmt: skip
         return list(check_reply(recv_frame(conn.sock))["stored"])
 

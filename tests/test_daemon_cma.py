@@ -14,9 +14,9 @@ import pytest
 from daemon_proc import chunk, same, start_daemon
 
 from store import cma
-from store.chunk import encode_prefix
 from store.client import KVStoreClient
 from store.daemon.same_host import redeem
+from store.put_frame import put_groups
 from store.shm import Region
 from store.stream import RemoteError, check_reply, recv_frame, send_frame
 
@@ -65,8 +65,8 @@ def test_shm_puts_are_read_from_the_clients_memory(daemon):
 
 
 def _put_frame(conn, chunks, addrs):
-    rows = [[encode_prefix(x.header), x.header.nbytes, b""] for x in chunks]
-    send_frame(conn.sock, {"op": "put", "chunks": rows, "cma": addrs})
+    groups = put_groups(chunks, [x.header.nbytes for x in chunks])
+    send_frame(conn.sock, {"op": "put", "chunks": groups, "cma": addrs})
     return recv_frame(conn.sock)
 
 

@@ -19,6 +19,7 @@ from backends.pool import host_array
 from store.chunk import Chunk, ChunkError, ChunkHeader, checksum, decode_header, encode_prefix
 from store.keys import chunk_key
 from store.metrics import TierStats
+from store.put_frame import FIELDS, HASHES, HEADER, KEYS, NBYTES, OFFSETS, XXH3S
 from store.tiered import TieredStore
 
 KEY = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a trailing newline in
@@ -98,6 +99,25 @@ class PrefixCache:
         return raw
 
 
+def put_sizes(groups: Any, region: bool = False) -> list[int]:
+    """The payload size of each chunk a put's groups (store/put_frame.py) name, in
+    order; BadRequest if the groups are malformed (``region``: with offsets)."""
+    width = FIELDS + region
+    if not isinstance(groups, list) or not all(
+        isinstance(g, list) and len(g) >= width and isinstance(g[KEYS], list) for g in groups
+    ):
+        raise BadRequest("put needs chunks: [[header, nbytes, keys, xxh3s, hashes], ...]")
+    sizes: list[int] = []
+    for g in groups:
+        n = g[NBYTES]
+        if type(n) is not int or n < 0:
+            raise BadRequest("chunk sizes must be non-negative integers")
+        if region and not (isinstance(g[OFFSETS], list) and len(g[OFFSETS]) == len(g[KEYS])):
+            raise BadRequest("a region put needs one payload offset per chunk")
+        sizes += [n] * len(g[KEYS])
+    return sizes
+
+
 class StoreService:
     """Checked lookup/put/get/delete/stats over ``store`` (which the caller owns)."""
 
@@ -169,13 +189,38 @@ class StoreService:
             raise BadRequest(f"chunk {key[:12]}: key does not match its fingerprint and block hash")
         return header
 
-    def check_headers(
-        self, rows: Sequence[Any], sizes: Sequence[int], fingerprint: bytes | None
-    ) -> list[ChunkHeader]:
-        """``check_header`` of every ``[header, nbytes, block_hash, ...]`` row of a put."""
-        return [
-            self.check_header(r[0], n, fingerprint, r[2]) for r, n in zip(rows, sizes, strict=True)
-        ]
+    def check_groups(self, groups: list[list[Any]], fingerprint: bytes | None) -> list[ChunkHeader]:
+        """The header of every chunk a put's groups name (store/put_frame.py), once
+        ``put_sizes`` has accepted them: each group's header checked by ``check_header``,
+        its keys by one regex pass, its checksums by one range check; else BadRequest."""
+        headers: list[ChunkHeader] = []
+        for g in groups:
+            keys, sums, hashes = g[KEYS], g[XXH3S], g[HASHES]
+            if not keys:
+                continue
+            first = self.check_header(g[HEADER], g[NBYTES], fingerprint, None)
+            if not (isinstance(sums, list) and len(sums) == len(keys)) or not (
+                isinstance(hashes, list) and len(hashes) in (0, len(keys))
+            ):
+                raise BadRequest("a put group needs one xxh3 (and block hash, if any) per key")
+            if keys[0] != first.key or sums[0] != first.checksum:
+                raise BadRequest("a put group's header must be its first chunk's")
+            self.check_keys(keys)
+            if not all(type(x) is int for x in sums) or min(sums) < 0 or max(sums) >= 1 << 64:
+                raise BadRequest("chunk checksums must be 64-bit unsigned integers")
+            fp = first.fingerprint
+            for k, block in zip(keys, hashes, strict=False):  # hashes: none or one per key
+                if not isinstance(block, bytes) or chunk_key(fp, block) != k:
+                    raise BadRequest(
+                        f"chunk {k[:12]}: key does not match its fingerprint and block hash"
+                    )
+            rest = (first.dtype, first.shape, first.num_tokens, first.nbytes)
+            tail = (first.layout, first.version)
+            headers.append(first)
+            headers += [
+                ChunkHeader(k, fp, *rest, x, *tail) for k, x in zip(keys[1:], sums[1:], strict=True)
+            ]
+        return headers
 
     @staticmethod
     def verify_payloads(headers: Sequence[ChunkHeader], payloads: Sequence[Any]) -> None:
