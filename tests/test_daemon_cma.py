@@ -40,6 +40,14 @@ def test_read_gathers_and_scatters_across_ranges_of_a_process():
         cma.read(os.getpid(), [a], [(base, 1)])
 
 
+def test_address_of_writable_and_read_only_views_alike():
+    buf = np.zeros(1 << 16, np.uint8)
+    view = memoryview(buf)[4096:]
+    want = buf.ctypes.data + 4096
+    assert cma.address(view) == cma.address(view.toreadonly()) == want
+    assert cma.address(bytes(4)) != 0 and cma.address(view[:0]) == 0
+
+
 @pytest.fixture(scope="module")
 def daemon():
     d = start_daemon("--cpu-size", "64MiB", "--max-request-size", "16MiB")
