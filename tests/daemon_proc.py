@@ -6,12 +6,15 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 from procs import spawn_until_ready
 
 from store.chunk import Chunk, make_chunk
+from store.client import KVStoreClient
 from store.keys import sha256_cbor
 
 READY = re.compile(r"grpc (\S+):(\d+) stream (\d+) metrics (\d+|-)")
@@ -73,3 +76,12 @@ def same(got: Chunk | None, want: Chunk) -> bool:
         and got.header == want.header
         and bytes(np.asarray(got.payload)) == bytes(want.payload)
     )
+
+
+@contextmanager
+def daemon_client(*args: str) -> Iterator[KVStoreClient]:
+    """A client of a daemon started with ``args``, which must exit cleanly afterwards."""
+    d = start_daemon(*args)
+    with KVStoreClient(d.url, timeout=10) as c:
+        yield c
+    assert d.terminate() == 0

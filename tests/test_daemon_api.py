@@ -9,7 +9,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from daemon_proc import FP, chunk, key, same, start_daemon
+from daemon_proc import FP, chunk, daemon_client, key, same, start_daemon
 
 from backends.base import create_backend
 from store.chunk import ChunkHeader, encode_prefix, make_chunk
@@ -157,10 +157,8 @@ def test_a_bad_checksum_late_in_a_large_put_leaves_none_of_it_stored(client, tra
 @pytest.fixture(scope="module")
 def cpu_only():
     """A daemon with one cpu tier: stream puts land straight in its pages (reserve)."""
-    d = start_daemon("--cpu-size", "32MiB", "--max-batch", "64", "--max-chunk-size", "2MiB")
-    with KVStoreClient(d.url, timeout=10) as c:
+    with daemon_client("--cpu-size", "32MiB", "--max-batch", "64", "--max-chunk-size", "2MiB") as c:
         yield c
-    assert d.terminate() == 0
 
 
 def test_puts_received_into_reserved_pages_round_trip_and_refuse_as_a_whole(cpu_only):

@@ -7,10 +7,9 @@ import time
 
 import numpy as np
 import pytest
-from daemon_proc import FP, chunk, key, same, start_daemon
+from daemon_proc import FP, chunk, daemon_client, key, same
 
 from store.chunk import make_chunk
-from store.client import KVStoreClient
 from store.keys import chunk_key
 from store.put_frame import HASHES, HEADER, KEYS, XXH3S, put_groups
 from store.stream import RemoteError, check_reply, recv_frame, send_buffers, send_frame
@@ -18,10 +17,8 @@ from store.stream import RemoteError, check_reply, recv_frame, send_buffers, sen
 
 @pytest.fixture(scope="module")
 def client():
-    d = start_daemon("--cpu-size", "32MiB", "--max-batch", "64", "--max-chunk-size", "2MiB")
-    with KVStoreClient(d.url, timeout=10) as c:
+    with daemon_client("--cpu-size", "32MiB", "--max-batch", "64", "--max-chunk-size", "2MiB") as c:
         yield c
-    assert d.terminate() == 0
 
 
 def _sizes(chunks):
