@@ -527,7 +527,9 @@ def summarize(args: argparse.Namespace, run: dict[str, Any], exit_code: int,
     problems = []
     if errors or srv_errors:
         problems.append(f"{len(errors)} client errors, {srv_errors:.0f} server errors")
-    if leaked or before.get("engine_kv_blocks_free") != before.get("engine_kv_blocks_total"):
+    if "engine_kv_blocks_total" not in after or "engine_kv_blocks_free" not in after:
+        problems.append("the server's /metrics has no block pool figures: leaks unchecked")
+    elif leaked or before.get("engine_kv_blocks_free") != before.get("engine_kv_blocks_total"):
         problems.append(f"{leaked:.0f} blocks not back in the pool")
     if out["server_requests"] != len(results):
         problems.append(f"the server counted {out['server_requests']:.0f} requests, "
@@ -537,8 +539,11 @@ def summarize(args: argparse.Namespace, run: dict[str, Any], exit_code: int,
     if run["health"] != 200 or exit_code != 0:
         problems.append(f"health {run['health']}, server exit code {exit_code}")
     growth = out["rss_steady_growth_mib"]
-    if args.max_rss_growth is not None and growth is not None and growth > args.max_rss_growth:
-        problems.append(f"RSS grew {growth} MiB over the steady phase (> {args.max_rss_growth})")
+    if args.max_rss_growth is not None:
+        if growth is None:
+            problems.append("too few RSS samples after the warm-up to check --max-rss-growth")
+        elif growth > args.max_rss_growth:
+            problems.append(f"RSS grew {growth} MiB over the steady phase (> {args.max_rss_growth})")
     out["problems"] = problems
     out["ok"] = not problems
     return out

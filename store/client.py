@@ -156,6 +156,9 @@ class KVStoreClient:
     def health(self, timeout: float | None = None) -> pb.HealthReply:
         reply = self._call("Health", pb.HealthRequest(), timeout or self.connect_timeout)
         self._stream_port = reply.stream_port
+        if reply.max_batch and reply.max_request_bytes:  # 0: a daemon that does not say
+            self._limits = {"max_batch": reply.max_batch,
+                            "max_request_bytes": reply.max_request_bytes}  # fmt: skip
         return reply
 
     def lookup(self, keys: Sequence[str]) -> list[str]:
@@ -177,6 +180,8 @@ class KVStoreClient:
     ) -> list[bool]:
         """Store chunks; per chunk whether the daemon holds it. Bad input: RemoteError."""
         transport = transport or self.transport
+        if not self._limits and chunks:  # split as the daemon allows from the first put on
+            self.health()
         if transport == "grpc":
             return self._grpc_put(chunks, fingerprint)
         out: list[bool] = []

@@ -21,7 +21,10 @@ def read_yaml(path: str) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"config file {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path}: not valid YAML: {exc}") from None
+        where = getattr(exc, "problem_mark", None)  # PyYAML's message spans lines: one here
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise ConfigError(f"config file {path}: not valid YAML{at}: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: top level must be a mapping of keys")
     return data

@@ -64,6 +64,10 @@ class StoreMetrics:
         )  # fmt: skip
         self._tiers = tiers
         r.register(_OccupancyCollector(tiers))
+        for name in tiers():  # every series from the start, at 0: no gaps in a dashboard
+            for counter in (self.hits, self.misses, self.bytes_read, self.bytes_written,
+                            self.put_failures, self.checksum_failures):  # fmt: skip
+                counter.labels(name)
 
     def snapshot(self, tier: str) -> TierStats:
         """Current figures of one tier."""

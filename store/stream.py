@@ -34,6 +34,11 @@ class StreamClosed(ConnectionError):
     """The peer closed the stream (or sent something that is not a frame)."""
 
 
+class BadFrame(StreamClosed):
+    """What arrived is not a frame (too large, not msgpack, not a map): the stream is out
+    of step, so the receiver answers once, if it can, and hangs up."""
+
+
 class RemoteError(Exception):
     """An error frame from the daemon: ``code`` is a gRPC status name."""
 
@@ -145,15 +150,15 @@ def recv_frame(sock: socket.socket) -> dict[str, Any]:
         recv_into(sock, view[r:])
     (n,) = _LEN.unpack(head)
     if n > MAX_META_BYTES:
-        raise StreamClosed(f"frame of {n} bytes exceeds {MAX_META_BYTES}")
+        raise BadFrame(f"frame of {n} bytes exceeds {MAX_META_BYTES}")
     try:
         meta = msgpack.unpackb(recv_bytes(sock, n))
     except StreamClosed:
         raise
     except Exception as exc:  # msgpack raises many types on garbage
-        raise StreamClosed(f"unreadable frame: {exc}") from None
+        raise BadFrame(f"unreadable frame: {exc}") from None
     if not isinstance(meta, dict):
-        raise StreamClosed("frame is not a map")
+        raise BadFrame("frame is not a map")
     return meta
 
 

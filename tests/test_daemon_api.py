@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import urllib.request
 
-import grpc
 import numpy as np
 import pytest
 from daemon_proc import FP, chunk, daemon_client, key, same, start_daemon
@@ -14,7 +13,7 @@ from daemon_proc import FP, chunk, daemon_client, key, same, start_daemon
 from backends.base import create_backend
 from store.chunk import ChunkHeader, encode_prefix, make_chunk
 from store.cli import main
-from store.client import KVStoreClient, parse_url
+from store.client import KVStoreClient
 from store.config import from_flat
 from store.keys import chunk_key
 from store.proto import kvstore_pb2 as pb
@@ -225,40 +224,56 @@ def test_malformed_keys_and_batches_over_the_limit(client, transport):
     assert client.get([key(1, "after")], transport=transport) == [None]  # connection still fine
 
 
-def test_unknown_method_is_unimplemented(daemon):
-    host, port = parse_url(daemon.url)
-    with grpc.insecure_channel(f"{host}:{port}") as ch:
-        call = ch.unary_unary("/kvstore.v1.KVStore/Frobnicate")
-        with pytest.raises(grpc.RpcError) as exc:
-            call(b"", timeout=5)
-    assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
-
-
-def test_unknown_stream_op_is_refused(client):
-    from store.stream import check_reply, recv_frame, send_frame
-
-    with client._borrow("stream") as conn:
-        send_frame(conn.sock, {"op": "format_disk"})
-        with pytest.raises(RemoteError) as exc:
-            check_reply(recv_frame(conn.sock))
-    assert exc.value.code == "UNIMPLEMENTED"
-
-
 # -- operations -----------------------------------------------------------------------
+def _scrape(port):
+    """Every sample of the daemon's /metrics: {(name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 def test_metrics_and_stats_table(daemon, client, capsys):
     c = chunk(1, tag="metrics")
-    client.put([c])
-    client.get([c.key, key(2, "metrics")])
-    text = (
-        urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=5)
-        .read()
-        .decode()
+    name = client._name
+    before = _scrape(daemon.metrics_port)
+    client.put([c], transport="stream")
+    client.get([c.key, key(2, "metrics")], transport="stream")
+    after = _scrape(daemon.metrics_port)
+
+    def grew(metric, **labels):
+        k = (metric, tuple(sorted(labels.items())))
+        return after.get(k, 0) - before.get(k, 0)
+
+    assert grew("kvstore_tier_hits_total", tier="cpu") == 1
+    assert grew("kvstore_tier_misses_total", tier="disk") == 1  # the second key, in no tier
+    assert grew("kvstore_tier_written_bytes_total", tier="cpu") == 4096
+    assert grew("kvstore_tier_read_bytes_total", tier="cpu") == 4096
+    assert grew("kvstore_tier_items", tier="cpu") == 1  # occupancy, read at scrape time
+    assert grew("kvstore_tier_used_bytes", tier="cpu") == 64 << 10  # one page of the pool
+    assert after[("kvstore_tier_capacity_bytes", (("tier", "disk"),))] == 256 << 20
+    for metric in ("kvstore_tier_evictions_total", "kvstore_tier_checksum_failures_total"):
+        assert (metric, (("tier", "cpu"),)) in after, metric
+    assert grew("kvstore_tier_op_seconds_count", op="get", tier="cpu") >= 1
+    for method in ("Put", "Get"):  # per client, method and transport
+        assert grew("kvstore_daemon_requests_total", client=name, method=method,
+                    transport="stream") == 1  # fmt: skip
+    assert grew("kvstore_daemon_payload_bytes_total", direction="in", transport="stream") == 4096
+    assert grew("kvstore_daemon_payload_bytes_total", direction="out", transport="stream") == 4096
+    assert after[("kvstore_daemon_in_flight", ())] == 0
+    with pytest.raises(RemoteError):
+        client.put([_tampered(chunk(3, tag="metrics"), checksum=1)], transport="stream")
+    errors = _scrape(daemon.metrics_port)
+    key_ = (
+        "kvstore_daemon_request_errors_total",
+        (("code", "INVALID_ARGUMENT"), ("method", "Put")),
     )
-    for name in ('kvstore_tier_hits_total{tier="cpu"}', 'kvstore_tier_misses_total{tier="disk"}',
-                 'kvstore_tier_capacity_bytes{tier="disk"}', "kvstore_tier_evictions_total",
-                 "kvstore_tier_checksum_failures_total", "kvstore_tier_op_seconds_bucket",
-                 "kvstore_daemon_requests_total{client=", "kvstore_daemon_in_flight"):  # fmt: skip
-        assert name in text, name
+    assert errors.get(key_, 0) - after.get(key_, 0) == 1
     assert main(["stats", "--url", daemon.url]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[1].split()[:3] == ["tier", "items", "used"]

@@ -1,13 +1,15 @@
 """Engines sharing one ``kvstore serve`` daemon (issue 5's demo), and ``--kv-role``.
 
-Two ``engine serve`` processes on one daemon: a long prompt answered by A is a hit on B
-(from the daemon, the same greedy answer); after kill -9 of the daemon both keep
+Two ``engine serve`` processes on one daemon (a module fixture): a long prompt answered
+by A is a hit on B (from the daemon, the same greedy answer), but only for the same
+``cache_salt``; after kill -9 of the daemon (the module's last engine test) both keep
 answering correctly (misses, recomputed).
 """
 
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 from daemon_proc import start_daemon
@@ -39,7 +41,9 @@ def wait_for(cond, timeout: float = 20) -> None:
         time.sleep(0.1)
 
 
-def test_two_engines_share_kv_through_the_daemon_and_survive_its_death():
+@pytest.fixture(scope="module")
+def shared():
+    """A daemon and two engines A and B on it, for the module; the last test kills the daemon."""
     daemon = start_daemon("--cpu-size", "64MiB")
     args = ["--model", "tiny", "--max-num-seqs", "4", "--kvstore", daemon.url,
             "--kv-chunk-size", str(CHUNK)]  # fmt: skip
@@ -48,35 +52,66 @@ def test_two_engines_share_kv_through_the_daemon_and_survive_its_death():
     try:
         a, b = start_engine(*args, env=env), start_engine(*args, env=env)
         with a.client() as ca, b.client() as cb:
-
-            def ask(client, prompt):
-                r = client.completions.create(model="tiny", prompt=prompt, max_tokens=8,
-                                              temperature=0)  # fmt: skip
-                return r.choices[0].text, r.usage.prompt_tokens_details.cached_tokens, r.kv
-
-            prompt = long_prompt("shared")
-            text_a, cached_a, _ = ask(ca, prompt)
-            assert cached_a == 0
-            n_tokens = ca.completions.create(
-                model="tiny", prompt=prompt, max_tokens=1
-            ).usage.prompt_tokens
-            wait_for(lambda: daemon_items(daemon.url) >= n_tokens // CHUNK)
-            text_b, cached_b, kv_b = ask(cb, prompt)
-            assert text_b == text_a
-            assert cached_b >= CHUNK and kv_b["sources"].get("remote") == cached_b
-
-            daemon.kill()  # kill -9 between requests
-            other = long_prompt("afterdeath")
-            want = LLM("tiny").generate(other, SamplingParams(temperature=0, max_tokens=8))[0].text
-            for client in (ca, cb):
-                text, cached, _ = ask(client, other)
-                assert (text, cached) == (want, 0)
-                assert ask(client, prompt)[0] == text_a  # the engines' own caches still serve
+            yield SimpleNamespace(daemon=daemon, ca=ca, cb=cb)
     finally:
-        for srv in (a, b):
-            if srv is not None:
-                assert srv.stop() == 0
+        codes = [srv.stop() for srv in (a, b) if srv is not None]
         daemon.kill()
+        assert all(code == 0 for code in codes), codes
+
+
+def ask(client, prompt: str, salt: str | None = None):
+    """Greedy text, cached prompt tokens, the ``kv`` block and the prompt's token count."""
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0,
+                                  extra_body={"cache_salt": salt} if salt else None)  # fmt: skip
+    return (
+        r.choices[0].text,
+        r.usage.prompt_tokens_details.cached_tokens,
+        r.kv,
+        r.usage.prompt_tokens,
+    )
+
+
+# Defined (so run) before the test that kills the daemon.
+def test_cache_salt_isolates_tenants_through_the_daemon(shared):
+    """A's tenant-a KV in the daemon is a miss for tenant-b on B and a remote hit for
+    tenant-a on B: the salt is in every chunk key, so tenants never share KV."""
+    daemon, ca, cb = shared.daemon, shared.ca, shared.cb
+    assert daemon.proc.poll() is None, "the daemon is gone: this test must run before the kill"
+    prompt = long_prompt("tenant")  # new to both engines: no local prefix cache hit on B
+    base = daemon_items(daemon.url)
+    text_a, cached_a, _, n_tokens = ask(ca, prompt, "tenant-a")
+    assert cached_a == 0
+    chunks = n_tokens // CHUNK
+    wait_for(lambda: daemon_items(daemon.url) >= base + chunks)  # A's chunks are in
+    text_b, cached_b, kv_b, _ = ask(cb, prompt, "tenant-b")
+    assert (text_b, cached_b, kv_b["sources"]) == (text_a, 0, {})
+    # B stored tenant-b's chunks under their own keys, beside tenant-a's
+    wait_for(lambda: daemon_items(daemon.url) >= base + 2 * chunks)
+    # B's own cache holds only tenant-b blocks, so a tenant-a hit can only come from A's
+    text_t, cached_t, kv_t, _ = ask(cb, prompt, "tenant-a")
+    assert text_t == text_a
+    assert n_tokens % CHUNK  # every full chunk loads (none left to compute the last token)
+    assert cached_t == chunks * CHUNK and kv_t["sources"] == {"remote": cached_t}
+
+
+def test_two_engines_share_kv_through_the_daemon_and_survive_its_death(shared):
+    daemon, ca, cb = shared.daemon, shared.ca, shared.cb
+    prompt = long_prompt("shared")
+    base = daemon_items(daemon.url)  # what earlier tests of the module stored
+    text_a, cached_a, _, n_tokens = ask(ca, prompt)
+    assert cached_a == 0
+    wait_for(lambda: daemon_items(daemon.url) >= base + n_tokens // CHUNK)
+    text_b, cached_b, kv_b, _ = ask(cb, prompt)
+    assert text_b == text_a
+    assert cached_b >= CHUNK and kv_b["sources"].get("remote") == cached_b
+
+    daemon.kill()  # kill -9 between requests
+    other = long_prompt("afterdeath")
+    want = LLM("tiny").generate(other, SamplingParams(temperature=0, max_tokens=8))[0].text
+    for client in (ca, cb):
+        text, cached, _, _ = ask(client, other)
+        assert (text, cached) == (want, 0)
+        assert ask(client, prompt)[0] == text_a  # the engines' own caches still serve
 
 
 def _run(engine: LLMEngine, prompt: list[int]):

@@ -2,8 +2,8 @@
 streaming clients, aiohttp and the ``openai`` client, completions and chat, shared
 prefixes, deliberate disconnects) against a real server with a KV pool small enough to
 preempt and evict: no errors, no error in the server's log, every request accounted for,
-the block pool back to full. And what the load test found: a client gone by the time a
-stream chunk is written."""
+the block pool back to full, the server's RSS flat after the warm-up. And what the load
+test found: a client gone by the time a stream chunk is written."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ from aiohttp.client_exceptions import ClientConnectionResetError
 
 pytest.importorskip("openai")
 ROOT = Path(__file__).resolve().parents[1]
+# RSS growth allowed over the few seconds after warm-up: flat is ~0-4 MiB (tiny model, a
+# 2 MiB KV pool); the margin absorbs allocator noise on a busy 2-core VM.
+RSS_GROWTH_MIB = 48
 
 
 def test_a_short_load_with_disconnects_leaks_no_blocks(tmp_path):
@@ -28,7 +31,7 @@ def test_a_short_load_with_disconnects_leaks_no_blocks(tmp_path):
     argv = [sys.executable, str(ROOT / "benchmarks" / "load_test.py"), "--clients", "12",
             "--duration", "6", "--warmup", "2", "--sample-interval", "1",
             "--disconnect-fraction", "0.3", "--server-args", "--kv-cache-memory 2MiB",
-            "--json", str(out)]  # fmt: skip
+            "--max-rss-growth", str(RSS_GROWTH_MIB), "--json", str(out)]  # fmt: skip
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     s = json.loads(out.read_text())
@@ -36,9 +39,17 @@ def test_a_short_load_with_disconnects_leaks_no_blocks(tmp_path):
     assert s["completed"] > 0 and s["disconnected_on_purpose"] > 0 and s["server_aborts"] > 0
     assert s["server_requests"] == s["requests"]
     assert s["by_client"]["openai"] > 0 and s["by_endpoint"]["chat"] > 0
-    assert s["free_blocks_after"] == s["blocks_total"] == 256
+    assert s["free_blocks_before"] == s["free_blocks_after"] == s["blocks_total"] == 256
+    assert s["leaked_blocks"] == 0
     assert s["min_free_blocks"] < s["blocks_total"]
     assert s["health_after"] == 200 and s["server_exit_code"] == 0
+    # memory: flat over the steady phase (after the warm-up), bounded overall. The script
+    # checks the least-squares growth (--max-rss-growth); it needs two steady samples.
+    rss = s["rss_mib"]
+    assert s["rss_steady_growth_mib"] is not None and s["steady_phase_s"] > 0, s["samples"]
+    assert s["rss_steady_growth_mib"] <= RSS_GROWTH_MIB, (rss, s["samples"])
+    assert max(rss["end_of_load"], rss["after_idle"]) - rss["after_warmup"] <= RSS_GROWTH_MIB, rss
+    assert rss["after_idle"] - rss["start"] <= 4 * RSS_GROWTH_MIB, rss
 
 
 class _GoneAfter(web.StreamResponse):

@@ -1,8 +1,9 @@
 """The gRPC control API (store/proto/kvstore.proto) over a StoreService.
 
-Statuses: malformed input or a broken limit is INVALID_ARGUMENT; a missing or wrong
-bearer token UNAUTHENTICATED; a request during shutdown UNAVAILABLE; a method this
-daemon does not know UNIMPLEMENTED (gRPC's own answer when no handler matches).
+Statuses: malformed input, a broken limit or a method this daemon does not know is
+INVALID_ARGUMENT (with a message); a missing or wrong bearer token UNAUTHENTICATED; a
+request during shutdown UNAVAILABLE. A message larger than a whole put may carry
+(``--max-request-size`` plus 1 MiB) is refused by gRPC itself, RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -60,6 +61,21 @@ def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
         (True, True): grpc.stream_stream_rpc_method_handler,
     }[kind]
     return make(abort, handler.request_deserializer, handler.response_serializer)
+
+
+class UnknownMethod(grpc.GenericRpcHandler):
+    """The handler of last resort: any method the service lacks is INVALID_ARGUMENT,
+    whatever its shape (without it gRPC answers UNIMPLEMENTED)."""
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        message = f"unknown method {str(details.method)[:80]!r} (kvstore.v1.KVStore has " + (
+            "Lookup, Put, Get, Delete, Stats, Health, Lease, Release)"
+        )
+
+        def refuse(requests: Any, context: grpc.ServicerContext) -> Any:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+        return grpc.stream_stream_rpc_method_handler(refuse)
 
 
 class KVStoreServicer(pb_grpc.KVStoreServicer):
@@ -152,6 +168,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             tiers=[t.name for t in self.service.store.tiers],
             max_chunk_bytes=limits.max_chunk_bytes,
             max_batch=limits.max_batch,
+            max_request_bytes=limits.max_request_bytes,
         )
 
 
@@ -190,6 +207,7 @@ def start_grpc(
         maximum_concurrent_rpcs=threads * 8,
     )
     pb_grpc.add_KVStoreServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((UnknownMethod(),))  # tried after the service's
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {address}")

@@ -64,7 +64,10 @@ class Daemon:
             self.service, self.activity, options.token, ucx=options.ucx, same_host=self.same_host
         )
         self.stream_port = self.streams.start(options.host, options.stream_port)
-        max_message = options.limits.max_chunk_bytes + (1 << 20)
+        # Any message a put may carry reaches the checks (INVALID_ARGUMENT with a reason);
+        # only one larger than a whole request is cut off by gRPC (RESOURCE_EXHAUSTED).
+        limits = options.limits
+        max_message = max(limits.max_chunk_bytes, limits.max_request_bytes) + (1 << 20)
         servicer = KVStoreServicer(self.service, self.activity, self.stream_port)
         self.grpc, self.port = start_grpc(
             servicer, f"{options.host}:{options.port}", options.token, max_message

@@ -40,6 +40,7 @@ from store.put_frame import OFFSETS
 from store.shm import NONCE_BYTES, Region, RegionError
 from store.stream import (
     PROTOCOL_VERSION,
+    BadFrame,
     StreamClosed,
     recv_buffers,
     recv_exactly,
@@ -136,6 +137,11 @@ class StreamServer:
             while self._listener is not None:
                 if not session.handle(recv_frame(session.conn)):  # the socket, or UCX
                     break
+        except BadFrame as exc:  # out of step: say why, then hang up
+            try:
+                session.refuse(str(exc))
+            except (StreamClosed, OSError):
+                pass
         except (StreamClosed, OSError):
             pass
         finally:
@@ -189,7 +195,10 @@ class _Session:
             handler = {"attach": self._attach, "cma": self._cma, "get": self._get,
                        "put": self._put}.get(op)  # fmt: skip
             if handler is None:
-                return self._error("UNIMPLEMENTED", f"unknown op {str(op)[:40]!r}", True)
+                ops = "hello, attach, cma, get, put"
+                return self._error(
+                    "INVALID_ARGUMENT", f"unknown op {str(op)[:40]!r} (the stream has {ops})", True
+                )
             with self.activity.request(self.client, op.capitalize(), self._transport(meta)):
                 handler(meta)
             return True
@@ -202,6 +211,10 @@ class _Session:
 
     def _transport(self, meta: dict[str, Any]) -> str:
         return "shm" if meta.get("region") or meta.get("cma") is not None else self.wire
+
+    def refuse(self, message: str) -> None:
+        """Answer something that was not a frame (the connection closes after)."""
+        self._error("INVALID_ARGUMENT", message, False)
 
     def _error(self, code: str, message: str, keep: bool, op: Any = None) -> bool:
         self.activity.errors.labels(str(op).capitalize()[:16], code).inc()
@@ -411,10 +424,10 @@ class _Session:
         inline = not region and cma is None  # payload bytes follow on the stream
         try:
             sizes = put_sizes(groups, region)
-            self.service.check_put_size(len(sizes), sum(sizes))
         except BadRequest as exc:  # inline: no telling how many bytes follow, so hang up
             raise (_OutOfStep if inline else BadRequest)(str(exc)) from None
         try:  # every header before any payload: a bad one costs no store work
+            self.service.check_put_size(len(sizes), sum(sizes))
             headers = self.service.check_groups(groups, fp)
         except BadRequest:
             if inline:

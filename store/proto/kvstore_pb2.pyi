@@ -119,20 +119,22 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("status", "version", "stream_port", "tiers", "max_chunk_bytes", "max_batch")
+    __slots__ = ("status", "version", "stream_port", "tiers", "max_chunk_bytes", "max_batch", "max_request_bytes")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STREAM_PORT_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     status: str
     version: str
     stream_port: int
     tiers: _containers.RepeatedScalarFieldContainer[str]
     max_chunk_bytes: int
     max_batch: int
-    def __init__(self, status: _Optional[str] = ..., version: _Optional[str] = ..., stream_port: _Optional[int] = ..., tiers: _Optional[_Iterable[str]] = ..., max_chunk_bytes: _Optional[int] = ..., max_batch: _Optional[int] = ...) -> None: ...
+    max_request_bytes: int
+    def __init__(self, status: _Optional[str] = ..., version: _Optional[str] = ..., stream_port: _Optional[int] = ..., tiers: _Optional[_Iterable[str]] = ..., max_chunk_bytes: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_request_bytes: _Optional[int] = ...) -> None: ...
 
 class LeaseRequest(_message.Message):
     __slots__ = ("keys", "ttl_seconds")
