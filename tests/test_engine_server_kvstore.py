@@ -3,7 +3,8 @@
 Two ``engine serve`` processes on one daemon (a module fixture): a long prompt answered
 by A is a hit on B (from the daemon, the same greedy answer), but only for the same
 ``cache_salt``; after kill -9 of the daemon (the module's last engine test) both keep
-answering correctly (misses, recomputed).
+answering correctly (misses, recomputed). Then ``--kv-role`` (a producer saves and never
+loads, a consumer loads what it saved and never saves) and ``--kv-config FILE``.
 """
 
 from __future__ import annotations
@@ -144,3 +145,67 @@ def test_kv_role_producer_only_saves_and_consumer_only_loads(role, saves, loads)
         assert again.metrics.kv_sources.get("cpu", 0) == (5 * CHUNK if loads else 0)
     finally:
         engine.close()
+
+
+def test_a_consumer_loads_what_a_producer_saved(tmp_path):
+    """Two engines, one after the other, on one disk directory: the producer saves and
+    never loads, the consumer loads (the same greedy tokens) and never saves."""
+    kv = {"tiers": ["disk"], "disk.path": str(tmp_path), "disk.size": "64MiB",
+          "disk.fsync": False, "chunk_size": CHUNK}  # fmt: skip
+
+    def engine(role: str) -> LLMEngine:
+        return LLMEngine(EngineConfig(model="tiny", kv_cache_memory="4MiB",
+                                      enable_prefix_caching=False, kv_connector="tiered",
+                                      kv_config=kv, kv_role=role))  # fmt: skip
+
+    prompt = list(range(10, 10 + 5 * CHUNK + 3))
+    producer = engine("producer")
+    try:
+        first = _run(producer, prompt)
+        store = producer.connector.store
+        wait_for(lambda: store.stats()["disk"].items == 5)
+        assert _run(producer, prompt).metrics.kv_sources.get("disk", 0) == 0  # never loads
+    finally:
+        producer.close()
+    consumer = engine("consumer")
+    try:
+        got = _run(consumer, prompt)
+        assert got.token_ids == first.token_ids
+        assert got.metrics.kv_sources.get("disk", 0) == 5 * CHUNK
+        _run(consumer, list(range(300, 300 + 3 * CHUNK + 1)))
+        time.sleep(0.3)
+        assert consumer.connector.store.stats()["disk"].items == 5  # saved nothing new
+    finally:
+        consumer.close()
+
+
+def test_engine_serve_takes_a_store_config_file(tmp_path):
+    """``engine serve --kv-connector tiered --kv-config FILE``: the tiers come from the
+    file; a second server on the same disk directory loads what the first saved."""
+    config = tmp_path / "kv.yaml"
+    config.write_text(f"tiers: [disk]\ndisk:\n  path: {tmp_path / 'disk'}\n  size: 64MiB\n"
+                      f"  fsync: false\nchunk_size: {CHUNK}\n")  # fmt: skip
+    args = ["--model", "tiny", "--kv-connector", "tiered", "--kv-config", str(config)]
+    prompt = long_prompt("config")
+    first = start_engine(*args)
+    try:
+        with first.client() as c:
+            text, cached, kv, tokens = ask(c, prompt)
+        assert cached == 0
+        saved = (tokens // CHUNK) * CHUNK  # whole chunks of the prompt
+
+        def files() -> int:  # chunk files the disk tier has renamed into place
+            return sum(1 for p in (tmp_path / "disk").rglob("*") if p.is_file()
+                       and not p.name.startswith("."))  # fmt: skip
+
+        wait_for(lambda: files() >= saved // CHUNK, 20)
+    finally:
+        assert first.stop() == 0
+    second = start_engine(*args)
+    try:
+        with second.client() as c:
+            text2, cached2, kv2, _ = ask(c, prompt)
+        assert text2 == text and cached2 == saved > 0
+        assert kv2["sources"] == {"disk": saved}
+    finally:
+        assert second.stop() == 0
