@@ -133,6 +133,8 @@ def test_bad_completion_requests_get_400_with_openai_error_body(server, body, pa
 def test_bad_chat_requests_get_400(server, body, param):
     status, reply = server.post("/v1/chat/completions", body)
     assert status == 400 and reply["error"]["param"] == param
+    assert set(reply) == {"error"} and set(reply["error"]) == {"message", "type", "param", "code"}
+    assert reply["error"]["type"] == "invalid_request_error" and reply["error"]["message"]
 
 
 def test_not_json_and_the_openai_client_sees_bad_request(server, client):
