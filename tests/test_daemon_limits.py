@@ -134,3 +134,15 @@ def test_a_client_that_never_finishes_its_put_costs_only_its_connection(client):
         send_frame(s, {"op": "put", "chunks": put_groups([c], [4096])})
         assert client.put([chunk(4, tag="other")]) == [True]  # others are served meanwhile
     assert client.lookup([c.key]) == []
+
+
+def test_a_put_naming_more_chunks_than_the_batch_limit_is_refused_before_any_check(client):
+    # A frame of ~1 MiB can name a million chunks; the count is refused first.
+    group = [b"", 0, list(range(1_000_000)), [], []]
+    with client._borrow("stream") as conn:
+        send_frame(conn.sock, {"op": "put", "chunks": [group]})
+        with pytest.raises(RemoteError, match="batch limit of 16") as exc:
+            check_reply(recv_frame(conn.sock))
+        assert exc.value.code == "INVALID_ARGUMENT"
+        send_frame(conn.sock, {"op": "get", "keys": []})  # in step: no payload was declared
+        assert _get_done(conn.sock) == 0

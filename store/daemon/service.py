@@ -99,23 +99,13 @@ class PrefixCache:
         return raw
 
 
-def put_sizes(groups: Any, region: bool = False) -> list[int]:
-    """The payload size of each chunk a put's groups (store/put_frame.py) name, in
-    order; BadRequest if the groups are malformed (``region``: with offsets)."""
-    width = FIELDS + region
-    if not isinstance(groups, list) or not all(
-        isinstance(g, list) and len(g) >= width and isinstance(g[KEYS], list) for g in groups
-    ):
-        raise BadRequest("put needs chunks: [[header, nbytes, keys, xxh3s, hashes], ...]")
-    sizes: list[int] = []
-    for g in groups:
-        n = g[NBYTES]
-        if type(n) is not int or n < 0:
-            raise BadRequest("chunk sizes must be non-negative integers")
-        if region and not (isinstance(g[OFFSETS], list) and len(g[OFFSETS]) == len(g[KEYS])):
-            raise BadRequest("a region put needs one payload offset per chunk")
-        sizes += [n] * len(g[KEYS])
-    return sizes
+class OverLimit(BadRequest):
+    """A well-formed put over a limit; ``nbytes``: the payload bytes it declares (a stream
+    reads and drops them to stay in step)."""
+
+    def __init__(self, message: str, nbytes: int) -> None:
+        super().__init__(message)
+        self.nbytes = nbytes
 
 
 class StoreService:
@@ -240,6 +230,29 @@ class StoreService:
             raise BadRequest(
                 f"put of {nbytes} payload bytes exceeds the request limit of {self.limits.max_request_bytes}"
             )
+
+    def put_sizes(self, groups: Any, region: bool = False) -> list[int]:
+        """The payload size of each chunk a put's groups (store/put_frame.py) name, in
+        order. BadRequest if the groups are malformed (``region``: with offsets),
+        OverLimit if they name too many chunks or bytes (checked before the list of sizes
+        is built: a frame of a few MiB can name millions of chunks)."""
+        width = FIELDS + region
+        if not isinstance(groups, list) or not all(
+            isinstance(g, list) and len(g) >= width and isinstance(g[KEYS], list) for g in groups
+        ):
+            raise BadRequest("put needs chunks: [[header, nbytes, keys, xxh3s, hashes], ...]")
+        for g in groups:
+            n = g[NBYTES]
+            if type(n) is not int or n < 0:
+                raise BadRequest("chunk sizes must be non-negative integers")
+            if region and not (isinstance(g[OFFSETS], list) and len(g[OFFSETS]) == len(g[KEYS])):
+                raise BadRequest("a region put needs one payload offset per chunk")
+        nbytes = sum(g[NBYTES] * len(g[KEYS]) for g in groups)
+        try:
+            self.check_put_size(sum(len(g[KEYS]) for g in groups), nbytes)
+        except BadRequest as exc:
+            raise OverLimit(str(exc), nbytes) from None
+        return [g[NBYTES] for g in groups for _ in g[KEYS]]
 
     # -- operations -----------------------------------------------------------------
     def lookup(self, keys: Sequence[str]) -> list[str]:

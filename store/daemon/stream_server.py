@@ -35,7 +35,7 @@ from store import cma
 from store.chunk import Chunk
 from store.daemon.activity import Activity, Draining
 from store.daemon.same_host import SameHost
-from store.daemon.service import IN_POOL, PART_BYTES, BadRequest, StoreService, put_sizes
+from store.daemon.service import IN_POOL, PART_BYTES, BadRequest, OverLimit, StoreService
 from store.put_frame import OFFSETS
 from store.shm import NONCE_BYTES, Region, RegionError
 from store.stream import (
@@ -423,11 +423,14 @@ class _Session:
         region = bool(meta.get("region"))
         inline = not region and cma is None  # payload bytes follow on the stream
         try:
-            sizes = put_sizes(groups, region)
+            sizes = self.service.put_sizes(groups, region)
+        except OverLimit as exc:
+            if inline:
+                self._discard(exc.nbytes)  # keep the stream in step
+            raise BadRequest(str(exc)) from None
         except BadRequest as exc:  # inline: no telling how many bytes follow, so hang up
             raise (_OutOfStep if inline else BadRequest)(str(exc)) from None
         try:  # every header before any payload: a bad one costs no store work
-            self.service.check_put_size(len(sizes), sum(sizes))
             headers = self.service.check_groups(groups, fp)
         except BadRequest:
             if inline:
