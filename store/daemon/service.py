@@ -175,9 +175,17 @@ class StoreService:
             )
         if fingerprint and header.fingerprint != fingerprint:
             raise BadRequest(f"chunk {key[:12]} names another model fingerprint than the request")
-        if block_hash and chunk_key(header.fingerprint, bytes(block_hash)) != key:
-            raise BadRequest(f"chunk {key[:12]}: key does not match its fingerprint and block hash")
+        if block_hash:
+            self.check_block_hash(key, header.fingerprint, block_hash)
         return header
+
+    @staticmethod
+    def check_block_hash(key: str, fingerprint: bytes, block_hash: Any) -> None:
+        """BadRequest unless ``key`` is ``chunk_key(fingerprint, block_hash)``."""
+        if not isinstance(block_hash, (bytes, bytearray)):
+            raise BadRequest("a block hash must be bytes")
+        if chunk_key(fingerprint, bytes(block_hash)) != key:
+            raise BadRequest(f"chunk {key[:12]}: key does not match its fingerprint and block hash")
 
     def check_groups(self, groups: list[list[Any]], fingerprint: bytes | None) -> list[ChunkHeader]:
         """The header of every chunk a put's groups name (store/put_frame.py), once
@@ -200,10 +208,7 @@ class StoreService:
                 raise BadRequest("chunk checksums must be 64-bit unsigned integers")
             fp = first.fingerprint
             for k, block in zip(keys, hashes, strict=False):  # hashes: none or one per key
-                if not isinstance(block, bytes) or chunk_key(fp, block) != k:
-                    raise BadRequest(
-                        f"chunk {k[:12]}: key does not match its fingerprint and block hash"
-                    )
+                self.check_block_hash(k, fp, block)
             rest = (first.dtype, first.shape, first.num_tokens, first.nbytes)
             tail = (first.layout, first.version)
             headers.append(first)

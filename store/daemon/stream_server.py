@@ -541,18 +541,16 @@ class _Session:
         """Publish the verified chunks of a put: commit the reserved ones, put the others;
         per chunk, whether it is stored."""
         mine = [i for i, p in enumerate(places) if p is None]
+        lent = [i for i, p in enumerate(places) if p is not None]
+        for i in lent:  # (``put`` records the sizes of the others)
+            self.service.sizes.add(headers[i].key, headers[i].nbytes)
         if not mine:  # every chunk in reserved pages: the common case
-            for h in headers:
-                self.service.sizes.add(h.key, h.nbytes)
             return self.service.store.commit(headers, [True] * len(headers))
         stored = [False] * len(headers)
         chunks = [Chunk(headers[i], payloads[i]) for i in mine]
         for i, ok in zip(mine, self.service.put(chunks), strict=True):
             stored[i] = ok
-        lent = [i for i, p in enumerate(places) if p is not None]
         if lent:
-            for i in lent:
-                self.service.sizes.add(headers[i].key, headers[i].nbytes)
             got = self.service.store.commit([headers[i] for i in lent], [True] * len(lent))
             for i, ok in zip(lent, got, strict=True):
                 stored[i] = ok
