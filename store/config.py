@@ -17,6 +17,7 @@ TIERS = ("gpu", "cpu", "disk", "gds", "redis", "remote")
 REMOTE_TRANSPORTS = ("auto", "shm", "stream", "grpc", "ucx")
 WRITE_POLICIES = ("write_through", "write_back")
 EVICTION_POLICIES = ("s3fifo", "lru")
+MAX_LEASE_TTL = 600.0  # seconds: the ceiling of max_lease_ttl; a lease is a hand-off, not storage
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
@@ -169,6 +170,15 @@ class StoreConfig:
     workers: int = 4  # executor threads for async loads, prefetches and saves
     io_threads: int = 4  # threads one large batched get/put is split across (1: no split)
     save_nice: int = 10  # niceness of the thread running async saves (0: the caller's)
+    # Disaggregated prefill/decode leases (docs/server.md, "Limits"): what a daemon lets
+    # leases pin, and what an engine lets a request's kv_transfer_params ask for.
+    max_lease_ttl: float = 60.0  # longest lease a daemon grants and an engine asks for (s)
+    max_leases_per_client: int = 256  # daemon: leases one client may hold at once
+    # daemon: bytes one client's leases / all leases may pin (None: 1/4 / 1/2 of tier one)
+    max_lease_bytes_per_client: int | None = field(default=None, metadata={"size": True})
+    max_lease_bytes: int | None = field(default=None, metadata={"size": True})
+    allowed_remote_stores: list[str] = field(default_factory=list)  # engine: besides its own
+    max_outstanding_leases: int = 1024  # engine: unexpired leases it holds; past it, no hand-off
     gpu: PoolConfig = field(default_factory=lambda: PoolConfig(size=parse_size("1GiB")))
     cpu: PoolConfig = field(default_factory=PoolConfig)
     disk: DiskConfig = field(default_factory=DiskConfig)
@@ -194,8 +204,35 @@ class StoreConfig:
                 raise ConfigError(f"{key}: must be a positive integer, got {getattr(self, key)!r}")
         if not isinstance(self.save_nice, int) or not 0 <= self.save_nice <= 19:
             raise ConfigError(f"save_nice: must be an integer 0-19, got {self.save_nice!r}")
+        self._check_leases()
         for name in TIERS:
             getattr(self, name).validate(name)
+
+    def _check_leases(self) -> None:
+        _check_positive("max_lease_ttl", self.max_lease_ttl)
+        if self.max_lease_ttl > MAX_LEASE_TTL:
+            raise ConfigError(
+                f"max_lease_ttl: at most {MAX_LEASE_TTL:g} seconds, got {self.max_lease_ttl!r}"
+            )
+        for key in ("max_leases_per_client", "max_outstanding_leases"):
+            n = getattr(self, key)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ConfigError(f"{key}: must be a positive integer, got {n!r}")
+        for key in ("max_lease_bytes_per_client", "max_lease_bytes"):  # None: from the tier
+            if getattr(self, key) is not None:
+                setattr(self, key, parse_size(getattr(self, key), key))
+        from store.client import parse_url
+
+        if isinstance(self.allowed_remote_stores, str):
+            self.allowed_remote_stores = [u.strip() for u in self.allowed_remote_stores.split(",")
+                                          if u.strip()]  # fmt: skip
+        for url in self.allowed_remote_stores:
+            try:
+                parse_url(url)
+            except (ValueError, AttributeError):
+                raise ConfigError(
+                    f"allowed_remote_stores: {url!r} is not a kvstore://host:port url"
+                ) from None
 
     def tier(self, name: str) -> TierConfig:
         return getattr(self, name)

@@ -16,7 +16,9 @@ this engine speak the same hashes::
 
 Only full blocks are hashed. A chunk (``chunk_size`` tokens, a multiple of
 ``block_size``) is named by its last block's hash bound to the model fingerprint, since
-the chained hash already identifies every token before it::
+the chained hash already identifies every token before it. A salted request's chunk
+keys also carry the salt's tag in the clear (``<16 hex>.<64 hex>``, ``chunk_key``), so a
+daemon can hold a tenant's token to its own keys::
 
     tokens   |b0|b1|b2|b3|b4|b5|b6|b7|b8|b9|     (block_size tokens each)
     chunks   |   c0 = key(b3)  |   c1 = key(b7)  |  b8,b9: partial chunk key(b9)
@@ -113,10 +115,36 @@ class ModelFingerprint:
         return sha256_cbor(sorted(asdict(self).items()))
 
 
-def chunk_key(fingerprint: ModelFingerprint | bytes, last_block_hash: BlockHash) -> str:
-    """Store key (hex) of the chunk ending with the block whose hash is ``last_block_hash``."""
+SALT_TAG_CHARS = 16
+"""Hex characters of a salt tag: 64 bits, enough that two tenants' salts never meet."""
+
+
+def salt_tag(cache_salt: str) -> str:
+    """The tag of ``cache_salt`` that prefixes its chunks' keys (16 hex characters).
+
+    A one-way digest, so a key shows which tenant wrote it without showing the salt;
+    the daemon binds a tenant's token to the same tag (store/daemon/auth.py)."""
+    return hashlib.sha256(b"kvstore-salt\0" + cache_salt.encode()).digest()[:8].hex()
+
+
+def key_salt_tag(key: str) -> str | None:
+    """The salt tag a chunk key carries (``"<tag>.<hex>"``), or None for an unsalted key."""
+    return key[:SALT_TAG_CHARS] if len(key) > 64 and key[SALT_TAG_CHARS] == "." else None
+
+
+def chunk_key(
+    fingerprint: ModelFingerprint | bytes,
+    last_block_hash: BlockHash,
+    cache_salt: str | None = None,
+) -> str:
+    """Store key of the chunk ending with the block whose hash is ``last_block_hash``:
+    64 hex characters, after ``"<salt_tag(cache_salt)>."`` for a salted request.
+
+    The salt is already in the block hash (tenants never share a key); the tag says so
+    in the clear, so a daemon can let a tenant's token touch only its own keys."""
     fp = fingerprint.digest() if isinstance(fingerprint, ModelFingerprint) else fingerprint
-    return sha256_cbor((fp, last_block_hash)).hex()
+    key = sha256_cbor((fp, last_block_hash)).hex()
+    return f"{salt_tag(cache_salt)}.{key}" if cache_salt else key
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,8 +163,10 @@ def chunk_refs(
     fingerprint: ModelFingerprint | bytes,
     *,
     include_partial: bool = False,
+    cache_salt: str | None = None,
 ) -> list[ChunkRef]:
-    """Chunks over the blocks whose chained ``hashes`` are given.
+    """Chunks over the blocks whose chained ``hashes`` are given (``cache_salt``: the
+    request's, which tags the keys, see ``chunk_key``).
 
     Full chunks always; with ``include_partial`` the trailing run of full blocks that does
     not fill a chunk becomes one more (shorter) chunk.
@@ -145,10 +175,12 @@ def chunk_refs(
         raise ValueError(f"chunk_size {chunk_size} is not a multiple of block_size {block_size}")
     fp = fingerprint.digest() if isinstance(fingerprint, ModelFingerprint) else fingerprint
     per_chunk = chunk_size // block_size
+    tag = f"{salt_tag(cache_salt)}." if cache_salt else ""  # once, not per chunk
     refs = []
     for first in range(0, len(hashes), per_chunk):
         last = min(first + per_chunk, len(hashes))
         if last - first < per_chunk and not include_partial:
             break
-        refs.append(ChunkRef(chunk_key(fp, hashes[last - 1]), first * block_size, last * block_size))
+        key = tag + chunk_key(fp, hashes[last - 1])
+        refs.append(ChunkRef(key, first * block_size, last * block_size))
     return refs

@@ -1,7 +1,7 @@
 """Shared-memory regions between a kvstore client and the daemon on the same host.
 
 A client creates a region (a file in ``/dev/shm``, mapped), tells the daemon its name
-and a random nonce written at its start, and the daemon maps the same file. If the
+and a random nonce written at its start, and the daemon opens the same file. If the
 daemon reads the nonce back, both run on one host and bulk data can skip the network.
 First-tier hits are then read by the client straight from the daemon's shared pool
 (store/daemon/same_host.py) and puts are read by the daemon straight from the client's
@@ -12,7 +12,14 @@ reverse for a put.
 Why a named file and not ``multiprocessing.shared_memory``: Python 3.11's attaching
 side registers the segment with its resource tracker, which unlinks it when *that*
 process exits; the daemon must never remove a client's memory. The client unlinks the
-name as soon as the daemon has mapped it, so a client killed with -9 leaks nothing.
+name as soon as the daemon has opened it, so a client killed with -9 leaks nothing.
+
+Why the daemon never maps a region (``RegionFile``): the client owns the file and can
+shrink it (``ftruncate``) at any moment. A daemon touching its mapping past the new end
+would die of SIGBUS, and no check beforehand closes the race. ``preadv``/``pwritev`` on
+the descriptor see a short file instead, which is an error for that one request. It
+costs the daemon one more copy on region gets (through a private buffer), none on puts
+(read straight into the store's pages).
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import mmap
 import os
 import re
 import secrets
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -61,21 +70,6 @@ class Region:
         region.array[:NONCE_BYTES] = np.frombuffer(secrets.token_bytes(NONCE_BYTES), np.uint8)
         return region
 
-    @classmethod
-    def attach(cls, name: str, max_size: int) -> Region:
-        """Map the client region ``name`` (daemon side); refuses foreign names and sizes."""
-        if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise RegionError(f"region name {name!r} is not of the form kvstore-<32 hex>")
-        try:
-            fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW)
-        except OSError as exc:
-            raise RegionError(f"region {name} cannot be opened here: {exc.strerror}") from None
-        size = os.fstat(fd).st_size
-        if not NONCE_BYTES <= size <= max_size:
-            os.close(fd)
-            raise RegionError(f"region {name} is {size} bytes; allowed {NONCE_BYTES}-{max_size}")
-        return cls(name, fd, size)
-
     @property
     def nonce(self) -> bytes:
         return bytes(self.array[:NONCE_BYTES])
@@ -92,3 +86,76 @@ class Region:
         m, self._mmap = self._mmap, None
         self.array = np.empty(0, dtype=np.uint8)
         unmap(m)
+
+
+class RegionFile:
+    """A client's region as the daemon holds it: the open file, never a mapping (see the
+    module's docstring). Reads and writes name byte offsets in the file."""
+
+    def __init__(self, name: str, fd: int, size: int) -> None:
+        self.name, self.size, self._fd = name, size, fd
+        self.nonce = os.pread(fd, NONCE_BYTES, 0)
+
+    @classmethod
+    def attach(cls, name: Any, max_size: int) -> RegionFile:
+        """Open the client region ``name``; refuses foreign names and sizes."""
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise RegionError(f"region name {name!r} is not of the form kvstore-<32 hex>")
+        try:
+            fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise RegionError(f"region {name} cannot be opened here: {exc.strerror}") from None
+        try:
+            size = os.fstat(fd).st_size
+            if not NONCE_BYTES <= size <= max_size:
+                raise RegionError(f"region {name} is {size} bytes; allowed {NONCE_BYTES}-{max_size}")
+            return cls(name, fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def read(self, offset: int, buffers: Sequence[Any]) -> None:
+        """Fill ``buffers`` (writable byte views) from ``offset`` on."""
+        views = _views(buffers)
+        if _transfer(os.preadv, self._fd, views, offset) < sum(v.nbytes for v in views):
+            raise RegionError(f"region {self.name} shrank below {offset}+: the client cut it")
+
+    def write(self, offset: int, buffers: Sequence[Any]) -> None:
+        """Write ``buffers`` at ``offset``; refused if the file no longer reaches so far
+        (writing would grow a file the client cut, at the daemon's expense)."""
+        views = _views(buffers)
+        end = offset + sum(v.nbytes for v in views)
+        if os.fstat(self._fd).st_size < end:
+            raise RegionError(f"region {self.name} shrank below {end}: the client cut it")
+        _transfer(os.pwritev, self._fd, views, offset)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+_IOV_MAX = 1024  # buffers per preadv/pwritev call (Linux's UIO_MAXIOV)
+
+
+def _views(buffers: Sequence[Any]) -> list[memoryview]:
+    views = (b if type(b) is memoryview and b.format == "B" else memoryview(b).cast("B")
+             for b in buffers)  # fmt: skip
+    return [v for v in views if v.nbytes]
+
+
+def _transfer(call: Any, fd: int, views: list[memoryview], offset: int) -> int:
+    """``preadv``/``pwritev`` of all of ``views`` at ``offset``, resuming after partial
+    transfers; the byte count moved (short only at the end of the file)."""
+    done, first = 0, 0
+    while first < len(views):
+        n = call(fd, views[first : first + _IOV_MAX], offset + done)
+        if n == 0:
+            break
+        done += n
+        while first < len(views) and n >= views[first].nbytes:
+            n -= views[first].nbytes
+            first += 1
+        if n:
+            views[first] = views[first][n:]
+    return done

@@ -20,12 +20,16 @@ from __future__ import annotations
 import socket
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
 PROTOCOL_VERSION = 1
 MAX_META_BYTES = 8 << 20
+FIRST_READ_BYTES = 64 << 10
+"""A frame's bytes are received into a buffer of at most this size first, doubled as
+more arrive: a declared length reserves nothing the peer has not sent."""
 _LEN = struct.Struct("<I")
 _IOV_MAX = 512  # buffers per sendmsg / recvmsg_into call (Linux allows 1024)
 
@@ -37,6 +41,37 @@ class StreamClosed(ConnectionError):
 class BadFrame(StreamClosed):
     """What arrived is not a frame (too large, not msgpack, not a map): the stream is out
     of step, so the receiver answers once, if it can, and hangs up."""
+
+
+@dataclass(frozen=True, slots=True)
+class FrameLimits:
+    """What a received frame may be: its length, and what msgpack may build from it.
+
+    The length alone does not bound memory: each empty list or map is one byte on the
+    wire and ~70 bytes as a Python object, and a list header reserves room for all the
+    items it declares. So the count of items per list and map, and of lists and maps in
+    the whole frame, are bounded too (a frame over any of them is a BadFrame)."""
+
+    max_bytes: int = MAX_META_BYTES
+    max_list: int = 1 << 20  # items of one list
+    max_map: int = 64  # entries of one map (request frames have a handful)
+    max_containers: int = 1 << 16  # lists and maps in the whole frame
+
+    def decode(self, raw: bytes | bytearray) -> Any:
+        """``raw`` unpacked within these limits; raises on garbage or a broken limit."""
+        left = self.max_containers
+
+        def count(container: Any) -> Any:  # called as each list or map is completed
+            nonlocal left
+            left -= 1
+            if left < 0:
+                raise BadFrame(f"frame holds more than {self.max_containers} lists and maps")
+            return container
+
+        return msgpack.unpackb(
+            raw, max_array_len=self.max_list, max_map_len=self.max_map, max_ext_len=0,
+            list_hook=count, object_hook=count,
+        )  # fmt: skip
 
 
 class RemoteError(Exception):
@@ -134,13 +169,19 @@ def _advance(views: list[memoryview], i: int, n: int) -> int:
 
 
 def recv_bytes(sock: socket.socket, n: int) -> bytearray:
-    buf = bytearray(n)
+    """The next ``n`` bytes. The buffer grows as they arrive (FIRST_READ_BYTES, then
+    doubling): a peer that declares a length and sends less costs what it sent."""
+    buf = bytearray(min(n, FIRST_READ_BYTES))
     recv_into(sock, memoryview(buf))
+    while (got := len(buf)) < n:
+        buf += bytes(min(n - got, got))
+        recv_into(sock, memoryview(buf)[got:])
     return buf
 
 
-def recv_frame(sock: socket.socket) -> dict[str, Any]:
-    """The next frame's meta; raises StreamClosed at end of stream or on garbage."""
+def recv_frame(sock: socket.socket, limits: FrameLimits | None = None) -> dict[str, Any]:
+    """The next frame's meta; raises StreamClosed at end of stream, BadFrame on garbage or
+    a frame over ``limits`` (None: only MAX_META_BYTES, and msgpack's own bounds)."""
     head = bytearray(_LEN.size)
     view = memoryview(head)
     r = sock.recv_into(view)
@@ -149,12 +190,12 @@ def recv_frame(sock: socket.socket) -> dict[str, Any]:
     if r < _LEN.size:
         recv_into(sock, view[r:])
     (n,) = _LEN.unpack(head)
-    if n > MAX_META_BYTES:
-        raise BadFrame(f"frame of {n} bytes exceeds {MAX_META_BYTES}")
+    max_bytes = MAX_META_BYTES if limits is None else limits.max_bytes
+    if n > max_bytes:
+        raise BadFrame(f"frame of {n} bytes exceeds {max_bytes}")
+    raw = recv_bytes(sock, n)
     try:
-        meta = msgpack.unpackb(recv_bytes(sock, n))
-    except StreamClosed:
-        raise
+        meta = msgpack.unpackb(raw) if limits is None else limits.decode(raw)
     except Exception as exc:  # msgpack raises many types on garbage
         raise BadFrame(f"unreadable frame: {exc}") from None
     if not isinstance(meta, dict):

@@ -171,19 +171,32 @@ class TieredStore:
         """Number of leading ``keys`` stored somewhere, each tier asked for the rest."""
         return len(self.locate(keys))
 
-    def locate(self, keys: Sequence[str]) -> list[str]:
-        """The tier name holding each of the leading stored ``keys`` (``lookup`` chunks)."""
-        found: list[str] = []
-        while len(found) < len(keys):
-            before = len(found)
-            for tier in self.tiers:
-                n = self._timed(tier, "contains", tier.backend.contains, keys[len(found) :])
-                found += [tier.name] * n
-                if len(found) == len(keys):
+    def locate(
+        self, keys: Sequence[str], local_only: bool = False, found: Sequence[str] = ()
+    ) -> list[str]:
+        """The tier name holding each of the leading stored ``keys`` (``lookup`` chunks).
+
+        ``local_only``: ask only the tiers in this process (not ``networked``), an answer
+        that never waits on a server. ``found``: the tiers of a leading run already
+        located (a ``local_only`` answer); only the keys after it are asked for.
+        """
+        tiers = [t for t in self.tiers if not (local_only and t.backend.networked)]
+        located = list(found)
+        while len(located) < len(keys):
+            before = len(located)
+            for tier in tiers:
+                n = self._timed(tier, "contains", tier.backend.contains, keys[len(located) :])
+                located += [tier.name] * n
+                if len(located) == len(keys):
                     break
-            if len(found) == before:
+            if len(located) == before:
                 break
-        return found
+        return located
+
+    def networked_reachable(self) -> bool:
+        """Whether a ``networked`` tier may be asked now (one is configured and not
+        backing off after an error): only then can a lookup wait on a server."""
+        return any(t.backend.networked and t.backend.available() for t in self.tiers)
 
     # -- put ------------------------------------------------------------------------
     def put(self, chunks: Sequence[Chunk]) -> PutResult:

@@ -14,7 +14,11 @@ DEFAULT_URL = "kvstore://127.0.0.1:50051"
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML store config (tiers, cpu.size, disk.path, ...)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (0.0.0.0: all; beyond loopback needs a token or --insecure)",
+    )
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
     p.add_argument("--stream-port", type=int, default=0, help="bulk-data port (0: any free port)")
     p.add_argument(
@@ -25,16 +29,40 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--metrics-port", default="9400", help="Prometheus /metrics port; 'off' for none"
     )
+    p.add_argument(
+        "--metrics-host", help="address /metrics listens on (default: --host; it has no token)"
+    )
     p.add_argument("--cpu-size", help="CPU tier size, e.g. 8GiB")
     p.add_argument("--disk-path", help="disk tier directory (adds the disk tier)")
     p.add_argument("--disk-size", help="disk tier byte budget, e.g. 100GiB")
     p.add_argument("--redis-url", help="Redis/Valkey behind the disk (adds the redis tier)")
-    p.add_argument("--auth-token-file", help="file holding the bearer token clients must send")
+    p.add_argument(
+        "--auth-token-file", help="file holding a read-write bearer token clients may send"
+    )
+    p.add_argument(
+        "--auth-tokens",
+        metavar="FILE",
+        help="YAML list of tokens with scope (read/write) and cache_salt (docs/daemon.md)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow listening beyond loopback with no token (anyone reaching it may write)",
+    )
     p.add_argument("--max-batch", type=int, default=4096, help="keys or chunks per request")
     p.add_argument("--max-chunk-size", default="64MiB", help="largest chunk payload accepted")
     p.add_argument("--max-request-size", default="256MiB", help="largest put request (payload)")
     p.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests"
+    )
+    p.add_argument(
+        "--max-connections", type=int, default=1024, help="open stream connections at most"
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=5.0,
+        help="seconds a stream connection may take to send hello",
     )
     p.add_argument(
         "--set",
@@ -91,6 +119,7 @@ def serve_options(args: argparse.Namespace) -> Any:
         raise ConfigError(f"--auth-token-file: {exc.strerror}: {args.auth_token_file}") from None
     except ValueError as exc:
         raise ConfigError(f"--auth-token-file: {exc}") from None
+    tokens = _scoped_tokens(args.auth_tokens)
     if args.ucx:
         from store.ucx_transport import UcxUnavailable, context
 
@@ -102,9 +131,20 @@ def serve_options(args: argparse.Namespace) -> Any:
         limits = Limits(args.max_batch, parse_size(args.max_chunk_size, "--max-chunk-size"),
                         parse_size(args.max_request_size, "--max-request-size"))  # fmt: skip
         return ServeOptions(args.host, args.port, args.stream_port, metrics_port, token, limits,
-                            args.drain_timeout, args.ucx)  # fmt: skip
+                            args.drain_timeout, args.ucx, tokens, args.insecure,
+                            args.metrics_host, args.max_connections,
+                            args.handshake_timeout)  # fmt: skip
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _scoped_tokens(path: str | None) -> tuple[Any, ...]:
+    """The entries of ``--auth-tokens FILE`` (store/daemon/auth.py), or none."""
+    if not path:
+        return ()
+    from store.daemon.auth import load_tokens
+
+    return tuple(load_tokens(path))
 
 
 def client_of(args: argparse.Namespace) -> Any:

@@ -2,13 +2,16 @@
 
 Statuses: malformed input, a broken limit or a method this daemon does not know is
 INVALID_ARGUMENT (with a message); a missing or wrong bearer token UNAUTHENTICATED; a
-request during shutdown UNAVAILABLE. A message larger than a whole put may carry
-(``--max-request-size`` plus 1 MiB) is refused by gRPC itself, RESOURCE_EXHAUSTED.
+token without the right (auth.py: a read-only token's Put, a salt-bound token's key of
+another salt) PERMISSION_DENIED; a request during shutdown UNAVAILABLE. A message larger than a whole put may carry
+(``--max-request-size`` plus 1 MiB) is refused by gRPC itself, RESOURCE_EXHAUSTED, as
+is a Lease over one of the lease caps (lease.py). Every method but Put is held to a
+small message limit, checked before the message is parsed, and bytes that do not
+parse are INVALID_ARGUMENT too (grpc_guard.py).
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -19,7 +22,9 @@ import grpc
 
 from store.chunk import encode_prefix
 from store.daemon.activity import Activity, Draining
-from store.daemon.lease import LeaseTable
+from store.daemon.auth import OPEN, Authenticator, Grant, PermissionDenied, Visible
+from store.daemon.grpc_guard import MessageGuard, refusal, small_message_bytes
+from store.daemon.lease import LeaseLimits, LeaseRefused, LeaseTable, payload_bytes
 from store.daemon.service import BadRequest, StoreService
 from store.proto import kvstore_pb2 as pb
 from store.proto import kvstore_pb2_grpc as pb_grpc
@@ -29,38 +34,36 @@ VERSION = "1"
 CLIENT_HEADER = "x-kvstore-client"
 
 
-class BearerAuth(grpc.ServerInterceptor):
-    """Refuses every call without ``authorization: Bearer <token>`` (UNAUTHENTICATED)."""
+SERVICE_PREFIX = "/kvstore.v1.KVStore/"
 
-    def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+
+class BearerAuth(grpc.ServerInterceptor):
+    """Refuses every call without ``authorization: Bearer <token>`` of a known token
+    (UNAUTHENTICATED), and every method the token's scope lacks (PERMISSION_DENIED),
+    before a request message is read."""
+
+    def __init__(self, auth: Authenticator) -> None:
+        self.auth = auth
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
-        if handler is None or self.allowed(details.invocation_metadata):
+        if handler is None:
             return handler
-        return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
-
-    def allowed(self, metadata: Any) -> bool:
-        given = dict(metadata or ()).get("authorization", "")
-        given = given.encode() if isinstance(given, str) else given
-        return hmac.compare_digest(given, self._expected)
+        grant = self.auth.grant_of_metadata(details.invocation_metadata)
+        if grant is None:
+            return _refusal(
+                handler, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token"
+            )
+        method = str(details.method)
+        ours = method.startswith(SERVICE_PREFIX)
+        why = grant.refusal(method[len(SERVICE_PREFIX) :]) if ours else None
+        return handler if why is None else _refusal(handler, grpc.StatusCode.PERMISSION_DENIED, why)
 
 
 def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> Any:
-    """A handler of the same shape as ``handler`` that aborts with ``code``."""
-
-    def abort(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(code, message)
-
-    kind = (handler.request_streaming, handler.response_streaming)
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[kind]
-    return make(abort, handler.request_deserializer, handler.response_serializer)
+    """A handler for ``handler``'s call that aborts with ``code`` without reading its
+    message (grpc_guard.py: an unauthenticated 200 MB Lookup is never parsed)."""
+    return refusal(code, message)
 
 
 class UnknownMethod(grpc.GenericRpcHandler):
@@ -81,11 +84,20 @@ class UnknownMethod(grpc.GenericRpcHandler):
 class KVStoreServicer(pb_grpc.KVStoreServicer):
     """Each method: count the request, map BadRequest/Draining to a status, answer."""
 
-    def __init__(self, service: StoreService, activity: Activity, stream_port: int) -> None:
+    def __init__(
+        self,
+        service: StoreService,
+        activity: Activity,
+        stream_port: int,
+        auth: Authenticator | None = None,
+    ) -> None:
         self.service = service
         self.activity = activity
         self.stream_port = stream_port
-        self.leases = LeaseTable(service.store.pin, service.store.unpin)
+        self.stream_serving: Callable[[], bool] = lambda: True  # serve.py: StreamServer.serving
+        self.auth = auth or Authenticator()  # BearerAuth has refused unknown tokens
+        self.leases = LeaseTable(service.store.pin, service.store.unpin,
+                                 limits=LeaseLimits.from_config(service.store.config))  # fmt: skip
 
     @contextmanager
     def _request(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
@@ -99,15 +111,31 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         except Draining as exc:
             self.activity.errors.labels(method, "UNAVAILABLE").inc()
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except PermissionDenied as exc:
+            self.activity.errors.labels(method, "PERMISSION_DENIED").inc()
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+
+    def _grant(self, context: grpc.ServicerContext) -> Grant:
+        """The caller's grant (BearerAuth let only known tokens through)."""
+        if not self.auth.required:
+            return OPEN
+        grant = self.auth.grant_of_metadata(context.invocation_metadata())
+        if grant is None:  # unreachable behind BearerAuth; never serve on a guess
+            raise PermissionDenied("missing or wrong bearer token")
+        return grant
 
     def Lookup(self, request: pb.LookupRequest, context: grpc.ServicerContext) -> pb.LookupReply:
         with self._request("Lookup", context):
-            tiers = self.service.lookup(list(request.keys))
+            keys, grant = list(request.keys), self._grant(context)
+            if grant.salt_tag is not None:  # answer for its own salt's keys only
+                keys = grant.leading(self.service.check_keys(keys))
+            tiers = self.service.lookup(keys)
             return pb.LookupReply(count=len(tiers), tiers=tiers)
 
     def Put(self, requests: Iterator[pb.PutRequest], context: grpc.ServicerContext) -> pb.PutReply:
         with self._request("Put", context):
             chunks, nbytes = [], 0
+            grant = self._grant(context)
             for req in requests:  # check everything before storing anything
                 for c in req.chunks:
                     nbytes += len(c.payload)
@@ -115,21 +143,29 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                     chunks.append(
                         self.service.check_chunk(c.header, c.payload, req.fingerprint, c.block_hash)
                     )
+                    grant.check_own([chunks[-1].key], "Put")
             self.activity.bytes.labels("in", "grpc").inc(nbytes)
             return pb.PutReply(stored=self.service.put(chunks))
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> Iterator[pb.GetReply]:
         with self._request("Get", context):
-            for part in self.service.get_parts(list(request.keys), request.fingerprint or None):
+            keys, grant = list(request.keys), self._grant(context)
+            if grant.salt_tag is not None:  # other salts' keys are misses
+                seen = grant.visible(self.service.check_keys(keys))
+            else:
+                seen = Visible(keys, None, len(keys))
+            for part in self.service.get_parts(seen.keys, request.fingerprint or None):
                 for p in part:
                     payload = bytes(p.payload)
                     self.activity.bytes.labels("out", "grpc").inc(len(payload))
                     chunk = pb.Chunk(header=encode_prefix(p.header), payload=payload)
-                    yield pb.GetReply(index=p.index, chunk=chunk)
+                    yield pb.GetReply(index=seen.at(p.index), chunk=chunk)
 
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteReply:
         with self._request("Delete", context):
-            return pb.DeleteReply(removed=self.service.delete(list(request.keys)))
+            keys = self.service.check_keys(list(request.keys))
+            self._grant(context).check_own(keys, "Delete")
+            return pb.DeleteReply(removed=self.service.delete(keys))
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsReply:
         with self._request("Stats", context):
@@ -144,12 +180,19 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     def Lease(self, request: pb.LeaseRequest, context: grpc.ServicerContext) -> pb.LeaseReply:
         with self._request("Lease", context):
             keys = self.service.check_keys(list(request.keys))
+            self._grant(context).check_own(keys, "Lease")
+            # Capped per client (the name it sends, else its address) and in all.
+            client = dict(context.invocation_metadata() or ()).get(CLIENT_HEADER) or context.peer()
             try:
                 lease_id, count, expires = self.leases.lease(
-                    keys, request.ttl_seconds, lambda: len(self.service.lookup(keys))
-                )
+                    keys, request.ttl_seconds, lambda: len(self.service.lookup(keys)),
+                    client, lambda ks: payload_bytes(self.service.sizes.get, ks),
+                )  # fmt: skip
             except ValueError as exc:
                 raise BadRequest(str(exc)) from None
+            except LeaseRefused as exc:  # over a cap: the decode node recomputes
+                self.activity.errors.labels("Lease", "RESOURCE_EXHAUSTED").inc()
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             return pb.LeaseReply(lease_id=lease_id, count=count, expires_at=expires,
                                  active=self.leases.active)  # fmt: skip
 
@@ -162,7 +205,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         # Not counted as in flight: a health probe must answer while draining.
         limits = self.service.limits
         return pb.HealthReply(
-            status="draining" if self.activity.draining else "serving",
+            status=self._status(),
             version=VERSION,
             stream_port=self.stream_port,
             tiers=[t.name for t in self.service.store.tiers],
@@ -170,6 +213,13 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             max_batch=limits.max_batch,
             max_request_bytes=limits.max_request_bytes,
         )
+
+    def _status(self) -> str:
+        """``draining`` once shutdown began; ``not_serving`` while the stream port
+        accepts no connections (its accept loop ended: stream_server.py); else ``serving``."""
+        if self.activity.draining:
+            return "draining"
+        return "serving" if self.stream_serving() else "not_serving"
 
 
 def _tier_stats(name: str, s: Any) -> pb.TierStats:
@@ -194,12 +244,15 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
 def start_grpc(
     servicer: KVStoreServicer,
     address: str,
-    token: str | None,
+    auth: Authenticator,
     max_message_bytes: int,
     threads: int = 16,
 ) -> tuple[grpc.Server, int]:
     """A started server on ``address`` (``host:port``, port 0 picks one) and its port."""
-    interceptors = [BearerAuth(token)] if token else []
+    # Tokens and scopes first: a refused call is answered before its message is read.
+    interceptors: list[Any] = [BearerAuth(auth)] if auth.required else []
+    small = small_message_bytes(servicer.service.limits.max_batch)
+    interceptors.append(MessageGuard(small, servicer.activity.errors))
     server = grpc.server(
         futures.ThreadPoolExecutor(threads, thread_name_prefix="kvstore-grpc"),
         interceptors=interceptors,

@@ -10,6 +10,7 @@ disk tier's files stay for the next start). Exit status 0.
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import threading
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from prometheus_client import start_http_server
 
 from store.config import StoreConfig
 from store.daemon.activity import Activity
+from store.daemon.auth import Authenticator, TokenEntry, is_loopback
 from store.daemon.grpc_api import KVStoreServicer, start_grpc
 from store.daemon.same_host import SameHost
 from store.daemon.service import Limits, StoreService
@@ -36,10 +38,15 @@ class ServeOptions:
     port: int = 50051
     stream_port: int = 0  # 0: any free port; clients learn it from Health
     metrics_port: int | None = 9400  # None: no /metrics
-    token: str | None = None
+    token: str | None = None  # a read-write token (--auth-token-file)
     limits: Limits = Limits()
     drain_timeout: float = 30.0
     ucx: bool = False  # stream connections may move onto UCX (store/ucx_transport.py)
+    tokens: tuple[TokenEntry, ...] = ()  # scoped / salt-bound tokens (--auth-tokens, auth.py)
+    insecure: bool = False  # may listen beyond loopback without any token
+    metrics_host: str | None = None  # None: ``host``
+    max_connections: int = 1024  # open stream connections; one more is turned away
+    handshake_timeout: float = 5.0  # seconds a stream connection may take to say hello
 
     def __post_init__(self) -> None:
         for name in ("port", "stream_port"):
@@ -47,8 +54,33 @@ class ServeOptions:
                 raise ValueError(f"{name} must be 0-65535, got {getattr(self, name)}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be 0-65535, got {self.metrics_port}")
+        if isinstance(self.max_connections, bool) or not (
+            isinstance(self.max_connections, int) and self.max_connections >= 1
+        ):
+            raise ValueError(
+                f"max_connections must be a positive integer, got {self.max_connections!r}"
+            )
+        timeout = self.handshake_timeout
+        if isinstance(timeout, bool) or not (
+            isinstance(timeout, (int, float)) and 0 < timeout <= 3600  # nan fails too
+        ):
+            raise ValueError(
+                f"handshake_timeout must be seconds in (0, 3600], got {self.handshake_timeout!r}"
+            )
         if self.token is not None and not self.token.strip():
             raise ValueError("the auth token is empty")
+        if not (self.token or self.tokens or self.insecure or is_loopback(self.host)):
+            raise ValueError(
+                f"--host {self.host} lets other machines in, and no token is set: anyone "
+                "reaching the port could read and poison the cache; set --auth-token-file "
+                "or --auth-tokens, or pass --insecure"
+            )
+        self.authenticator()  # a token listed twice is a configuration error, now
+
+    def authenticator(self) -> Authenticator:
+        """The tokens this daemon accepts: ``token`` (read-write, unbound) and ``tokens``."""
+        extra = (TokenEntry(self.token),) if self.token else ()
+        return Authenticator(extra + tuple(self.tokens))
 
 
 class Daemon:
@@ -60,23 +92,29 @@ class Daemon:
         self.activity = Activity(self.store.metrics.registry)
         self.service = StoreService(self.store, options.limits)
         self.same_host = _open_door(self.store)
+        auth = options.authenticator()
+        _raise_fd_limit(options.max_connections)
         self.streams = StreamServer(
-            self.service, self.activity, options.token, ucx=options.ucx, same_host=self.same_host
-        )
+            self.service, self.activity, auth, ucx=options.ucx, same_host=self.same_host,
+            max_connections=options.max_connections, handshake_timeout=options.handshake_timeout,
+        )  # fmt: skip
         self.stream_port = self.streams.start(options.host, options.stream_port)
         # Any message a put may carry reaches the checks (INVALID_ARGUMENT with a reason);
         # only one larger than a whole request is cut off by gRPC (RESOURCE_EXHAUSTED).
         limits = options.limits
         max_message = max(limits.max_chunk_bytes, limits.max_request_bytes) + (1 << 20)
-        servicer = KVStoreServicer(self.service, self.activity, self.stream_port)
+        servicer = KVStoreServicer(self.service, self.activity, self.stream_port, auth)
+        servicer.stream_serving = self.streams.serving  # Health says when the port is dead
         self.grpc, self.port = start_grpc(
-            servicer, f"{options.host}:{options.port}", options.token, max_message
+            servicer, f"{options.host}:{options.port}", auth, max_message
         )
         self.metrics_port = None
         self._http = None
         if options.metrics_port is not None:
             self._http, _ = start_http_server(
-                options.metrics_port, options.host, registry=self.store.metrics.registry
+                options.metrics_port,
+                options.metrics_host or options.host,
+                registry=self.store.metrics.registry,
             )
             self.metrics_port = self._http.server_port
         self._stopped = threading.Event()
@@ -96,6 +134,24 @@ class Daemon:
             self._http.shutdown()
             self._http.server_close()
         self.store.close()
+
+
+def _raise_fd_limit(max_connections: int) -> None:
+    """Raise the soft limit on open files towards the hard one, to fit ``max_connections``
+    stream connections and the rest (as Redis does for maxclients); warn if it cannot.
+    Short of descriptors the stream port still lives (it waits: stream_gate.py)."""
+    want = max_connections + 256  # gRPC connections, tier files, the door, ...
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < want:
+        log.warning("open files are limited to %d (ulimit -n), fewer than --max-connections "
+                    "%d needs (%d): connections past it wait", soft, max_connections, want)  # fmt: skip
 
 
 def _open_door(store: TieredStore) -> SameHost | None:

@@ -22,8 +22,10 @@ from store.metrics import TierStats
 from store.put_frame import FIELDS, HASHES, HEADER, KEYS, NBYTES, OFFSETS, XXH3S
 from store.tiered import TieredStore
 
-KEY = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a trailing newline in
+KEY = re.compile(r"(?:[0-9a-f]{16}\.)?[0-9a-f]{64}")  # fullmatch: "$" would let a "\n" in
 HEX = re.compile(r"[0-9a-f]*")
+KEY_LIST = re.compile(rf"{KEY.pattern}(?:,{KEY.pattern})*")  # keys joined by commas
+KEY_FORMAT = "64 lowercase hex characters, optionally after a 16-hex salt tag and a dot"
 IN_POOL = -1
 """``Placed.offset`` of a hit a client reads from its mapping of the shared pool."""
 PART_BYTES = 4 << 20
@@ -125,15 +127,14 @@ class StoreService:
             raise BadRequest(f"{len(keys)} keys exceed the batch limit of {self.limits.max_batch}")
         keys = list(keys)
         # One regex pass over all keys at once (a per-key match cost ~1 µs, a tenth of
-        # sending a 64 KiB hit); only a batch that fails is searched key by key.
+        # sending a 64 KiB hit); only a batch that fails is searched key by key. Salted
+        # keys (store/keys.py) take the second, slower pass.
         if not (
             all(type(k) is str and len(k) == 64 for k in keys) and HEX.fullmatch("".join(keys))
-        ):
+        ) and not (all(type(k) is str for k in keys) and KEY_LIST.fullmatch(",".join(keys))):
             for k in keys:
                 if not isinstance(k, str) or not KEY.fullmatch(k):
-                    raise BadRequest(
-                        f"malformed key {str(k)[:80]!r}: expected 64 lowercase hex characters"
-                    )
+                    raise BadRequest(f"malformed key {str(k)[:80]!r}: expected {KEY_FORMAT}")
         return keys
 
     def check_chunk(
@@ -162,9 +163,7 @@ class StoreService:
             raise BadRequest(f"unreadable chunk header: {exc}") from None
         key = header.key
         if not isinstance(key, str) or not KEY.fullmatch(key):
-            raise BadRequest(
-                f"malformed key {str(key)[:80]!r}: expected 64 lowercase hex characters"
-            )
+            raise BadRequest(f"malformed key {str(key)[:80]!r}: expected {KEY_FORMAT}")
         if header.nbytes > self.limits.max_chunk_bytes:
             raise BadRequest(
                 f"chunk {key[:12]} of {header.nbytes} bytes exceeds the limit of {self.limits.max_chunk_bytes}"
@@ -181,10 +180,11 @@ class StoreService:
 
     @staticmethod
     def check_block_hash(key: str, fingerprint: bytes, block_hash: Any) -> None:
-        """BadRequest unless ``key`` is ``chunk_key(fingerprint, block_hash)``."""
+        """BadRequest unless ``key`` is ``chunk_key(fingerprint, block_hash)`` (after its
+        salt tag, if any: the salt is in the block hash already)."""
         if not isinstance(block_hash, (bytes, bytearray)):
             raise BadRequest("a block hash must be bytes")
-        if chunk_key(fingerprint, bytes(block_hash)) != key:
+        if chunk_key(fingerprint, bytes(block_hash)) != key[-64:]:
             raise BadRequest(f"chunk {key[:12]}: key does not match its fingerprint and block hash")
 
     def check_groups(self, groups: list[list[Any]], fingerprint: bytes | None) -> list[ChunkHeader]:

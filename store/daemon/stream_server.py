@@ -1,7 +1,10 @@
 """The bulk-data port: get and put over a plain socket stream, or through shared memory.
 
 One thread per connection (a client keeps one connection per concurrent caller). The
-first frame must be ``hello`` (with the bearer token when one is configured). Then:
+first frame must be ``hello`` (with the bearer token when one is configured; its grant,
+auth.py, then holds for the connection: PERMISSION_DENIED for what it lacks). Until
+then a connection has a deadline and small frames, and connections are capped
+(stream_gate.py). Then:
 
 * ``ucx`` (with ``--ucx``) moves the connection onto UCX: store/ucx_transport.py.
 * ``attach`` maps the client's shared-memory region (store/shm.py) after checking the
@@ -21,11 +24,9 @@ the daemon closes the connection after the error, since the stream is out of ste
 
 from __future__ import annotations
 
-import hmac
 import logging
 import os
 import socket
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -34,10 +35,12 @@ import numpy as np
 from store import cma
 from store.chunk import Chunk
 from store.daemon.activity import Activity, Draining
+from store.daemon.auth import OPEN, Authenticator, Grant, PermissionDenied, Visible
 from store.daemon.same_host import SameHost
 from store.daemon.service import IN_POOL, PART_BYTES, BadRequest, OverLimit, StoreService
-from store.put_frame import OFFSETS
-from store.shm import NONCE_BYTES, Region, RegionError
+from store.daemon.stream_gate import HELLO_LIMITS, StreamGate, request_limits
+from store.put_frame import KEYS, OFFSETS
+from store.shm import NONCE_BYTES, RegionError, RegionFile
 from store.stream import (
     PROTOCOL_VERSION,
     BadFrame,
@@ -46,7 +49,6 @@ from store.stream import (
     recv_exactly,
     recv_frame,
     send_frame,
-    tune,
 )
 
 log = logging.getLogger(__name__)
@@ -60,10 +62,14 @@ Measured against a helper thread storing 4 MiB groups while the next arrives (th
 GIL serialised the two): stream put 2.94-3.14 → 3.60-3.68 GB/s at 1 MiB chunks."""
 
 CMA_GROUP_BYTES = 4 << 20
-"""A cross-memory-attach put is copied in groups of about this many bytes while the
-helper thread verifies and stores the last group: there the copy is this thread's own
-work (``process_vm_readv`` releases the GIL), and doing both on one thread measured
-25% slower."""
+"""A cross-memory-attach (or region) put is copied in groups of about this many bytes
+while the helper thread verifies and stores the last group: there the copy is this
+thread's own work (``process_vm_readv`` and ``preadv`` release the GIL), and doing both
+on one thread measured 25% slower."""
+
+BOUNCE_BYTES = 16 << 20
+"""A region get's window is at most this (or the chunk limit, if larger): the payloads
+pass through a private buffer of that size on their way into the client's region."""
 
 
 RELEASE_TIMEOUT = 30.0
@@ -85,75 +91,67 @@ class StreamServer:
         self,
         service: StoreService,
         activity: Activity,
-        token: str | None,
+        auth: Authenticator | None,
         max_region_bytes: int = 1 << 34,
         ucx: bool = False,
         same_host: SameHost | None = None,
+        max_connections: int = 1024,
+        handshake_timeout: float = 5.0,
     ) -> None:
         self.service = service
         self.same_host = same_host  # pids of same-host clients, the shared pool (same_host.py)
         self.activity = activity
-        self.token = token
+        self.auth = auth or Authenticator()  # no tokens: every connection is OPEN
         self.max_region_bytes = max_region_bytes
         self.ucx = ucx  # serve {"op": "ucx"}: connections move onto UCX (store/ucx_transport.py)
         self.ucx_timeout: float | None = None  # idle UCX connections wait without a deadline
         self.release_timeout = RELEASE_TIMEOUT
         self._listener: socket.socket | None = None
-        self._conns: set[socket.socket] = set()
-        self._lock = threading.Lock()
+        # the connection cap, hello deadlines and the accept loop (stream_gate.py)
+        self.gate = StreamGate(max_connections, handshake_timeout)
+        self.request_limits = request_limits(service.limits.max_batch)  # frames after hello
 
     def start(self, host: str, port: int) -> int:
         """Listen and accept in a background thread; returns the bound port."""
         self._listener = socket.create_server((host, port), reuse_port=False, backlog=128)
-        threading.Thread(target=self._accept, name="kvstore-stream-accept", daemon=True).start()
+        self.gate.start(self._listener, self._serve)
         return self._listener.getsockname()[1]
+
+    def serving(self) -> bool:
+        """Whether the port accepts connections (False once its accept loop ended)."""
+        return self._listener is not None and self.gate.serving
 
     def stop(self) -> None:
         """Stop accepting and close every connection (call after draining)."""
         listener, self._listener = self._listener, None
+        self.gate.close()
         if listener is not None:
+            _shutdown(listener)  # wakes the accept loop
             listener.close()
-        with self._lock:
-            for conn in self._conns:
-                _shutdown(conn)
-
-    def _accept(self) -> None:
-        while (listener := self._listener) is not None:
-            try:
-                conn, peer = listener.accept()
-            except OSError:
-                return  # closed by stop()
-            tune(conn)
-            with self._lock:
-                self._conns.add(conn)
-            name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-            threading.Thread(
-                target=self._serve, args=(conn, name), name="kvstore-stream", daemon=True
-            ).start()
 
     def _serve(self, conn: socket.socket, peer: str) -> None:
         session = _Session(self, conn, peer)
         try:
             while self._listener is not None:
-                if not session.handle(recv_frame(session.conn)):  # the socket, or UCX
+                if not session.handle(recv_frame(session.conn, session.limits)):  # or UCX
                     break
         except BadFrame as exc:  # out of step: say why, then hang up
             try:
-                session.refuse(str(exc))
+                session.refuse(str(exc) if session.greeted else f"{exc} (before hello)")
             except (StreamClosed, OSError):
                 pass
         except (StreamClosed, OSError):
             pass
         finally:
             session.close()
-            with self._lock:
-                self._conns.discard(conn)
+            self.gate.leave(conn)
             _shutdown(conn)
             conn.close()
 
 
 class _Session:
-    """State of one connection: authenticated or not, its client name, its region."""
+    """State of one connection: its grant (None until authenticated), its client name,
+    its region."""
 
     def __init__(self, server: StreamServer, conn: socket.socket, peer: str) -> None:
         self.server = server
@@ -162,14 +160,17 @@ class _Session:
         self.conn: Any = conn  # the socket, or a UcxSocket once moved onto UCX
         self.wire = "stream"  # the metrics label of non-region requests: stream or ucx
         self.client = peer
-        self.authenticated = server.token is None
-        self.region: Region | None = None
+        self.grant: Grant | None = None if server.auth.required else OPEN
+        self.greeted = False  # hello succeeded: the handshake deadline is lifted
+        self.limits = HELLO_LIMITS  # what a frame may be (stream_gate.py); more after hello
+        self.region: RegionFile | None = None
         self.cma_pid: int | None = None  # the client's pid, when puts may read its memory
         self.cma_at: Any = None  # where the client says it has the region mapped
         self.cma_nonce = b""  # the region's nonce at attach
         self.ticket: str | None = None  # this session's ticket at the same-host door
         self.staging = np.empty(0, dtype=np.uint8)  # a put's payloads (stream path)
         self.out_bufs = [np.empty(0, dtype=np.uint8), np.empty(0, dtype=np.uint8)]  # gets
+        self.bounce = np.empty(0, dtype=np.uint8)  # region gets, on their way to the region
         self._io: ThreadPoolExecutor | None = None
 
     def io(self) -> ThreadPoolExecutor:
@@ -185,15 +186,15 @@ class _Session:
         op = meta.get("op")
         try:
             if op == "hello":
-                return self._hello(meta)
-            if not self.authenticated:
+                return self._hello(meta) and self._greeted()
+            if self.grant is None:
                 return self._error(
                     "UNAUTHENTICATED", "send hello with the bearer token first", False
                 )
             if op == "ucx":
                 return self._ucx(meta)
             handler = {"attach": self._attach, "cma": self._cma, "get": self._get,
-                       "put": self._put}.get(op)  # fmt: skip
+                       "put": self._put}.get(op) if type(op) is str else None  # fmt: skip
             if handler is None:
                 ops = "hello, attach, cma, get, put"
                 return self._error(
@@ -208,6 +209,8 @@ class _Session:
             return self._error("INVALID_ARGUMENT", str(exc), False, op)
         except Draining as exc:
             return self._error("UNAVAILABLE", str(exc), meta.get("op") != "put", op)
+        except PermissionDenied as exc:  # a put's payload bytes were read or never sent
+            return self._error("PERMISSION_DENIED", str(exc), True, op)
 
     def _transport(self, meta: dict[str, Any]) -> str:
         return "shm" if meta.get("region") or meta.get("cma") is not None else self.wire
@@ -221,15 +224,20 @@ class _Session:
         send_frame(self.conn, {"error": code, "message": message})
         return keep
 
+    def _greeted(self) -> bool:
+        """After a successful hello: lift the deadline, allow request-sized frames.
+        False (hang up) if the deadline had passed already."""
+        if not self.greeted:
+            self.greeted = self.server.gate.greeted(self.conn)
+            self.limits = self.server.request_limits
+        return self.greeted
+
     def _hello(self, meta: dict[str, Any]) -> bool:
-        token = self.server.token
-        if token is not None:
-            given = str(meta.get("token") or "").encode()
-            if not hmac.compare_digest(given, token.encode()):
-                return self._error(
-                    "UNAUTHENTICATED", "missing or wrong bearer token", False, "hello"
-                )
-        self.authenticated = True
+        token = meta.get("token")
+        grant = self.server.auth.grant(token if isinstance(token, (str, bytes)) else None)
+        if grant is None:
+            return self._error("UNAUTHENTICATED", "missing or wrong bearer token", False, "hello")
+        self.grant = grant
         if meta.get("client"):
             self.client = str(meta["client"])
         limits = self.service.limits
@@ -270,7 +278,7 @@ class _Session:
 
     def _attach(self, meta: dict[str, Any]) -> None:
         try:
-            region = Region.attach(meta.get("name"), self.server.max_region_bytes)
+            region = RegionFile.attach(meta.get("name"), self.server.max_region_bytes)
         except RegionError as exc:
             raise BadRequest(str(exc)) from None
         if region.nonce != bytes(meta.get("nonce") or b""):
@@ -283,7 +291,10 @@ class _Session:
         self.cma_nonce = region.nonce  # as attached: later probes must find these bytes
         reply: dict[str, Any] = {"ok": True, "size": region.size}
         door = self.server.same_host
-        if door is not None and self.wire == "stream":  # same host proven: the door opens
+        # Same host proven: the door opens; never for a salt-bound token, since through
+        # it the client maps the whole shared pool, every tenant's chunks (auth.py).
+        bound = self.grant is None or self.grant.salt_tag is not None
+        if door is not None and self.wire == "stream" and not bound:
             offer = door.offer()
             self.ticket = offer["ticket"]
             reply["door"] = offer
@@ -303,26 +314,28 @@ class _Session:
             self.cma_pid = _probe_cma(peer[0], self.cma_at, self.cma_nonce)
         send_frame(self.conn, {"ok": True, "cma": self.cma_pid is not None})
 
-    def _window(self, meta: dict[str, Any]) -> np.ndarray:
+    def _window(self, meta: dict[str, Any]) -> tuple[RegionFile, int, int]:
+        """The region and the window (offset, length) in it that a request names."""
         if self.region is None:
             raise BadRequest("no shared-memory region attached on this connection")
         offset, length = meta.get("offset"), meta.get("length")
-        if not (isinstance(offset, int) and isinstance(length, int)):
+        if not (type(offset) is int and type(length) is int):
             raise BadRequest("region requests need integer offset and length")
         if offset < NONCE_BYTES or length < 0 or offset + length > self.region.size:
             raise BadRequest(
                 f"window {offset}+{length} is outside the region of {self.region.size}"
             )
-        return self.region.array[offset : offset + length]
+        return self.region, offset, length
 
     # -- get ------------------------------------------------------------------------
     def _get(self, meta: dict[str, Any]) -> None:
         keys, fp = meta.get("keys"), meta.get("fp") or None
         if not isinstance(keys, list):
             raise BadRequest("keys must be a list of strings")
+        seen = self._visible(keys)  # a salt-bound grant's get misses other salts' keys
         if meta.get("region"):
-            return self._get_into(meta, keys, fp)
-        keys = self.service.check_keys(keys)
+            return self._get_into(meta, seen, fp)
+        keys = self.service.check_keys(seen.keys)
         parts = self.service.plan_parts(keys)
         encode = self.service.prefixes.encode
         sent = 0
@@ -339,6 +352,7 @@ class _Session:
                     if i + 1 < len(parts):  # fetch the next part into the other buffer meanwhile
                         pending = self.io().submit(self._fetch, keys, parts[i + 1], fp, (i + 1) % 2)
                     rows = [[p.index, encode(p.header)] for p in placed]
+                    seen.reposition(rows)  # (a salt-bound grant's get)
                     send_frame(self.conn, {"part": rows}, *_buffers(placed))
                     sent += sum(p.header.nbytes for p in placed)
                 finally:  # sent (or failed): the lent pages may be reused
@@ -348,7 +362,14 @@ class _Session:
                 if pending.exception() is None:
                     give_back(pending.result()[1])
         self.activity.bytes.labels("out", self.wire).inc(sent)
-        send_frame(self.conn, {"ok": True, "done": len(keys)})
+        send_frame(self.conn, {"ok": True, "done": seen.total})
+
+    def _visible(self, keys: list[Any]) -> Visible:
+        """The keys of a get this connection's grant may see (checked, when it is bound
+        to a salt; the service checks them otherwise)."""
+        if self.grant is None or self.grant.salt_tag is None:
+            return Visible(keys, None, len(keys))
+        return self.grant.visible(self.service.check_keys(keys))
 
     def _fetch(
         self, keys: list[str], span: tuple[int, int], fp: Any, slot: int
@@ -360,33 +381,42 @@ class _Session:
 
         return self.service.fetch_part(keys, span, fp, buffer)
 
-    def _get_into(self, meta: dict[str, Any], keys: list[Any], fp: bytes | None) -> None:
+    def _get_into(self, meta: dict[str, Any], seen: Visible, fp: bytes | None) -> None:
         """The shared-memory get: the helper thread copies part *n+1* from the tiers into
         the window while this thread announces part *n* (and the client copies it out).
 
         A client that maps the shared pool (``"pool": true``) is instead told where first-
         tier hits lie in the pool; their pages stay pinned until it says ``release``."""
-        window = self._window(meta)
+        region, base, length = self._window(meta)
+        # Payloads go through a private buffer (the region is never mapped here: shm.py),
+        # at most this large a window per request; the client asks again for the rest.
+        length = min(length, max(BOUNCE_BYTES, self.service.limits.max_chunk_bytes))
+        if self.bounce.nbytes < length:
+            self.bounce = np.empty(length, dtype=np.uint8)
+        window = self.bounce[:length]
         encode = self.service.prefixes.encode
         sent = 0
         door = self.server.same_host
         lent: list[str] | None = [] if meta.get("pool") and door and door.nbytes else None
-        parts = self.service.get_into(keys, fp, window, lent, door.nbytes // 4 if door else 0)
+        parts = self.service.get_into(seen.keys, fp, window, lent, door.nbytes // 4 if door else 0)
         pending: Future | None = self.io().submit(next, parts, None)
         try:
             while pending is not None:
                 item = pending.result()
                 pending = None
                 if item is None or isinstance(item, int):
-                    send_frame(self.conn, {"ok": True, "done": item or 0, "release": bool(lent)})
+                    done = seen.done(item or 0)
+                    send_frame(self.conn, {"ok": True, "done": done, "release": bool(lent)})
                     break
                 pending = self.io().submit(next, parts, None)
+                _flush(region, base, window, item)
                 rows = [
                     [p.index, encode(p.header), p.offset]
                     if p.offset != IN_POOL
                     else [p.index, encode(p.header), IN_POOL, [x for run in p.payload for x in run]]
                     for p in item
                 ]
+                seen.reposition(rows)  # (a salt-bound grant's get)
                 sent += sum(p.header.nbytes for p in item)
                 send_frame(self.conn, {"part": rows})
             if lent:
@@ -430,6 +460,12 @@ class _Session:
             raise BadRequest(str(exc)) from None
         except BadRequest as exc:  # inline: no telling how many bytes follow, so hang up
             raise (_OutOfStep if inline else BadRequest)(str(exc)) from None
+        try:  # may this token write, and these keys (auth.py)? Else nothing is stored
+            self._authorize_put(groups)
+        except PermissionDenied:
+            if inline:
+                self._discard(sum(sizes))  # keep the stream in step
+            raise
         try:  # every header before any payload: a bad one costs no store work
             headers = self.service.check_groups(groups, fp)
         except BadRequest:
@@ -439,13 +475,20 @@ class _Session:
         if cma is not None:
             stored = self._receive_and_store(headers, sizes, self._cma_source(cma, sizes))
         elif region:
-            payloads = self._region_payloads(meta, groups, sizes)
-            self.service.verify_payloads(headers, payloads)
-            stored = self.service.put([Chunk(h, p) for h, p in zip(headers, payloads, strict=True)])
+            stored = self._receive_and_store(headers, sizes, self._region_source(meta, groups, sizes))
         else:
             stored = self._receive_and_store(headers, sizes)
         self.activity.bytes.labels("in", self.wire if inline else "shm").inc(sum(sizes))
         send_frame(self.conn, {"ok": True, "stored": stored})
+
+    def _authorize_put(self, groups: list[list[Any]]) -> None:
+        grant = self.grant
+        if grant is None:  # (handle lets no unauthenticated request this far)
+            raise PermissionDenied("send hello with the bearer token first")
+        grant.check("Put")
+        if grant.salt_tag is not None:
+            for g in groups:
+                grant.check_own(g[KEYS], "Put")
 
     def _cma_source(self, addrs: Any, sizes: list[int]) -> Any:
         """A ``fill`` for ``_receive_and_store`` that copies chunk ``i``'s payload from
@@ -564,17 +607,28 @@ class _Session:
             recv_exactly(self.conn, scratch[:n])
             nbytes -= n
 
-    def _region_payloads(
-        self, meta: dict[str, Any], groups: list[list[Any]], sizes: list[int]
-    ) -> list[np.ndarray]:
-        window = self._window(meta)
+    def _region_source(self, meta: dict[str, Any], groups: list[list[Any]], sizes: list[int]) -> Any:
+        """A ``fill`` for ``_receive_and_store`` that reads chunk ``i``'s payload from its
+        offset in the window of the client's region."""
+        region, base, length = self._window(meta)
         offsets = [off for g in groups for off in g[OFFSETS]]
-        out = []
         for off, n in zip(offsets, sizes, strict=True):
-            if type(off) is not int or off < 0 or off + n > window.nbytes:
-                raise BadRequest(f"payload at {off}+{n} is outside the window of {window.nbytes}")
-            out.append(window[off : off + n])
-        return out
+            if type(off) is not int or off < 0 or off + n > length:
+                raise BadRequest(f"payload at {off}+{n} is outside the window of {length}")
+
+        def fill(start: int, end: int, buffers: list[Any]) -> None:
+            views = iter(buffers)
+            for off, n in zip(offsets[start:end], sizes[start:end], strict=True):
+                mine, got = [], 0
+                while got < n:  # this chunk's buffers: one staging slice or its pages
+                    mine.append(next(views))
+                    got += mine[-1].nbytes
+                try:
+                    region.read(base + off, mine)
+                except RegionError as exc:
+                    raise BadRequest(str(exc)) from None
+
+        return fill
 
     def close(self) -> None:
         if self.wire == "ucx":
@@ -602,6 +656,18 @@ def _flat(payloads: list[Any]) -> list[Any]:
 def _buffers(placed: list[Any]) -> list[Any]:
     """The payload buffers of ``placed``, in order: lent hits are lists of page views."""
     return _flat([p.payload for p in placed])
+
+
+def _flush(region: RegionFile, base: int, window: np.ndarray, placed: list[Any]) -> None:
+    """Write the payloads of a get's part from ``window`` (the private buffer) to the
+    same place in the client's region (``base`` + their offsets)."""
+    spans = [(p.offset, p.offset + p.header.nbytes) for p in placed if p.offset != IN_POOL]
+    if spans:
+        lo, hi = min(s[0] for s in spans), max(s[1] for s in spans)
+        try:
+            region.write(base + lo, [window[lo:hi]])
+        except RegionError as exc:
+            raise BadRequest(str(exc)) from None
 
 
 def _probe_cma(pid: int, at: Any, nonce: bytes) -> int | None:
