@@ -58,6 +58,15 @@ class Backend(ABC):
     """True when batches gain from being split across threads: the medium's reads and
     writes release the GIL (file I/O). False where per-chunk work is Python (parsing)."""
 
+    networked: bool = False
+    """True when calls cross the network to a server (redis, a kvstore daemon) and may
+    take up to their deadline: the engine looks such tiers up off its loop."""
+
+    def available(self) -> bool:
+        """False while the medium is known to be unreachable (backing off after an
+        error): calls then answer at once with misses."""
+        return True
+
     @abstractmethod
     def put(self, chunks: Sequence[Chunk]) -> list[bool]:
         """Store each chunk under its key; per chunk, whether it is now stored.

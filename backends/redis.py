@@ -61,6 +61,7 @@ class RedisBackend(Backend):
     """Chunks as ``<namespace><key>`` string values on a Redis/Valkey server or cluster."""
 
     name = "redis"
+    networked = True
 
     def __init__(
         self,
@@ -97,6 +98,10 @@ class RedisBackend(Backend):
             self._client = redis.Redis.from_url(raw_url, **options)
 
     # -- plumbing -------------------------------------------------------------------
+    def available(self) -> bool:
+        """False while backing off after an error (or once closed)."""
+        return not self._closed and time.monotonic() >= self._down_until
+
     def _connected(self) -> Any | None:
         """The client, or ``None`` while backing off after an error."""
         if self._closed or time.monotonic() < self._down_until:

@@ -9,7 +9,9 @@ per request; the first call after it reconnects (stream port and region anew, si
 restarted daemon has new ones).
 
 Bad input refused by the daemon (INVALID_ARGUMENT) is a bug on this side, not an
-outage: logged as an error, the put fails, no back-off.
+outage: logged as an error, the put fails, no back-off. So is a refusal of what this
+tier's token may not do (PERMISSION_DENIED: a read-only token's put, a salt-bound
+token's Stats): the call fails, logged once per kind of call, and reads go on.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class RemoteBackend(Backend):
     """Chunks held by the kvstore daemon at ``url``."""
 
     name = "remote"
+    networked = True
 
     def __init__(
         self,
@@ -67,6 +70,7 @@ class RemoteBackend(Backend):
         self._down_until = 0.0
         self._lock = threading.Lock()
         self._closed = False
+        self._denied: set[str] = set()  # calls the token may not make, logged once each
 
     # -- plumbing -------------------------------------------------------------------
     def available(self) -> bool:
@@ -81,6 +85,11 @@ class RemoteBackend(Backend):
         except RemoteError as exc:
             if exc.code == "INVALID_ARGUMENT":
                 log.error("remote tier %s refused %s: %s", self.url, what, exc.message)
+                return fallback
+            if exc.code == "PERMISSION_DENIED":
+                level = logging.DEBUG if what in self._denied else logging.WARNING
+                self._denied.add(what)
+                log.log(level, "remote tier %s: %s not allowed: %s", self.url, what, exc.message)
                 return fallback
             self._failed(what, exc)
             return fallback
@@ -125,12 +134,19 @@ class RemoteBackend(Backend):
               ) -> tuple[str, int, float]:  # fmt: skip
         """Pin the leading stored ``keys`` in the daemon for ``ttl`` seconds:
         ``(lease_id, count, expires_at)`` (unix time); ``("", 0, 0.0)`` when none is
-        stored or the daemon cannot be reached."""
+        stored, the daemon refuses (over a lease cap) or cannot be reached."""
         from store.proto import kvstore_pb2 as pb
 
         def call() -> tuple[str, int, float]:
-            r = self.client._call("Lease", pb.LeaseRequest(keys=list(keys), ttl_seconds=ttl),
-                                  timeout)  # fmt: skip
+            try:
+                r = self.client._call("Lease", pb.LeaseRequest(keys=list(keys), ttl_seconds=ttl),
+                                      timeout)  # fmt: skip
+            except RemoteError as exc:
+                if exc.code != "RESOURCE_EXHAUSTED":
+                    raise
+                # A cap on leases (store/daemon/lease.py), not an outage: no back-off.
+                log.warning("remote tier %s refused a lease: %s", self.url, exc.message)
+                return "", 0, 0.0
             return r.lease_id, r.count, r.expires_at
 
         return self._run("lease", call, ("", 0, 0.0)) if keys else ("", 0, 0.0)

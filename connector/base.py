@@ -73,9 +73,14 @@ class KVConnectorBase(ABC):
     ) -> tuple[int | None, bool]:
         """Tokens of ``request`` beyond ``num_computed_tokens`` (the engine's own prefix-cache
         hits) that the connector can load, and whether the load is asynchronous (between
-        steps; always False here). ``None`` means "ask again later". The count must leave
-        at least one prompt token to compute. Called again for a request that could not be
-        admitted, so it must not commit anything.
+        steps; always False here). The count must leave at least one prompt token to
+        compute. Called again for a request that could not be admitted, so it must not
+        commit anything.
+
+        ``None`` means "still looking it up; ask again next step" (as in vLLM): the
+        scheduler skips ``request`` this step, keeping its place in the queue, and
+        schedules the others. A connector that answers ``None`` bounds how long it does.
+        Runs on the engine loop: it must not wait on anything remote.
         """
 
     @abstractmethod

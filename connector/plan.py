@@ -24,9 +24,13 @@ step's own KV for the computed token is written after it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from connector.base import KVConnectorMetadata
 from store.keys import ChunkRef
+
+if TYPE_CHECKING:
+    from connector.lookup import Lookup
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,7 @@ class RequestState:
 
     refs: list[ChunkRef]  # the prompt's full chunks (and generated ones with save_decoded)
     tiers: list[str] = field(default_factory=list)  # tier of each leading stored chunk, at lookup
+    lookup: Lookup | None = None  # the networked tiers' lookup, until the request is admitted
     saved_upto: int = 0  # tokens [0, saved_upto) are stored or being saved
     hit_end: int = 0  # where a load from the store would end (at most the prompt's end - 1)
     load: LoadSpec | None = None  # planned at admission, handed out by the next meta

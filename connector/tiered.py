@@ -3,7 +3,9 @@
 Scheduler side: on admission, the store's longest stored prefix of the prompt (whole
 chunks, keys from ``store.keys.chunk_refs`` bound to the model fingerprint) beyond the
 engine's own prefix-cache hits becomes external tokens; each step's metadata lists the
-loads planned at admission and the whole prompt chunks that step completes.
+loads planned at admission and the whole prompt chunks that step completes. Networked
+tiers are looked up off the engine loop (``connector/lookup.py``): until they answer, or
+their deadline passes, the request is "not yet" (``None``) and others are scheduled.
 
 Worker side (``connector/transfer.py``): each request's chunks are fetched into staging
 buffers and verified on the store's executor, which then writes them into the paged
@@ -33,13 +35,14 @@ import torch
 
 from connector.base import ConnectorContext, KVConnectorBase
 from connector.disagg import (
-    DEFAULT_LEASE_TTL,
     RemoteDecode,
     TransferAgent,
     wants_remote_decode,
     wants_remote_prefill,
 )
 from connector.events import KVCacheEvent
+from connector.handoff_policy import HandOffPolicy
+from connector.lookup import StoreLookups
 from connector.plan import RequestState, TieredConnectorMetadata, plan_load, plan_saves
 from connector.residency import ChunkInfo, ChunkResidency
 from connector.setup import resolve_store_config
@@ -83,6 +86,7 @@ class TieredConnector(KVConnectorBase):
         self.last_load_results: list[LoadResult] = []
         self.transfers = TransferAgent(self.store, self.chunk_size)
         self._req_puts: dict[str, list[Future]] = {}  # prefill legs' puts, by request id
+        self.lookups = StoreLookups(self.store, context.load_timeout)
 
     # -- scheduler side ---------------------------------------------------------------
     def chunk_refs(self, request: Request, decoded: bool = False) -> list[ChunkRef]:
@@ -92,7 +96,8 @@ class TieredConnector(KVConnectorBase):
         hashes = request.block_hashes
         if not decoded:
             hashes = hashes[: len(request.prompt_token_ids) // bs]
-        return chunk_refs(hashes, bs, self.chunk_size, self.context.fingerprint)
+        return chunk_refs(hashes, bs, self.chunk_size, self.context.fingerprint,
+                          cache_salt=request.cache_salt)  # fmt: skip
 
     def _state(self, request: Request) -> RequestState:
         st = self._requests.get(request.request_id)
@@ -110,9 +115,12 @@ class TieredConnector(KVConnectorBase):
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
-    ) -> tuple[int, bool]:
+    ) -> tuple[int | None, bool]:
         st = self._state(request)
-        st.tiers = self.store.locate([r.key for r in st.refs])
+        tiers = self._locate(request, st)
+        if tiers is None:  # a networked tier is still being asked: not yet
+            return None, False
+        st.tiers = tiers
         st.saved_upto = max(st.saved_upto, st.stored_end)  # stored chunks need no save
         # A load must leave one prompt token to compute (its step yields the next token),
         # and need leave no more: it may end mid-chunk and mid-block. A prompt found whole
@@ -123,10 +131,24 @@ class TieredConnector(KVConnectorBase):
             return 0, False
         return max(0, st.hit_end - num_computed_tokens), False
 
+    def _locate(self, request: Request, st: RequestState) -> list[str] | None:
+        """The tier of each leading stored chunk of ``request``, or None while the
+        networked tiers' part of the lookup runs (``connector/lookup.py``). Local tiers
+        answer at once; an answer is kept until the request is admitted."""
+        if st.lookup is None:
+            keys = [r.key for r in st.refs]
+            local = self.store.locate(keys, local_only=True)
+            rid = request.request_id
+            st.lookup = self.lookups.start(keys, local, lambda: self._requests.get(rid) is st)
+            if st.lookup is None:
+                return local
+        return self.lookups.answer(st.lookup)
+
     def update_state_after_alloc(
         self, request: Request, block_ids: list[int], num_external_tokens: int
     ) -> None:
         st = self._state(request)
+        st.lookup = None  # a later admission (after a preemption) looks up anew
         st.load, st.load_start, st.load_end = None, 0, 0
         if num_external_tokens <= 0:
             return
@@ -188,11 +210,16 @@ class TieredConnector(KVConnectorBase):
             self.transfers.release_async(params.get("remote_store"), params["lease_id"])
         if futures is not None and st is not None and request.output_token_ids:
             # A prefill leg that ran (not an abort): hand its KV over, off the engine loop.
-            ttl = params.get("lease_ttl") or DEFAULT_LEASE_TTL
+            ttl = self.transfers.policy.lease_ttl(params.get("lease_ttl"))  # capped
             handle = RemoteDecode(rid, [r.key for r in st.refs], params.get("remote_store"),
-                                  float(ttl), self.context.load_timeout, futures)  # fmt: skip
+                                  ttl, self.context.load_timeout, futures)  # fmt: skip
             request.kv_transfer_pending = handle
         return False, None
+
+    @property
+    def handoff_policy(self) -> HandOffPolicy:
+        """What ``kv_transfer_params`` may ask of this engine (``check_params``)."""
+        return self.transfers.policy
 
     def finish_remote_decode(self, handle: RemoteDecode) -> dict[str, Any]:
         """The ``kv_transfer_params`` of a finished prefill leg (blocking; see
@@ -298,6 +325,7 @@ class TieredConnector(KVConnectorBase):
         wait([f for f, _ in self._puts], timeout=timeout)
 
     def shutdown(self) -> None:
+        self.lookups.close()
         self.flush()
         self.transfers.close()
         self.store.close()

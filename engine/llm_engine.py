@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from connector.events import KVCacheEvent
 
 Prompt = str | Sequence[int]
+LOOKUP_POLL = 0.002
+"""Seconds a step that could schedule nothing sleeps while requests wait for the
+connector's store lookups (instead of spinning the engine loop until they answer)."""
 
 
 class LLMEngine:
@@ -127,7 +130,8 @@ class LLMEngine:
         if kv_transfer_params is not None:
             from connector.disagg import check_params
 
-            why = check_params(kv_transfer_params)
+            # With the connector's policy: its allow-list of stores, its max lease TTL.
+            why = check_params(kv_transfer_params, getattr(self.connector, "handoff_policy", None))
             if why is not None:
                 raise InvalidRequestError(why)
         ids = self.tokenize(prompt)
@@ -154,6 +158,8 @@ class LLMEngine:
         """Run one scheduling step; outputs of the requests that got a token this step."""
         out = self.scheduler.schedule()
         if not out.scheduled:
+            if out.awaiting_lookup:
+                time.sleep(LOOKUP_POLL)
             return []
         logits, sampled = self.runner.execute(out)
         ok = set(self.scheduler.update(out))

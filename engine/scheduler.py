@@ -12,6 +12,7 @@ from engine.request import Request, RequestStatus
 if TYPE_CHECKING:
     from connector.base import KVConnectorBase, KVConnectorMetadata
     from connector.events import KVCacheEvent
+    from engine.block_pool import KVBlock
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,7 @@ class SchedulerOutput:
     preempted: list[Request] = field(default_factory=list)
     connector_meta: KVConnectorMetadata | None = None  # the connector's loads and saves
     load_failed: list[Request] = field(default_factory=list)  # set by update(): KV recomputes
+    awaiting_lookup: list[Request] = field(default_factory=list)  # skipped: connector not ready
 
     @property
     def scheduled(self) -> list[ScheduledRequest]:
@@ -62,7 +64,9 @@ class Scheduler:
 
     With a KV connector, an admitted request's prompt may continue past its prefix-cache
     hits with tokens the connector loads (external tokens: they need blocks but no
-    compute budget); a load that fails is recomputed from its first failed block.
+    compute budget); a load that fails is recomputed from its first failed block. A
+    request the connector is still looking up (it answers ``None``) is skipped for the
+    step, keeping its place in the queue, and the requests behind it are admitted.
     """
 
     def __init__(
@@ -108,22 +112,31 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            num_new = self._admit(self.waiting[0], budget)
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[i]
+            cached = self.kv.find_cached_prefix(req)
+            num_external = self._external_tokens(req, len(cached) * self.kv.block_size)
+            if num_external is None:  # being looked up: ask again next step
+                out.awaiting_lookup.append(req)
+                i += 1
+                continue
+            num_new = self._admit(req, budget, cached, num_external)
             if num_new is None:
                 break
-            req = self.waiting.popleft()
+            del self.waiting[i]
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             self._add_scheduled(out, req, num_new)
             budget -= num_new
 
-    def _admit(self, req: Request, budget: int) -> int | None:
-        """Give ``req`` its cached prefix, external tokens and blocks for its first chunk;
-        the number of tokens it computes now, or None (nothing changed) if it cannot run."""
-        cached = self.kv.find_cached_prefix(req)
+    def _admit(
+        self, req: Request, budget: int, cached: list[KVBlock], num_external: int
+    ) -> int | None:
+        """Give ``req`` its ``cached`` prefix, ``num_external`` tokens and blocks for its
+        first chunk; the number of tokens it computes now, or None (nothing changed) if it
+        cannot run."""
         num_cached = len(cached) * self.kv.block_size
-        num_external = self._external_tokens(req, num_cached)
         num_new = req.num_tokens - num_cached - num_external
         if num_new > budget:
             if not self.config.enable_chunked_prefill:
@@ -154,12 +167,15 @@ class Scheduler:
             sources.update(self.connector.external_token_sources(req, min(end, prompt)))
         return sources
 
-    def _external_tokens(self, req: Request, num_cached: int) -> int:
-        """Prompt tokens after the engine's prefix the connector can load (0 without one)."""
+    def _external_tokens(self, req: Request, num_cached: int) -> int | None:
+        """Prompt tokens after the engine's prefix the connector can load (0 without one);
+        None while the connector is still looking ``req`` up."""
         if self.connector is None:
             return 0
         n, _ = self.connector.get_num_new_matched_tokens(req, num_cached)
-        return min(n or 0, req.num_tokens - 1 - num_cached)  # one token always computes
+        if n is None:
+            return None
+        return min(n, req.num_tokens - 1 - num_cached)  # one token always computes
 
     def _add_scheduled(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
         s = ScheduledRequest(req, req.num_computed_tokens, num_new, self.kv.block_ids(req.request_id))

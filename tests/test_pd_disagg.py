@@ -37,9 +37,12 @@ def run(engine: LLMEngine, prompt, max_tokens: int, kv=None):
                 return engine.finish_kv_transfer(out)
 
 
+DEAD = "kvstore://127.0.0.1:9"  # nothing listens there
+
+
 def engine(role: str, url: str | None) -> LLMEngine:
-    kv = {} if url is None else {"kv_connector": "tiered", "kv_role": role,
-                                 "kv_config": {"tiers": [url], "chunk_size": CHUNK}}  # fmt: skip
+    store = {"tiers": [url], "chunk_size": CHUNK, "allowed_remote_stores": [DEAD]}
+    kv = {} if url is None else {"kv_connector": "tiered", "kv_role": role, "kv_config": store}
     return LLMEngine(EngineConfig(model="tiny", kv_cache_memory="4MiB", max_num_seqs=4, **kv))
 
 
@@ -148,8 +151,7 @@ def test_producer_that_never_saved_means_recompute(pd):
 def test_dead_remote_store_gives_an_empty_handle_quickly(pd):
     daemon, remote, plain, producer, consumer = pd
     start = time.monotonic()
-    pre = run(producer, salted("dead"), 1,
-              {"do_remote_decode": True, "remote_store": "kvstore://127.0.0.1:9"})  # fmt: skip
+    pre = run(producer, salted("dead"), 1, {"do_remote_decode": True, "remote_store": DEAD})
     assert time.monotonic() - start < 8
     assert pre.kv_transfer_params["num_tokens"] == 0 and pre.kv_transfer_params["lease_id"] is None
 

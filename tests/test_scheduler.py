@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from connector.base import KVConnectorBase, KVConnectorMetadata
 from engine.kv_manager import KVCacheManager
 from engine.request import Request, RequestStatus
 from engine.sampling_params import SamplingParams
@@ -104,6 +105,46 @@ def test_abort_of_a_waiting_request():
     b = s.waiting[0]
     s.finish(b, "abort")
     assert not s.waiting and b.is_finished
+
+
+class LookingUp(KVConnectorBase):
+    """A scheduler-side connector that answers "not yet" (None) for the requests in
+    ``pending`` and 0 tokens for the others; records who it admitted."""
+
+    def __init__(self, pending: set[str]) -> None:
+        self.pending, self.admitted = pending, []
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens):
+        return (None if request.request_id in self.pending else 0), False
+
+    def update_state_after_alloc(self, request, block_ids, num_external_tokens):
+        self.admitted.append(request.request_id)
+
+    def build_connector_meta(self, scheduler_output):
+        return KVConnectorMetadata()
+
+    def start_load_kv(self, metadata): ...
+    def wait_for_layer_load(self, layer): ...
+    def save_kv_layer(self, layer, kv_layer, attn_metadata=None, **kwargs): ...
+    def wait_for_save(self): ...
+
+
+def test_a_request_still_being_looked_up_keeps_its_place_and_others_run():
+    conn = LookingUp({"a"})
+    s = Scheduler(SchedulerConfig(4, 32), KVCacheManager(16, BS), conn)
+    for rid, base in (("a", 0), ("b", 100), ("c", 200)):
+        s.add_request(req(rid, 5, base=base))
+    out = s.schedule()
+    assert [x.request.request_id for x in out.scheduled] == ["b", "c"]
+    assert [r.request_id for r in out.awaiting_lookup] == ["a"]
+    assert [r.request_id for r in s.waiting] == ["a"] and s.kv.block_ids("a") == []
+    for r in s.update(out):
+        r.append_output(7, None)
+    s.add_request(req("d", 5, base=300))
+    conn.pending.clear()  # a's lookup answered: a is admitted before d, in queue order
+    assert run_step(s) == [("b", 5, 1), ("c", 5, 1), ("a", 0, 5), ("d", 0, 5)]
+    assert conn.admitted == ["b", "c", "a", "d"] and not s.waiting
+    s.kv.check_integrity()
 
 
 def test_decode_groups_keep_padding_under_twice():
