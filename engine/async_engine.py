@@ -11,6 +11,11 @@ The engine is not thread-safe, so exactly one thread (the engine loop) touches i
 Commands travel over one thread-safe FIFO, so an abort is always handled after the add
 it follows. A consumer that stops reading early (a client that disconnected) closes its
 ``generate()`` iterator, which aborts the request and frees its blocks.
+
+One request fails alone: an add or a step that raises fails the request it was about
+(``RequestFailedError``) and the loop goes on (``engine/step_faults.py``). Only what no
+request explains ends the loop: a broken block pool, ``MAX_STEP_FAILURES`` steps in a row
+failing with no one to blame (a lost device, say), or an error outside add/step.
 """
 
 from __future__ import annotations
@@ -24,12 +29,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import EngineError
+from engine.errors import EngineError, RequestFailedError
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.step_faults import blame, recover
 
 log = logging.getLogger(__name__)
+MAX_STEP_FAILURES = 3  # consecutive steps failing with no request to blame: the engine is broken
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +79,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}  # engine-loop thread only
         self._thread: threading.Thread | None = None
         self._dead: BaseException | None = None
+        self._unexplained_failures = 0  # consecutive failed steps no request explains
 
     # -- asyncio side -----------------------------------------------------------------
     def start(self) -> None:
@@ -134,8 +142,7 @@ class AsyncEngine:
             while self._handle_commands(block=not self.engine.has_unfinished()):
                 if self.engine.has_unfinished():
                     self._step()
-                    if self._after_step is not None:
-                        self._after_step()
+                    self._run_after_step()
                 self._publish_stats()
         except BaseException as e:  # noqa: BLE001 - everyone waiting must hear of it
             log.exception("engine loop failed")
@@ -143,7 +150,7 @@ class AsyncEngine:
         self._dead = self._dead or EngineDeadError("the engine is shut down")
         error = EngineDeadError(f"the engine loop has stopped: {self._dead}")
         for rid, stream in self._streams.items():
-            self.engine.abort_request(rid)
+            self._abort(rid)
             stream.push(error)
         self._streams.clear()
         while not self._commands.empty():  # adds that raced with the stop
@@ -167,7 +174,7 @@ class AsyncEngine:
             if cmd[0] == "add":
                 self._add(*cmd[1:])
             elif cmd[0] == "abort" and self._streams.pop(cmd[1], None) is not None:
-                self.engine.abort_request(cmd[1])
+                self._abort(cmd[1])
 
     def _add(self, rid: str, ids: list[int], params: SamplingParams, salt: str | None,
              kv_transfer_params: dict | None, stream: _Stream) -> None:  # fmt: skip
@@ -176,6 +183,12 @@ class AsyncEngine:
                                     kv_transfer_params=kv_transfer_params)  # fmt: skip
         except EngineError as e:
             stream.push(e)
+            return
+        except Exception as e:  # noqa: BLE001 - the request is at fault, not the engine
+            log.exception("request %s failed on admission", rid)
+            if rid in self.engine.requests:  # it got in before the failure: take it out
+                self._abort(rid)
+            stream.push(_failed(rid, e))
             return
         self._streams[rid] = stream
 
@@ -186,6 +199,10 @@ class AsyncEngine:
             log.warning("engine step: %s", e)
             self._fail_dropped(e)
             return
+        except Exception as e:  # noqa: BLE001 - one request's fault must not stop the rest
+            self._recover(e)
+            return
+        self._unexplained_failures = 0
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
@@ -193,6 +210,41 @@ class AsyncEngine:
             if out.finished:
                 del self._streams[out.request_id]
             stream.push(out)
+
+    def _recover(self, error: Exception) -> None:
+        """A step raised: fail the request to blame, or all running ones (see step_faults)."""
+        culprit = blame(error, self.engine.requests.values())
+        who = f"request {culprit.request_id}" if culprit else "no single request"
+        log.error("engine step failed (%s to blame)", who, exc_info=error)
+        if culprit is None:
+            self._unexplained_failures += 1
+            if self._unexplained_failures >= MAX_STEP_FAILURES:
+                raise RuntimeError(f"{MAX_STEP_FAILURES} engine steps in a row failed, "
+                                   f"the last with {type(error).__name__}: {error}") from error  # fmt: skip
+        else:
+            self._unexplained_failures = 0
+            stream = self._streams.pop(culprit.request_id, None)
+            if stream is not None:
+                stream.push(_failed(culprit.request_id, error))
+        recover(self.engine, culprit)  # raises if the block pool is broken: the loop stops
+        self._fail_dropped(RequestFailedError(
+            f"an engine step running this request failed ({type(error).__name__}: {error}); "
+            "the server goes on"))  # fmt: skip
+
+    def _abort(self, rid: str) -> None:
+        try:
+            self.engine.abort_request(rid)
+        except Exception:  # noqa: BLE001 - e.g. the connector's request_finished raised
+            log.exception("aborting request %s failed", rid)
+            self.engine.requests.pop(rid, None)
+
+    def _run_after_step(self) -> None:
+        if self._after_step is None:
+            return
+        try:
+            self._after_step()
+        except Exception:  # e.g. publishing KV events; the requests are not at fault
+            log.exception("after-step hook failed")
 
     def _fail_dropped(self, error: EngineError) -> None:
         """Tell every request the engine no longer holds that it failed with ``error``."""
@@ -204,3 +256,8 @@ class AsyncEngine:
         self.stats = EngineStats(
             len(sched.running), len(sched.waiting), kv.num_blocks, kv.pool.num_free_blocks
         )
+
+
+def _failed(rid: str, error: BaseException) -> RequestFailedError:
+    return RequestFailedError(f"request {rid} failed in the engine: {type(error).__name__}: "
+                              f"{error}; the server goes on")  # fmt: skip

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import TYPE_CHECKING
 
 from engine.errors import EngineError
 
 if TYPE_CHECKING:
+    from engine.server.config import ServerConfig
     from store.config import StoreConfig
 
 
@@ -136,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a kvstore daemon as the KV store (implies --kv-connector tiered)")  # fmt: skip
     serve.add_argument("--kv-role", default="both", choices=("both", "producer", "consumer"),
                        help="producer: only save KV, consumer: only load it")  # fmt: skip
+    sec = serve.add_argument_group("security and limits (docs/server.md, Security)")
+    sec.add_argument("--api-key", default=None,
+                     help="require 'Authorization: Bearer KEY' on every route but /health and "
+                          "/metrics (default: $KVSTORE_API_KEY; unset: no key)")  # fmt: skip
+    sec.add_argument("--max-request-body", default=None, metavar="SIZE",
+                     help="largest request body, e.g. 8MiB (default: from --max-model-len)")  # fmt: skip
+    sec.add_argument("--max-chars-per-token", type=int, default=16,
+                     help="a text prompt longer than max_model_len x this is refused untokenized")  # fmt: skip
+    sec.add_argument("--tokenizer-threads", type=int, default=2,
+                     help="threads that tokenize and render chat templates off the event loop")  # fmt: skip
     ev = serve.add_argument_group("KV events (for kvrouter --policy prefix_aware)")
     ev.add_argument("--kv-events-endpoint", default=None, metavar="tcp://*:5557",
                     help="publish KV events on this ZMQ endpoint (bound if it has *)")  # fmt: skip
@@ -173,6 +185,19 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The HTTP layer's settings; the key from ``--api-key`` or ``$KVSTORE_API_KEY``."""
+    from engine.server.config import API_KEY_ENV, ServerConfig
+    from store.config import parse_size
+
+    key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
+    body = args.max_request_body
+    return ServerConfig(
+        api_key=key, max_request_body=None if body is None else parse_size(body, "--max-request-body"),
+        max_chars_per_token=args.max_chars_per_token, tokenizer_threads=args.tokenizer_threads,
+    )  # fmt: skip
+
+
 def _serve(args: argparse.Namespace) -> int:
     from engine.config import EngineConfig
     from engine.server.chat import ChatTemplateError
@@ -181,6 +206,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         kv_config = kv_config_from_args(args)
+        server_config = server_config_from_args(args)
         if args.kv_role != "both" and args.kv_connector == "none":
             raise ConfigError(f"--kv-role {args.kv_role} needs a KV connector (--kv-connector "
                               "tiered or --kvstore URL)")  # fmt: skip
@@ -190,7 +216,8 @@ def _serve(args: argparse.Namespace) -> int:
                                     args.kv_events_topic)  # fmt: skip
         config = EngineConfig(model=args.model, enable_kv_events=events is not None,
                               **engine_kwargs(args, kv_config))  # fmt: skip
-        run_server(config, args.host, args.port, args.served_model_name, args.kv_role, events)
+        run_server(config, args.host, args.port, args.served_model_name, args.kv_role, events,
+                   server_config)  # fmt: skip
     except (ConfigError, ChatTemplateError) as e:
         print(f"engine: error: {e}", file=sys.stderr)
         return 2

@@ -15,3 +15,9 @@ class ModelLoadError(EngineError):
 
 class KVLoadError(EngineError):
     """Loading a request's KV from the connector failed under ``kv_load_failure_policy="fail"``."""
+
+
+class RequestFailedError(EngineError):
+    """The engine failed one request unexpectedly (a bug, or an input no check foresaw).
+
+    Only that request fails; the engine goes on serving the others."""

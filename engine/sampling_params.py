@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from engine.errors import InvalidRequestError
+
+# What torch.Generator.manual_seed takes, as vLLM's protocol bounds it: a signed 64-bit int.
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1
+# Below this a temperature overflows the logits (x / 1e-300 is inf, softmax then NaN):
+# vLLM raises such temperatures to 0.01, which is greedy in all but name.
+MIN_TEMPERATURE = 1e-2
 
 
 @dataclass(slots=True)
@@ -12,7 +19,8 @@ class SamplingParams:
     """How to pick tokens for one request and when to stop.
 
     ``temperature == 0`` is greedy. ``top_k == 0`` and ``top_p == 1`` disable those filters.
-    ``seed`` makes a sampled request reproducible regardless of what it is batched with.
+    ``seed`` (a signed 64-bit integer) makes a sampled request reproducible regardless
+    of what it is batched with. A temperature in (0, 0.01) is raised to 0.01.
     """
 
     temperature: float = 1.0
@@ -34,8 +42,18 @@ class SamplingParams:
             raise InvalidRequestError(f"max_tokens must be an integer, got {self.max_tokens!r}")
         if self.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.temperature < 0:
-            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise InvalidRequestError(
+                f"temperature must be >= 0 and finite, got {self.temperature}"
+            )
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            self.temperature = MIN_TEMPERATURE
+        if self.seed is not None and not (
+            isinstance(self.seed, int) and SEED_MIN <= self.seed <= SEED_MAX
+        ):
+            raise InvalidRequestError(
+                f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed!r}"
+            )
         if self.top_k < 0:
             raise InvalidRequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:

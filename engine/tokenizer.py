@@ -8,7 +8,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from engine.errors import ModelLoadError
+from engine.errors import InvalidRequestError, ModelLoadError
 
 PRESET_SPECIALS = ("<s>", "</s>", "<pad>")  # ids 0, 1, 2: bos, eos, pad
 # Symbols the filler merges are built from, most common first, so generated text reads as
@@ -34,7 +34,13 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text).ids
+        """Token ids of ``text``. The library's batch call releases the GIL while it works
+        (``encode`` holds it), so a long text tokenized in a worker thread leaves the
+        server's event loop running."""
+        try:
+            return self._tok.encode_batch([text])[0].ids
+        except TypeError:  # e.g. a lone surrogate ("\ud800"), which is no UTF-8 text
+            raise InvalidRequestError("the text is not valid Unicode (a lone surrogate?)") from None
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)

@@ -99,7 +99,7 @@ def test_a_write_to_a_vanished_client_ends_the_stream_without_an_error(monkeypat
         body = {"model": "tiny", "prompt": "x" * 100, "max_tokens": 40, "ignore_eos": True,
                 "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
         req = parse_completion(body, "tiny")
-        ids = app._tokenize(ctx, req.prompt, "prompt")
+        ids = engine.engine.tokenize(req.prompt)
 
         async def run() -> web.StreamResponse:
             reply = Reply("cmpl-gone", "tiny", False)

@@ -8,9 +8,11 @@
 ``GET /metrics``               Prometheus text (``engine.server.metrics``)
 =========================  ===============================================================
 
-Handlers never touch the engine directly: they check the body (``protocol``), tokenize,
-and read outputs from ``AsyncEngine.generate``. The generator is always closed
-(``aclosing``), so a client that disconnects, or a write that fails, aborts its request.
+Handlers never touch the engine directly: they check the body (``body``, ``protocol``),
+tokenize off the event loop (``prompt``), and read outputs from ``AsyncEngine.generate``.
+The generator is always closed (``aclosing``), so a client that disconnects, or a write
+that fails, aborts its request. With an API key (``auth``) every route but ``/health``
+and ``/metrics`` needs it.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -30,13 +33,16 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from engine.async_engine import AsyncEngine, EngineDeadError
 from engine.errors import EngineError, InvalidRequestError
 from engine.outputs import RequestOutput
+from engine.server.auth import api_key_middleware
+from engine.server.body import read_json
 from engine.server.chat import ChatTemplate
+from engine.server.config import ServerConfig
 from engine.server.metrics import ServerMetrics
+from engine.server.prompt import fit_max_tokens, prompt_ids
 from engine.server.protocol import ApiError, GenerationRequest, parse_chat, parse_completion
 from engine.server.responses import Reply, TextDeltas
 
 log = logging.getLogger(__name__)
-MAX_BODY = 64 << 20  # long prompts as JSON token-id arrays run to megabytes
 
 
 @dataclass(slots=True)
@@ -45,6 +51,12 @@ class ServerContext:
     model: str  # the served model name clients must send
     chat_template: ChatTemplate
     metrics: ServerMetrics
+    config: ServerConfig = field(default_factory=ServerConfig)
+    pool: ThreadPoolExecutor | None = None  # tokenizers (make_app makes it)
+
+    @property
+    def max_body(self) -> int:
+        return self.config.max_body_bytes(self.engine.engine.max_model_len)
 
 
 CONTEXT = web.AppKey("context", ServerContext)
@@ -53,7 +65,13 @@ ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat",
 
 
 def make_app(context: ServerContext) -> web.Application:
-    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+    middlewares: list[Any] = [_errors]
+    if context.config.api_key is not None:
+        middlewares.append(api_key_middleware(context.config.api_key))
+    app = web.Application(middlewares=middlewares, client_max_size=context.max_body)
+    if context.pool is None:
+        context.pool = ThreadPoolExecutor(context.config.tokenizer_threads, "tokenize")
+    app.on_cleanup.append(_close_pool)
     app[CONTEXT] = context
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -92,53 +110,46 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     return web.json_response(error.body(), status=error.status)
 
 
-async def _body(request: web.Request) -> Any:
-    try:
-        return json.loads(await request.read())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+async def _close_pool(app: web.Application) -> None:
+    pool = app[CONTEXT].pool
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
-    req = parse_completion(await _body(request), ctx.model)
-    ids = _tokenize(ctx, req.prompt, "prompt")
-    return await _respond(
-        request, ctx, req, ids, Reply(f"cmpl-{uuid.uuid4().hex}", ctx.model, False)
-    )
+    req = parse_completion(await read_json(request, ctx.max_body), ctx.model)
+    return await _respond(request, ctx, req, Reply(f"cmpl-{uuid.uuid4().hex}", ctx.model, False))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx = request.app[CONTEXT]
-    req = parse_chat(await _body(request), ctx.model, ctx.engine.engine.max_model_len)
-    ids = _tokenize(ctx, ctx.chat_template.render(req.messages), "messages")
+    body = await read_json(request, ctx.max_body)
+    req = parse_chat(body, ctx.model, ctx.engine.engine.max_model_len)
     reply = Reply(f"chatcmpl-{uuid.uuid4().hex}", ctx.model, True)
-    return await _respond(request, ctx, req, ids, reply)
+    return await _respond(request, ctx, req, reply)
 
 
-def _tokenize(ctx: ServerContext, prompt: str | list[int], param: str) -> list[int]:
-    """Prompt token ids, checked against the vocabulary and the context length."""
-    engine = ctx.engine.engine
-    if isinstance(prompt, str):
-        if engine.tokenizer is None:
-            raise ApiError(f"model {ctx.model} has no tokenizer; send token ids", param,
-                           "no_tokenizer")  # fmt: skip
-        prompt = engine.tokenizer.encode(prompt)
-    if len(prompt) >= engine.max_model_len:
-        raise ApiError(
-            f"this model's context is {engine.max_model_len} tokens and the prompt has "
-            f"{len(prompt)}; at least one token must be left to generate",
-            param, "context_length_exceeded",
-        )  # fmt: skip
-    try:
-        return engine.tokenize(prompt)
-    except InvalidRequestError as e:
-        raise ApiError(str(e), param, "invalid_value") from None
+def _check_kv_transfer(ctx: ServerContext, params: dict) -> None:
+    """400 for ``kv_transfer_params`` past the connector's limits (an off-list
+    ``remote_store``, a ``lease_ttl`` over ``max_lease_ttl``; connector/disagg.py)."""
+    from connector.disagg import check_params
+
+    why = check_params(params, getattr(ctx.engine.engine.connector, "handoff_policy", None))
+    if why is not None:
+        raise ApiError(why, "kv_transfer_params", "invalid_value")
 
 
 async def _respond(request: web.Request, ctx: ServerContext, req: GenerationRequest,
-                   ids: list[int], reply: Reply) -> web.StreamResponse:  # fmt: skip
+                   reply: Reply) -> web.StreamResponse:  # fmt: skip
+    engine = ctx.engine.engine
+    max_chars = ctx.config.max_prompt_chars(engine.max_model_len)
+    assert ctx.pool is not None
+    ids = await prompt_ids(engine, req, ctx.chat_template, max_chars, ctx.pool)
+    req = fit_max_tokens(req, len(ids), engine.max_model_len)
     endpoint = "chat" if reply.chat else "completions"
+    if req.kv_transfer_params is not None:  # the engine's own limits, before any stream starts
+        _check_kv_transfer(ctx, req.kv_transfer_params)
     outs = ctx.engine.generate(ids, req.params, req.cache_salt, reply.id, req.kv_transfer_params)
     if req.stream:
         return await _stream(request, ctx, req, reply, outs, endpoint)

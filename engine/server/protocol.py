@@ -12,9 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.errors import InvalidRequestError
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SEED_MAX, SEED_MIN, SamplingParams
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+# Stop conditions are checked at every step (engine) and every stream chunk (event loop):
+# bounded so that no request makes either slow for everyone (OpenAI allows 4 strings).
+MAX_STOP_STRINGS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS = 16, 256, 256
 
 
 class ApiError(Exception):
@@ -45,6 +48,8 @@ class GenerationRequest:
     prompt: str | list[int] | None = None
     messages: list[dict[str, str]] | None = None
     kv_transfer_params: dict[str, Any] | None = None  # disaggregated prefill/decode legs
+    # the field that set params.max_tokens; None: the default, cut to the room left
+    max_tokens_param: str | None = None
 
 
 _MISSING = object()
@@ -99,16 +104,35 @@ def _unsupported(body: dict) -> None:
         raise ApiError("'best_of' must be 1", "best_of", "unsupported")
 
 
-def _sampling(body: dict, max_tokens: int) -> SamplingParams:
+def _stops(body: dict) -> tuple[list[str], list[int]]:
     stop = _field(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(s, str) and s for s in stop):
         raise ApiError("'stop' must be a string or an array of non-empty strings", "stop",
                        "invalid_type")  # fmt: skip
+    if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise ApiError(f"'stop' takes at most {MAX_STOP_STRINGS} strings of at most "
+                       f"{MAX_STOP_CHARS} characters", "stop", "invalid_value")  # fmt: skip
     stop_ids = _field(body, "stop_token_ids", (list,), [])
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
         raise ApiError("'stop_token_ids' must be an array of integers", "stop_token_ids",
                        "invalid_type")  # fmt: skip
+    if len(stop_ids) > MAX_STOP_TOKEN_IDS:
+        raise ApiError(f"'stop_token_ids' takes at most {MAX_STOP_TOKEN_IDS} ids",
+                       "stop_token_ids", "invalid_value")  # fmt: skip
+    return stop, stop_ids
+
+
+def _seed(body: dict) -> int | None:
+    seed = _field(body, "seed", (int,), None)
+    if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
+        raise ApiError(f"'seed' must be in [{SEED_MIN}, {SEED_MAX}] (a signed 64-bit integer)",
+                       "seed", "invalid_value")  # fmt: skip
+    return seed
+
+
+def _sampling(body: dict, max_tokens: int) -> SamplingParams:
+    stop, stop_ids = _stops(body)
     temperature = _field(body, "temperature", (int, float), 1.0)
     if not 0 <= temperature <= 2:
         raise ApiError(f"'temperature' must be in [0, 2], got {temperature}", "temperature",
@@ -122,21 +146,22 @@ def _sampling(body: dict, max_tokens: int) -> SamplingParams:
     try:
         return SamplingParams(
             temperature=float(temperature), top_k=top_k, top_p=float(top_p),
-            max_tokens=max_tokens, seed=_field(body, "seed", (int,), None), stop=stop,
+            max_tokens=max_tokens, seed=_seed(body), stop=stop,
             stop_token_ids=stop_ids, ignore_eos=_field(body, "ignore_eos", (bool,), False),
         )  # fmt: skip
     except InvalidRequestError as e:
         raise ApiError(str(e), None, "invalid_value") from None
 
 
-def _max_tokens(body: dict, names: tuple[str, ...], default: int) -> int:
+def _max_tokens(body: dict, names: tuple[str, ...], default: int) -> tuple[int, str | None]:
+    """The first of ``names`` the body sets and its value, or ``default`` and None."""
     for name in names:
         value = _field(body, name, (int,), None)
         if value is not None:
             if value < 1:
                 raise ApiError(f"'{name}' must be at least 1, got {value}", name, "invalid_value")
-            return value
-    return default
+            return value, name
+    return default, None
 
 
 def _common(body: dict, served: str) -> dict[str, Any]:
@@ -163,8 +188,9 @@ def parse_completion(body: Any, served: str) -> GenerationRequest:
     body = _check_body(body)
     common = _common(body, served)
     prompt = _prompt(_field(body, "prompt", (str, list)))
-    params = _sampling(body, _max_tokens(body, ("max_tokens",), 16))
-    return GenerationRequest(params=params, prompt=prompt, **common)
+    max_tokens, given = _max_tokens(body, ("max_tokens",), 16)
+    return GenerationRequest(params=_sampling(body, max_tokens), prompt=prompt,
+                             max_tokens_param=given, **common)  # fmt: skip
 
 
 def _prompt(prompt: str | list) -> str | list[int]:
@@ -182,14 +208,15 @@ def _prompt(prompt: str | list) -> str | list[int]:
 
 def parse_chat(body: Any, served: str, max_model_len: int) -> GenerationRequest:
     """A ``/v1/chat/completions`` body. Without ``max_tokens`` a reply may run to the end
-    of the context."""
+    of the context (``max_model_len`` here, cut to the room the prompt leaves later)."""
     body = _check_body(body)
     common = _common(body, served)
     messages = [_message(m, i) for i, m in enumerate(_field(body, "messages", (list,)))]
     if not messages:
         raise ApiError("'messages' must not be empty", "messages", "invalid_value")
-    limit = _max_tokens(body, ("max_completion_tokens", "max_tokens"), max_model_len)
-    return GenerationRequest(params=_sampling(body, limit), messages=messages, **common)
+    limit, given = _max_tokens(body, ("max_completion_tokens", "max_tokens"), max_model_len)
+    return GenerationRequest(params=_sampling(body, limit), messages=messages,
+                             max_tokens_param=given, **common)  # fmt: skip
 
 
 def _message(m: Any, i: int) -> dict[str, str]:

@@ -17,8 +17,9 @@ from aiohttp import web
 from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.server.app import ServerContext, make_app
+from engine.server.app import CONTEXT, ServerContext, make_app
 from engine.server.chat import ChatTemplate
+from engine.server.config import ServerConfig
 from engine.server.metrics import ServerMetrics
 from store.heap import freeze_startup_heap
 
@@ -33,11 +34,13 @@ class KVEventsConfig:
 
 
 def run_server(config: EngineConfig, host: str, port: int, served_model_name: str | None = None,
-               kv_role: str = "both", kv_events: KVEventsConfig | None = None) -> None:  # fmt: skip
+               kv_role: str = "both", kv_events: KVEventsConfig | None = None,
+               server_config: ServerConfig | None = None) -> None:  # fmt: skip
     """Serve ``config``'s model on ``host:port`` until SIGTERM or SIGINT, then finish
     in-flight responses' KV saves and exit. ``port`` 0 picks a free port. With
     ``kv_events`` (and ``config.enable_kv_events``) every step's KV events are published.
-    ``kv_role`` (if not ``both``) overrides ``config.kv_role``."""
+    ``kv_role`` (if not ``both``) overrides ``config.kv_role``. ``server_config``: the API
+    key and request limits (default: no key, limits derived from the context)."""
     if kv_role != "both":
         config = dataclasses.replace(config, kv_role=kv_role)  # validated again
     kv_role = config.kv_role
@@ -54,7 +57,8 @@ def run_server(config: EngineConfig, host: str, port: int, served_model_name: st
     engine = AsyncEngine(llm_engine, after_step)
     freeze_startup_heap()  # model loaded, KV cache allocated: what is alive now stays
     name = served_model_name or config.model
-    context = ServerContext(engine, name, chat_template, ServerMetrics(name))
+    context = ServerContext(engine, name, chat_template, ServerMetrics(name),
+                            server_config or ServerConfig())  # fmt: skip
     engine.start()
     try:
         asyncio.run(_serve(make_app(context), host, port, f"model {name} kv "
@@ -74,6 +78,9 @@ async def _serve(app: web.Application, host: str, port: int, banner: str) -> Non
     await site.start()
     bound_host, bound_port = runner.addresses[0][:2]
     print(f"engine serve: http://{bound_host}:{bound_port} {banner}", flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1") and app[CONTEXT].config.api_key is None:
+        print(f"engine serve: warning: listening on {host} without an API key "
+              "(--api-key or KVSTORE_API_KEY)", flush=True)  # fmt: skip
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
