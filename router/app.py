@@ -15,8 +15,9 @@ from aiohttp import web
 from router.backends import BackendPool
 from router.config import RouterConfig
 from router.errors import error_response
-from router.forward import Forwarder, upstream_headers
+from router.forward import Forwarder, backend_auth, upstream_headers
 from router.health import HealthChecker
+from router.intake import BodyTooLarge, Intake
 from router.kv_index import KVIndex
 from router.kv_subscriber import KVEventSubscriber
 from router.metrics import RouterMetrics
@@ -24,13 +25,12 @@ from router.pd import route_pd
 from router.policies import make_policy
 from router.prompt import PromptHasher, load_tokenizer
 from router.routing import Router
-from router.validate import BadRequest, check_chat, check_completion, parse_body
+from router.validate import BadRequest
 
 log = logging.getLogger("kvrouter")
 OPEN_PATHS = ("/health", "/metrics")
-MAX_BODY = 64 << 20
-CONFIG, ROUTER, HASHER, INDEX = (
-    web.AppKey(n, object) for n in ("config", "router", "hasher", "index")
+CONFIG, ROUTER, HASHER, INDEX, INTAKE = (
+    web.AppKey(n, object) for n in ("config", "router", "hasher", "index", "intake")
 )
 
 
@@ -43,11 +43,13 @@ def build_pool(cfg: RouterConfig) -> BackendPool:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler):
-    token = request.app[CONFIG].auth_token
-    if token and request.path not in OPEN_PATHS:
-        got = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
-            return error_response(401, "missing or wrong bearer token", code="invalid_api_key")
+    key = request.app[CONFIG].api_key
+    if key and request.path not in OPEN_PATHS:
+        # Header values arrive as str with undecodable bytes escaped: compare bytes back.
+        got = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(got, f"Bearer {key}".encode()):
+            return error_response(401, "missing or wrong API key (Authorization: Bearer ...)",
+                                  code="invalid_api_key")  # fmt: skip
     return await handler(request)
 
 
@@ -60,13 +62,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _generate(request: web.Request, path: str, chat: bool) -> web.StreamResponse:
+    router: Router = request.app[ROUTER]
+    intake: Intake = request.app[INTAKE]
     try:
-        body = parse_body(await request.read())
-        (check_chat if chat else check_completion)(body)
+        raw = await intake.read(request)
+        body, hashes = await intake.prepare(raw, chat, router.policy.needs_hashes)
+    except BodyTooLarge:
+        return error_response(413, f"the request body is larger than {intake.max_body_bytes} "
+                              "bytes (kvrouter --max-body-bytes)", code="request_too_large")  # fmt: skip
     except BadRequest as e:
         return error_response(400, str(e), e.param)
-    router: Router = request.app[ROUTER]
-    hashes = request.app[HASHER].hashes(body, chat) if router.policy.needs_hashes else []
     headers = upstream_headers(request, request.headers.get("X-Request-Id") or uuid.uuid4().hex)
     if request.app[CONFIG].disaggregated:
         return await route_pd(router, request, path, body, headers, hashes)
@@ -110,11 +115,12 @@ async def not_found(request: web.Request) -> web.Response:
 
 
 def create_app(cfg: RouterConfig) -> web.Application:
-    app = web.Application(middlewares=[auth_middleware], client_max_size=MAX_BODY)
+    app = web.Application(middlewares=[auth_middleware], client_max_size=cfg.max_body_bytes)
     app[CONFIG] = cfg
     app[INDEX] = KVIndex()
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
-    app[HASHER] = PromptHasher(cfg.block_size, tokenizer)
+    app[HASHER] = PromptHasher(cfg.block_size, tokenizer, cfg.route_prefix_tokens)
+    app[INTAKE] = Intake(app[HASHER], cfg.max_body_bytes)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
@@ -130,7 +136,10 @@ async def _lifecycle(app: web.Application):
     timeout = aiohttp.ClientTimeout(
         total=None, connect=cfg.connect_timeout, sock_read=cfg.request_timeout
     )
-    session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0))
+    # Every call to a backend (requests, health checks, /metrics, /v1/models) carries the
+    # backend key, and only it: upstream_headers never copies the client's Authorization.
+    session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0),
+                                    headers=backend_auth(cfg.backend_api_key))  # fmt: skip
     m = RouterMetrics()
     pool = build_pool(cfg)
     policy = make_policy(cfg.policy, app[INDEX], cfg.block_size, **_policy_kw(cfg))
@@ -151,6 +160,7 @@ async def _lifecycle(app: web.Application):
             await t
     zctx.destroy(linger=0)
     await session.close()
+    app[INTAKE].close()
 
 
 def _policy_kw(cfg: RouterConfig) -> dict:

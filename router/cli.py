@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
-from router.config import RouterConfig
+from router.config import DEFAULT_MAX_BODY_BYTES, RouterConfig
 from router.policies import POLICY_NAMES
+from router.prompt import DEFAULT_PREFIX_TOKENS
+
+API_KEY_ENV = "KVSTORE_API_KEY"  # the same variable as engine serve's
+BACKEND_API_KEY_ENV = "KVSTORE_BACKEND_API_KEY"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,9 +28,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefill", nargs="+", action="extend", default=[], metavar="URL")
     s.add_argument("--decode", nargs="+", action="extend", default=[], metavar="URL")
     s.add_argument("--policy", choices=POLICY_NAMES, default="round_robin")
-    s.add_argument(
-        "--auth-token-file", type=Path, help="file holding the bearer token clients must send"
-    )
+    s.add_argument("--api-key", help=f"the bearer token clients must send (or ${API_KEY_ENV})")
+    s.add_argument("--api-key-file", "--auth-token-file", type=Path, dest="api_key_file",
+                   help="a file holding the API key (keeps it out of the process list)")  # fmt: skip
+    s.add_argument("--backend-api-key",
+                   help=f"the bearer token sent to the backends (or ${BACKEND_API_KEY_ENV})")  # fmt: skip
+    s.add_argument("--backend-api-key-file", type=Path, help="a file holding the backend API key")
+    s.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="larger request bodies are refused with 413")  # fmt: skip
+    s.add_argument("--route-prefix-tokens", type=int, default=DEFAULT_PREFIX_TOKENS,
+                   help="leading prompt tokens hashed for prefix-aware routing")  # fmt: skip
     s.add_argument("--model-block-size", type=int, default=16, help="the engines' KV block size")
     s.add_argument(
         "--tokenizer", help="preset name (tiny, bench), checkpoint dir or tokenizer.json"
@@ -55,16 +67,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(a: argparse.Namespace) -> RouterConfig:
-    token = None
-    if a.auth_token_file is not None:
+def read_key(value: str | None, path: Path | None, env: str, what: str) -> str | None:
+    """A key from its option, else its file, else the environment (empty there: unset)."""
+    if value is not None and path is not None:
+        flag = what.replace(" ", "-").lower()
+        raise ValueError(f"give --{flag} or --{flag}-file, not both")
+    if path is not None:
         try:
-            token = a.auth_token_file.read_text().strip()
+            return path.read_text().strip()
         except OSError as e:
-            raise ValueError(f"cannot read the auth token file: {e}") from None
+            raise ValueError(f"cannot read the {what} file: {e}") from None
+    return value if value is not None else os.environ.get(env) or None
+
+
+def config_from_args(a: argparse.Namespace) -> RouterConfig:
     return RouterConfig(
         backends=a.backend, prefill=a.prefill, decode=a.decode, policy=a.policy, host=a.host,
-        port=a.port, auth_token=token, block_size=a.model_block_size, tokenizer=a.tokenizer,
+        port=a.port, block_size=a.model_block_size, tokenizer=a.tokenizer,
+        api_key=read_key(a.api_key, a.api_key_file, API_KEY_ENV, "API key"),
+        backend_api_key=read_key(a.backend_api_key, a.backend_api_key_file,
+                                 BACKEND_API_KEY_ENV, "backend API key"),
+        max_body_bytes=a.max_body_bytes, route_prefix_tokens=a.route_prefix_tokens,
         kv_events=a.kv_events, kv_topic=a.kv_events_topic, health_interval=a.health_interval,
         health_timeout=a.health_timeout, connect_timeout=a.connect_timeout,
         request_timeout=a.request_timeout, load_alpha=a.load_alpha, load_cap=a.load_cap,

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from router.policies import POLICY_NAMES
+from router.prompt import DEFAULT_PREFIX_TOKENS
+
+DEFAULT_MAX_BODY_BYTES = 16 << 20
 
 
 @dataclass(slots=True)
@@ -13,6 +16,12 @@ class RouterConfig:
 
     ``kv_events`` are ZMQ endpoints, one per instance in the order given (backends, or
     prefill then decode), each ``PUB[,REPLAY]``, or ``URL=PUB[,REPLAY]`` to name the instance.
+
+    ``api_key``: what clients must send as ``Authorization: Bearer`` (None: no check).
+    ``backend_api_key``: what the router sends its backends (None: no Authorization);
+    a client's own header is never passed on. ``max_body_bytes``: larger request bodies
+    are a 413. ``route_prefix_tokens``: how many leading prompt tokens are hashed for
+    prefix-aware routing (``router/prompt.py``).
     """
 
     backends: list[str] = field(default_factory=list)
@@ -21,7 +30,10 @@ class RouterConfig:
     policy: str = "round_robin"
     host: str = "127.0.0.1"
     port: int = 8080
-    auth_token: str | None = None
+    api_key: str | None = None
+    backend_api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    route_prefix_tokens: int = DEFAULT_PREFIX_TOKENS
     block_size: int = 16
     tokenizer: str | None = None
     kv_events: list[str] = field(default_factory=list)
@@ -53,8 +65,15 @@ class RouterConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be > 0")
         if self.load_alpha < 0 or self.load_cap < 0:
             raise ValueError("load alpha and load cap must be >= 0")
-        if self.auth_token is not None and not self.auth_token:
-            raise ValueError("the auth token is empty")
+        for name, key in (("API key", self.api_key), ("backend API key", self.backend_api_key)):
+            _check_key(name, key)
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max-body-bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.route_prefix_tokens < self.block_size:
+            raise ValueError(
+                f"route-prefix-tokens must be >= the block size ({self.block_size}), "
+                f"got {self.route_prefix_tokens}"
+            )
         self.kv_event_sources()  # raises on an endpoint that names no known backend
 
     def kv_event_sources(self) -> list[tuple[str, str, str | None]]:
@@ -79,3 +98,13 @@ class RouterConfig:
     def instances(self) -> list[str]:
         """Every backend URL in the order ``kv_events`` endpoints are matched to."""
         return [*self.backends, *self.prefill, *self.decode]
+
+
+def _check_key(name: str, key: str | None) -> None:
+    """A key goes in an HTTP header: printable ASCII, no spaces."""
+    if key is None:
+        return
+    if not key:
+        raise ValueError(f"the {name} is empty")
+    if not all(33 <= ord(c) <= 126 for c in key):
+        raise ValueError(f"the {name} must be printable ASCII without spaces")

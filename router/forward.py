@@ -1,9 +1,12 @@
 """Send one request to a backend and relay its answer, streaming bytes as they come.
 
-A backend that fails before the client got a byte (no connection, a 5xx status, a body
-cut short) raises ``UpstreamFailed`` so the caller can try another. Once a stream has
-started nothing can be retried: if the backend dies then, the client gets an SSE error
-event and a cleanly ended response.
+A backend's answer, 5xx included, is the client's answer. A backend that fails without
+one (no connection, a connection cut, a body cut short) raises ``UpstreamFailed`` and is
+marked unhealthy; ``retryable`` is true only when no connection was made, so nothing of
+the request was sent. Anything else may be the request's own doing (an input that
+crashes an engine), and trying it on every backend would let one request take them all
+down. Once a stream has started, if the backend dies the client gets an SSE error event
+and a cleanly ended response.
 """
 
 from __future__ import annotations
@@ -20,18 +23,36 @@ from router.errors import sse_error
 from router.health import mark_failed
 from router.metrics import RouterMetrics
 
-PASSED_HEADERS = ("Authorization", "X-Request-Id")
+PASSED_HEADERS = ("X-Request-Id",)  # never Authorization: backends get the router's key
 BACKEND_HEADER = "X-Kvrouter-Backend"
+# Failures that happen before a connection exists, so before any byte of the request left.
+_NOT_SENT: tuple[type[Exception], ...] = (aiohttp.ClientConnectorError,)
+if hasattr(aiohttp, "ConnectionTimeoutError"):  # aiohttp >= 3.10: the connect timeout
+    _NOT_SENT += (aiohttp.ConnectionTimeoutError,)
 
 
 class UpstreamFailed(Exception):
-    """The backend failed before anything reached the client."""
+    """The backend failed before anything reached the client; ``retryable``: and before
+    anything of the request reached the backend."""
+
+    def __init__(self, message: str, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def upstream_failed(backend: Backend, e: BaseException) -> UpstreamFailed:
+    return UpstreamFailed(f"{backend.url}: {e!r}", retryable=isinstance(e, _NOT_SENT))
 
 
 def upstream_headers(request: web.Request, request_id: str) -> dict[str, str]:
     out = {h: request.headers[h] for h in PASSED_HEADERS if h in request.headers}
     out.setdefault("X-Request-Id", request_id)
     return out
+
+
+def backend_auth(key: str | None) -> dict[str, str]:
+    """The headers that authenticate the router to its backends."""
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 class Forwarder:
@@ -41,15 +62,17 @@ class Forwarder:
     async def post_json(
         self, backend: Backend, path: str, body: dict[str, Any], headers: dict[str, str]
     ) -> tuple[int, Any]:
-        """POST and read the whole JSON answer (the P/D prefill leg): (status, json)."""
+        """POST and read the whole JSON answer (the P/D prefill leg): (status, json), the
+        json None for a 5xx."""
         async with self._track(backend):
             try:
                 async with self.session.post(backend.url + path, json=body, headers=headers) as up:
                     if up.status >= 500:
-                        raise UpstreamFailed(f"{backend.url} answered {up.status}")
+                        self.metrics.errors.labels(backend.url).inc()
+                        return up.status, None
                     return up.status, await up.json(content_type=None)
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
-                raise UpstreamFailed(f"{backend.url}: {e!r}") from None
+                raise upstream_failed(backend, e) from None
 
     async def relay(
         self, request: web.Request, backend: Backend, path: str, body: dict[str, Any],
@@ -61,7 +84,7 @@ class Forwarder:
                 up_cm = self.session.post(backend.url + path, json=body, headers=headers)
                 up = await up_cm.__aenter__()
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-                raise UpstreamFailed(f"{backend.url}: {e!r}") from None
+                raise upstream_failed(backend, e) from None
             try:
                 return await self._relay_open(request, backend, up)
             finally:
@@ -70,15 +93,15 @@ class Forwarder:
     async def _relay_open(
         self, request: web.Request, backend: Backend, up: aiohttp.ClientResponse
     ) -> web.StreamResponse:
-        if up.status >= 500:
-            raise UpstreamFailed(f"{backend.url} answered {up.status}")
+        if up.status >= 500:  # its answer goes to the client; health checks judge the backend
+            self.metrics.errors.labels(backend.url).inc()
         ctype = up.headers.get("Content-Type", "application/json")
         headers = {"Content-Type": ctype, BACKEND_HEADER: backend.url}
         if not ctype.startswith("text/event-stream"):
             try:
                 data = await up.read()
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-                raise UpstreamFailed(f"{backend.url}: {e!r}") from None
+                raise upstream_failed(backend, e) from None
             return web.Response(body=data, status=up.status, headers=headers)
         resp = web.StreamResponse(status=up.status, headers=headers)
         await resp.prepare(request)  # from here on, no retry

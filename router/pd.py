@@ -4,7 +4,9 @@ The shape is vLLM's disaggregated serving proxy: the prefill node gets the reque
 ``max_tokens = 1``, no streaming, and ``kv_transfer_params = {"do_remote_decode": true}``;
 it answers with ``kv_transfer_params`` naming the KV it kept, which the decode node gets
 with the original request. With no healthy prefill node, or none that answers, the
-decode node does the whole request (it recomputes the prompt).
+decode node does the whole request (it recomputes the prompt). A prefill node that took
+the request and failed (5xx, or a connection cut) is not followed by another: the decode
+node does it, so an input that crashes engines reaches one of each role, not all.
 """
 
 from __future__ import annotations
@@ -50,7 +52,12 @@ async def prefill(
             status, answer = await router.forwarder.post_json(d.backend, path, leg, headers)
         except UpstreamFailed as e:
             log.warning("prefill leg failed: %s", e)
-            continue
+            if e.retryable:
+                continue
+            break
+        if status >= 500:
+            log.warning("prefill leg failed: %s answered %d", d.backend.url, status)
+            break
         if status >= 400:  # the request itself is bad: every node would say so
             return None, web.json_response(answer, status=status)
         params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None

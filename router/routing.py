@@ -1,4 +1,4 @@
-"""Choose a backend by policy and relay to it, trying another while nothing was sent."""
+"""Choose a backend by policy and relay to it, trying another only while nothing was sent."""
 
 from __future__ import annotations
 
@@ -45,6 +45,10 @@ class Router:
             try:
                 return await self.forwarder.relay(request, d.backend, path, body, headers)
             except UpstreamFailed as e:
+                if not e.retryable:  # it may have been this request's doing: not again
+                    log.warning("backend failed, not retried: %s", e)
+                    return error_response(502, f"the backend failed ({e})", code="upstream_error",
+                                          err_type="server_error")  # fmt: skip
                 log.warning("retrying elsewhere: %s", e)
                 last_error = str(e)
         status = 503 if not tried else 502

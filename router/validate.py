@@ -1,9 +1,21 @@
-"""Checks on a client's request body before it goes anywhere: bad input is a 400 here."""
+"""Checks on a client's request body before it goes anywhere: bad input is a 400 here.
+
+Whatever passes can be re-encoded as JSON, tokenized and hashed without an exception:
+strict UTF-8, no lone surrogates (``"\\ud800"`` escapes), at most ``MAX_DEPTH`` levels.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
+
+# Deeper than any real request (a tool's JSON schema is the deepest, ~10 levels), and far
+# below the recursion limit, so re-encoding a body the router accepted cannot overflow.
+MAX_DEPTH = 100
+# A ``\uD800``-``\uDFFF`` escape: the only way a lone surrogate gets into a decoded body
+# (raw surrogate bytes are invalid UTF-8). A pair is fine; only then is the body walked.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 class BadRequest(ValueError):
@@ -13,13 +25,59 @@ class BadRequest(ValueError):
 
 
 def parse_body(raw: bytes) -> dict[str, Any]:
+    """``raw`` as a JSON object, or ``BadRequest``; O(len(raw)) in C but for rare shapes."""
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest(
+            f"the request body is not valid UTF-8 ({e.reason} at byte {e.start})"
+        ) from None
+    try:
+        body = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
         raise BadRequest(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest(
+            f"the request body is nested too deeply (over {MAX_DEPTH} levels)"
+        ) from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
+    surrogates = _SURROGATE_ESCAPE.search(text) is not None
+    if surrogates or raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
+        _check_tree(body, surrogates)
     return body
+
+
+def _no_constant(name: str) -> Any:
+    raise BadRequest(f"the request body is not valid JSON: {name} is not a JSON number")
+
+
+def _check_tree(body: Any, surrogates: bool) -> None:
+    """Depth (and, when asked, lone surrogates in keys and strings) without recursion."""
+    stack = [(body, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise BadRequest(f"the request body is nested too deeply (over {MAX_DEPTH} levels)")
+        if isinstance(node, dict):
+            if surrogates:
+                for key in node:
+                    _check_text(key)
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, (dict, list, str)))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, (dict, list, str)))
+        elif surrogates:
+            _check_text(node)
+
+
+def _check_text(s: str) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise BadRequest(
+            f"the request body holds a lone surrogate (\\u{ord(s[e.start]):04x}): "
+            "a string must be valid Unicode"
+        ) from None
 
 
 def check_completion(body: dict[str, Any]) -> None:
@@ -42,7 +100,22 @@ def check_chat(body: dict[str, Any]) -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise BadRequest(f"messages[{i}] must be an object with a 'role'", "messages")
+        _check_content(i, m.get("content"))
     _check_common(body)
+
+
+def _check_content(i: int, content: Any) -> None:
+    """A message's content: a string, null, or a list of parts whose ``text`` is a string."""
+    if content is None or isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise BadRequest(f"messages[{i}].content must be a string or a list of parts", "messages")
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or not isinstance(part.get("text", ""), str):
+            raise BadRequest(
+                f"messages[{i}].content[{j}] must be an object whose 'text' is a string",
+                "messages",
+            )
 
 
 def _is_prompt(p: Any) -> bool:

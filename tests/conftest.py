@@ -157,3 +157,30 @@ def _wait_cluster_ok(cli: str, ports: list[int]) -> None:
             return
         time.sleep(0.1)
     raise RuntimeError("redis cluster did not reach cluster_state:ok")
+
+
+@pytest.fixture
+def ups():
+    """Stub upstream engines for router tests (tests/router_upstream.py)."""
+    from router_upstream import Upstreams
+
+    u = Upstreams()
+    yield u
+    u.close()
+
+
+@pytest.fixture
+def start_router(tmp_path):
+    """Starts ``kvrouter`` processes (``start(*args)``); closes them all afterwards."""
+    from router_upstream import RouterProcess
+
+    routers = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> RouterProcess:
+        r = RouterProcess(free_port(), list(args), tmp_path / f"router{len(routers)}.log", env)
+        routers.append(r)
+        return r
+
+    yield start
+    for r in routers:
+        r.close()

@@ -26,6 +26,7 @@ class Upstream:
         self.healthy = True
         self.requests: list[dict] = []
         self.headers: list[dict] = []
+        self.probe_headers: list[dict] = []  # of /health, /metrics and /v1/models calls
         self.stream_pause = 0.0  # seconds between the two content chunks of a stream
         self.die_mid_stream = False
         self.port = 0
@@ -39,6 +40,7 @@ class Upstream:
         app = web.Application()
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/v1/completions", self._complete)
         app.router.add_post("/v1/chat/completions", self._complete)
         return app
@@ -53,10 +55,19 @@ class Upstream:
     async def stop(self) -> None:
         await self._runner.cleanup()
 
+    def _probed(self, request: web.Request) -> None:
+        self.probe_headers.append({k.lower(): v for k, v in request.headers.items()})
+
     async def _health(self, request: web.Request) -> web.Response:
+        self._probed(request)
         return web.Response(status=200 if self.healthy else 503)
 
+    async def _metrics(self, request: web.Request) -> web.Response:
+        self._probed(request)
+        return web.Response(text="engine_requests_running 0\n")
+
     async def _models(self, request: web.Request) -> web.Response:
+        self._probed(request)
         return web.json_response({"object": "list", "data": [{"id": "tiny", "object": "model"}]})
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:
@@ -73,6 +84,12 @@ class Upstream:
                 }
             }
             return web.json_response(err, status=400)
+        if body.get("prompt") == "poison":  # an input that makes the engine fail
+            return web.json_response({"error": {"message": "engine failed", "type": "server_error",
+                                                "param": None, "code": None}}, status=500)  # fmt: skip
+        if body.get("prompt") == "crash":  # an input that kills the engine mid-request
+            request.transport.close()
+            return web.Response()
         answer = {"backend": self.name, "choices": [{"index": 0, "text": f"from {self.name}"}]}
         kv = body.get("kv_transfer_params") or {}
         if kv.get("do_remote_decode"):
@@ -126,12 +143,14 @@ class Upstreams:
 class RouterProcess:
     """``kvrouter serve`` as a subprocess on a free port."""
 
-    def __init__(self, port: int, args: list[str], log_path: Path) -> None:
+    def __init__(
+        self, port: int, args: list[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "router.cli", "serve", "--port", str(port), *args]
         self.log = open(log_path, "w")
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env
         )
@@ -165,13 +184,21 @@ class RouterProcess:
 def post(
     url: str, body, token: str | None = None, raw: bytes | None = None
 ) -> tuple[int, dict, dict]:
-    """POST JSON; (status, parsed body, headers)."""
+    """POST JSON; (status, parsed body, headers). A body that is not JSON comes back as
+    ``{"not_json": text}`` so that a test fails on its assertion, not in here."""
     data = raw if raw is not None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read()), dict(r.headers)
+            return r.status, _json_or_text(r.read()), dict(r.headers)
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read()), dict(e.headers)
+        return e.code, _json_or_text(e.read()), dict(e.headers)
+
+
+def _json_or_text(data: bytes):
+    try:
+        return json.loads(data)
+    except ValueError:
+        return {"not_json": data.decode(errors="replace")}

@@ -35,7 +35,11 @@ def test_kv_event_sources_follow_the_backends():
             "more endpoints than backends",
         ),
         ({"backends": ["a"], "kv_events": ["http://z:1=tcp://x:1"]}, "is not a backend"),
-        ({"backends": ["a"], "auth_token": ""}, "auth token is empty"),
+        ({"backends": ["a"], "api_key": ""}, "the API key is empty"),
+        ({"backends": ["a"], "backend_api_key": "a b"}, "backend API key must be printable ASCII"),
+        ({"backends": ["a"], "api_key": "clé"}, "API key must be printable ASCII"),
+        ({"backends": ["a"], "max_body_bytes": 100}, "max-body-bytes must be >= 1024"),
+        ({"backends": ["a"], "route_prefix_tokens": 8}, "route-prefix-tokens must be >= the block"),
     ],
 )
 def test_bad_config(kwargs, message):
@@ -47,4 +51,4 @@ def test_cli_errors_exit_2(capsys, tmp_path):
     assert main(["serve", "--backend", "a", "--decode", "d"]) == 2
     assert "not both" in capsys.readouterr().err
     assert main(["serve", "--backend", "a", "--auth-token-file", str(tmp_path / "none")]) == 2
-    assert "cannot read the auth token file" in capsys.readouterr().err
+    assert "cannot read the API key file" in capsys.readouterr().err
