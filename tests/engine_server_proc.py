@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -73,6 +74,14 @@ class EngineProc:
             if all(have.get(k) == v for k, v in labels.items()):
                 total += float(m.group(3))
         return total
+
+    def settled_metric(self, name: str, want: float, timeout: float = 5.0, **labels: str) -> float:
+        """``metric(name)`` once it equals ``want`` (or its value at ``timeout``): gauges
+        the engine loop publishes after a step may trail the answer that step sent."""
+        deadline = time.monotonic() + timeout
+        while (value := self.metric(name, **labels)) != want and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return value
 
 
 def start_engine(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> EngineProc:

@@ -121,7 +121,10 @@ def test_a_step_failure_no_request_explains_fails_that_step_and_the_loop_goes_on
         return first, ok, alive_after_first, results
 
     first, ok, alive_after_first, results = run(scenario())
-    assert all(isinstance(r, RequestFailedError) for r in first), first
+    # The requests of the failed step fail (both, unless the engine thread took the
+    # second add only after that step); any other one answers in full.
+    assert any(isinstance(r, RequestFailedError) for r in first), first
+    assert all(isinstance(r, RequestFailedError) or len(r) == 8 for r in first), first
     assert len(ok) == 8 and alive_after_first
     # every step fails, whoever runs: the engine itself is broken and the loop stops
     kinds = [type(r) for r in results]
