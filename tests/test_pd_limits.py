@@ -119,6 +119,31 @@ def test_leases_of_one_client_cannot_pin_more_than_a_quarter_of_the_tier(daemon)
         backend.close()
 
 
+def test_with_tokens_a_client_is_its_token_not_the_name_it_sends(tmp_path):
+    """Behind tokens, renaming oneself (``x-kvstore-client``, the stream hello) buys no
+    more lease quota: the per-client cap counts by token."""
+    token = tmp_path / "token"
+    token.write_text("lease-token")
+    d = start_daemon("--cpu-size", "8MiB", "--auth-token-file", str(token))
+    clients = [KVStoreClient(d.url, "lease-token", client_name=f"alias-{n}") for n in range(4)]
+    granted: list[tuple[KVStoreClient, str]] = []
+    try:
+        for n, client in enumerate(clients):
+            for i in range(4):
+                c = chunk(i, CHUNK_BYTES, tag=f"alias-{n}")
+                assert client.put([c]) == [True]
+                got = lease(client, [c.key], 60)
+                if isinstance(got, tuple) and got[1]:
+                    granted.append((client, got[0]))
+        assert len(granted) == 8  # a quarter of the tier, as for one client
+    finally:
+        for client, lease_id in granted:
+            release(client, [lease_id])
+        for client in clients:
+            client.close()
+        assert d.terminate() == 0
+
+
 def test_leases_of_all_clients_cannot_pin_more_than_half_the_tier(daemon):
     clients = [KVStoreClient(daemon.url, client_name=f"client-{n}") for n in range(3)]
     held: list[tuple[KVStoreClient, str]] = []

@@ -23,7 +23,7 @@ import hashlib
 import ipaddress
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 from store.config import ConfigError
@@ -74,6 +74,7 @@ class Grant:
 
     scope: str = WRITE
     salt_tag: str | None = None
+    holder: str | None = None  # names the token (a digest prefix), for per-client caps
 
     def refusal(self, op: str) -> str | None:
         """Why this grant may not run ``op`` at all, or None if it may."""
@@ -164,7 +165,9 @@ class Authenticator:
             digest = _digest(e.token.encode())
             if digest in self._grants:
                 raise ConfigError("tokens: the same token is listed twice")
-            self._grants[digest] = e.grant()
+            # Per-client caps (leases) count by token: a name a caller could choose is
+            # no identity. The name is a digest prefix, safe to log.
+            self._grants[digest] = replace(e.grant(), holder=f"token-{digest[:4].hex()}")
 
     @property
     def required(self) -> bool:

@@ -180,9 +180,12 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     def Lease(self, request: pb.LeaseRequest, context: grpc.ServicerContext) -> pb.LeaseReply:
         with self._request("Lease", context):
             keys = self.service.check_keys(list(request.keys))
-            self._grant(context).check_own(keys, "Lease")
-            # Capped per client (the name it sends, else its address) and in all.
-            client = dict(context.invocation_metadata() or ()).get(CLIENT_HEADER) or context.peer()
+            grant = self._grant(context)
+            grant.check_own(keys, "Lease")
+            # Capped per client (its token, else the name it sends, else its address) and
+            # in all.
+            client = (grant.holder or dict(context.invocation_metadata() or ()).get(CLIENT_HEADER)
+                      or context.peer())  # fmt: skip
             try:
                 lease_id, count, expires = self.leases.lease(
                     keys, request.ttl_seconds, lambda: len(self.service.lookup(keys)),
