@@ -85,3 +85,15 @@ def daemon_client(*args: str) -> Iterator[KVStoreClient]:
     with KVStoreClient(d.url, timeout=10) as c:
         yield c
     assert d.terminate() == 0
+
+
+class PinCounts(dict):
+    """Pins per key, counted by ``pin`` and ``unpin`` as a ``LeaseTable`` calls them."""
+
+    def pin(self, keys) -> None:
+        for k in keys:
+            self[k] = self.get(k, 0) + 1
+
+    def unpin(self, keys) -> None:
+        for k in keys:
+            self[k] -= 1

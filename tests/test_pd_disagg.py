@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from daemon_proc import start_daemon
+from daemon_proc import PinCounts, start_daemon
 
 from backends.remote import RemoteBackend
 from connector.disagg import check_params
@@ -185,17 +185,9 @@ def test_kv_transfer_params_are_checked():
 
 
 def test_lease_table_pins_until_release_or_expiry():
-    pins: dict[str, int] = {}
+    pins = PinCounts()
 
-    def pin(keys):
-        for k in keys:
-            pins[k] = pins.get(k, 0) + 1
-
-    def unpin(keys):
-        for k in keys:
-            pins[k] -= 1
-
-    table = LeaseTable(pin, unpin, tick=0.02)
+    table = LeaseTable(pins.pin, pins.unpin, tick=0.02)
     try:
         a, n, exp = table.lease(["k1", "k2", "k3"], 30, lambda: 2)  # k3 is not stored
         assert n == 2 and exp > time.time() and pins == {"k1": 1, "k2": 1, "k3": 0}

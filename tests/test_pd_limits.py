@@ -8,7 +8,7 @@ import socket
 import time
 
 import pytest
-from daemon_proc import chunk, start_daemon
+from daemon_proc import PinCounts, chunk, start_daemon
 from engine_server_proc import start_engine
 
 from backends.remote import RemoteBackend
@@ -201,18 +201,10 @@ def test_a_daemon_refusal_leaves_the_prefill_answer_without_a_hand_off():
 
 def test_lease_table_caps_and_accounting_return_to_zero():
     """Refused leases pin nothing; released and expired leases give their share back."""
-    pins: dict[str, int] = {}
-
-    def pin(keys):
-        for k in keys:
-            pins[k] = pins.get(k, 0) + 1
-
-    def unpin(keys):
-        for k in keys:
-            pins[k] -= 1
+    pins = PinCounts()
 
     limits = LeaseLimits(max_ttl=10, per_client=2, client_bytes=100, total_bytes=150)
-    table = LeaseTable(pin, unpin, tick=0.02, limits=limits)
+    table = LeaseTable(pins.pin, pins.unpin, tick=0.02, limits=limits)
     size = lambda keys: 40 * len(keys)  # noqa: E731
     try:
         a = table.lease(["k1"], 10, lambda: 1, "a", size)[0]
