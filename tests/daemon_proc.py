@@ -97,3 +97,18 @@ class PinCounts(dict):
     def unpin(self, keys) -> None:
         for k in keys:
             self[k] -= 1
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """Every sample of a daemon's /metrics: {(name, sorted labels): value}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }

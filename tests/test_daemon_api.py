@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import os
 import time
-import urllib.request
 
 import numpy as np
 import pytest
-from daemon_proc import FP, chunk, daemon_client, key, same, start_daemon
+from daemon_proc import FP, chunk, daemon_client, key, same, scrape, start_daemon
 
 from backends.base import create_backend
 from store.chunk import ChunkHeader, encode_prefix, make_chunk
@@ -226,26 +225,13 @@ def test_malformed_keys_and_batches_over_the_limit(client, transport):
 
 
 # -- operations -----------------------------------------------------------------------
-def _scrape(port):
-    """Every sample of the daemon's /metrics: {(name, sorted labels): value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
 def test_metrics_and_stats_table(daemon, client, capsys):
     c = chunk(1, tag="metrics")
     name = client._name
-    before = _scrape(daemon.metrics_port)
+    before = scrape(daemon.metrics_port)
     client.put([c], transport="stream")
     client.get([c.key, key(2, "metrics")], transport="stream")
-    after = _scrape(daemon.metrics_port)
+    after = scrape(daemon.metrics_port)
 
     def grew(metric, **labels):
         k = (metric, tuple(sorted(labels.items())))
@@ -272,11 +258,11 @@ def test_metrics_and_stats_table(daemon, client, capsys):
         if in_flight == 0:
             break
         time.sleep(0.02)
-        in_flight = _scrape(daemon.metrics_port)[("kvstore_daemon_in_flight", ())]
+        in_flight = scrape(daemon.metrics_port)[("kvstore_daemon_in_flight", ())]
     assert in_flight == 0
     with pytest.raises(RemoteError):
         client.put([_tampered(chunk(3, tag="metrics"), checksum=1)], transport="stream")
-    errors = _scrape(daemon.metrics_port)
+    errors = scrape(daemon.metrics_port)
     key_ = (
         "kvstore_daemon_request_errors_total",
         (("code", "INVALID_ARGUMENT"), ("method", "Put")),

@@ -19,7 +19,7 @@ from daemon_probe import (
     output,
     stream_port,
 )
-from daemon_proc import READY, DaemonProc, chunk, same, start_daemon
+from daemon_proc import READY, DaemonProc, chunk, same, scrape, start_daemon
 from procs import spawn_until_ready
 
 from store.client import KVStoreClient
@@ -72,6 +72,8 @@ def test_a_silent_or_dripping_peer_is_dropped_at_the_handshake_deadline(daemon):
         silent.close()
         drip.close()
     assert _works(daemon, "after-drip")
+    turned_away = ("kvstore_daemon_stream_turned_away_total", (("reason", "handshake"),))
+    assert scrape(daemon.metrics_port)[turned_away] >= 2  # operators see it happen
 
 
 def test_a_huge_frame_before_hello_is_refused_without_reserving_its_size(daemon):
@@ -139,6 +141,8 @@ def test_connections_past_the_cap_are_refused_and_served_again_once_one_closes(t
             got = answers(s)
         assert [a.get("error") for a in got] == ["RESOURCE_EXHAUSTED"]
         assert "4 connections" in got[0]["message"]
+        turned_away = ("kvstore_daemon_stream_turned_away_total", (("reason", "cap"),))
+        assert scrape(d.metrics_port)[turned_away] == 1
         with KVStoreClient(d.url, TOKEN, timeout=10, transport="stream") as client:
             assert client.lookup([]) == []  # gRPC is not capped
             with pytest.raises(RemoteError) as exc:

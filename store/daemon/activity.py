@@ -50,6 +50,13 @@ class Activity:
             "kvstore_daemon_payload_bytes", "Payload bytes moved, by direction and transport",
             ["direction", "transport"], registry=r,
         )  # fmt: skip
+        self.turned_away = Counter(
+            "kvstore_daemon_stream_turned_away",
+            "Stream connections closed before hello: over --max-connections (cap) or past "
+            "--handshake-timeout (handshake)", ["reason"], registry=r,
+        )  # fmt: skip
+        for reason in ("cap", "handshake"):  # exported at 0 from the start
+            self.turned_away.labels(reason)
         Gauge("kvstore_daemon_in_flight", "Requests being served", registry=r).set_function(
             lambda: self._in_flight
         )

@@ -52,9 +52,15 @@ def request_limits(max_batch: int) -> FrameLimits:
 class StreamGate:
     """The open connections of one stream port, their cap and their hello deadlines."""
 
-    def __init__(self, max_connections: int, handshake_timeout: float) -> None:
+    def __init__(
+        self,
+        max_connections: int,
+        handshake_timeout: float,
+        turned_away: Callable[[str], None] = lambda reason: None,
+    ) -> None:
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
+        self._turned_away = turned_away  # called with "cap" or "handshake" (a metric)
         self.serving = False  # the accept loop runs
         self._open: set[socket.socket] = set()
         self._waiting: dict[socket.socket, float] = {}  # deadline of hello, in arrival order
@@ -132,6 +138,7 @@ class StreamGate:
             conn.close()
             return
         if not self._admit(conn):
+            self._turned_away("cap")
             _turn_away(conn, f"the daemon serves its maximum of {self.max_connections} "
                              "connections (--max-connections); try again later")  # fmt: skip
             return
@@ -155,6 +162,7 @@ class StreamGate:
                         break
                     del self._waiting[conn]
                     shutdown(conn)
+                    self._turned_away("handshake")
                 first = next(iter(self._waiting.values()), now + self.handshake_timeout)
             self._closed.wait(max(first - now, 0.01))
 

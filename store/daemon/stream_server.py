@@ -108,7 +108,8 @@ class StreamServer:
         self.release_timeout = RELEASE_TIMEOUT
         self._listener: socket.socket | None = None
         # the connection cap, hello deadlines and the accept loop (stream_gate.py)
-        self.gate = StreamGate(max_connections, handshake_timeout)
+        self.gate = StreamGate(max_connections, handshake_timeout,
+                               lambda reason: activity.turned_away.labels(reason).inc())  # fmt: skip
         self.request_limits = request_limits(service.limits.max_batch)  # frames after hello
 
     def start(self, host: str, port: int) -> int:
