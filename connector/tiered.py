@@ -103,7 +103,7 @@ class TieredConnector(KVConnectorBase):
         st = self._requests.get(request.request_id)
         if st is None:
             st = self._requests[request.request_id] = RequestState(self.chunk_refs(request))
-            params = getattr(request, "kv_transfer_params", None)
+            params = request.kv_transfer_params
             if wants_remote_decode(params):
                 self._req_puts[request.request_id] = []
             elif wants_remote_prefill(params):
@@ -205,7 +205,7 @@ class TieredConnector(KVConnectorBase):
         rid = request.request_id
         st = self._requests.pop(rid, None)
         futures = self._req_puts.pop(rid, None)
-        params = getattr(request, "kv_transfer_params", None)
+        params = request.kv_transfer_params
         if wants_remote_prefill(params) and params.get("lease_id"):
             self.transfers.release_async(params.get("remote_store"), params["lease_id"])
         if futures is not None and st is not None and request.output_token_ids:

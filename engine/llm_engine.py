@@ -225,7 +225,7 @@ class LLMEngine:
             num_preemptions=req.num_preemptions,
             kv_sources=dict(req.kv_sources) or {"engine": max(req.num_cached_tokens, 0)},
         )
-        pending = getattr(req, "kv_transfer_pending", None) if finished else None
+        pending = req.kv_transfer_pending if finished else None
         return RequestOutput(
             req.request_id, list(req.prompt_token_ids), list(ids), text, req.finish_reason,
             list(req.output_logprobs) if req.params.logprobs else None, metrics,

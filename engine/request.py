@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -46,6 +47,10 @@ class Request:
     block_hashes: list[BlockHash] = field(default_factory=list)
     kv_sources: dict[str, int] = field(default_factory=dict)  # prompt tokens per source, last admission
     generator: torch.Generator | None = None
+    # Disaggregated prefill/decode (connector/disagg.py): the leg's parameters as the
+    # client sent them, and a prefill leg's hand-off once its KV is being saved.
+    kv_transfer_params: dict[str, Any] | None = None
+    kv_transfer_pending: Any = None
 
     def __post_init__(self) -> None:
         self._extend_hashes()
