@@ -138,8 +138,8 @@ class LLMEngine:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise InvalidRequestError(f"request id {rid!r} is already in use")
-        req = Request(rid, ids, params or SamplingParams(), self.config.block_size, cache_salt or None)
-        req.kv_transfer_params = kv_transfer_params  # read by the connector
+        req = Request(rid, ids, params or SamplingParams(), self.config.block_size,
+                      cache_salt or None, kv_transfer_params=kv_transfer_params)  # fmt: skip
         self.requests[rid] = req
         self.scheduler.add_request(req)
         return req
