@@ -13,6 +13,8 @@ from typing import Any, NamedTuple
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from backends.capabilities import CountsEvictions
+
 _LATENCY_BUCKETS = (1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 
 
@@ -82,7 +84,7 @@ class StoreMetrics:
             value("kvstore_tier_hits"), value("kvstore_tier_misses"),
             value("kvstore_tier_read_bytes"), value("kvstore_tier_written_bytes"),
             value("kvstore_tier_put_failures"), value("kvstore_tier_checksum_failures"),
-            getattr(backend, "evictions", 0), usage.items, usage.bytes_used, usage.bytes_capacity,
+            _evictions(backend), usage.items, usage.bytes_used, usage.bytes_capacity,
         )  # fmt: skip
 
 
@@ -110,5 +112,9 @@ class _OccupancyCollector:
             ):
                 if v is not None:
                     family.add_metric([name], v)
-            evicted.add_metric([name], getattr(backend, "evictions", 0))
+            evicted.add_metric([name], _evictions(backend))
         yield from (items, used, cap, evicted)
+
+
+def _evictions(backend: Any) -> int:
+    return backend.evictions if isinstance(backend, CountsEvictions) else 0

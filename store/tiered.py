@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 from prometheus_client import CollectorRegistry
 
 from backends.base import Backend, Corrupt
+from backends.capabilities import ChecksIntegrity, Lends, Reserves
 from store.build import build_tiers
 from store.chunk import CheckedChunk, Chunk, ChunkError, make_chunk, verify
 from store.config import StoreConfig
@@ -113,6 +114,12 @@ class TieredStore:
             Tier(n, b, config.write_policy_of(n), config.tier(n).verify) for n, b in built.items()
         ]
         self.metrics = StoreMetrics(lambda: {t.name: t.backend for t in self.tiers}, registry)
+        # What the first tier can do beyond Backend (backends/capabilities.py), asked once:
+        # an isinstance of a protocol costs microseconds.
+        first = self.tiers[0] if self.tiers else None
+        self._lender = first.backend if first and not first.verify and isinstance(
+            first.backend, Lends) else None  # fmt: skip
+        self._reserver = first.backend if first and isinstance(first.backend, Reserves) else None
         self._executor = PriorityExecutor(config.workers, save_nice=config.save_nice)
         self._io = (
             ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvstore-io")
@@ -274,18 +281,15 @@ class TieredStore:
     def shared_pool(self) -> Any:
         """The first tier's SharedBuffer when its pool is in shared memory and it lends
         hits (so same-host clients may read them in place), else None."""
-        tier = self.tiers[0]
-        if tier.verify or not hasattr(tier.backend, "lend"):
-            return None
-        return getattr(tier.backend, "shared", None)
+        return None if self._lender is None else self._lender.shared
 
     def _lend_first(self, method: str, keys: Sequence[str]) -> list[Any]:
-        tier = self.tiers[0]
-        lend = getattr(tier.backend, method, None)
-        if lend is None or tier.verify:
+        lender = self._lender
+        if lender is None:
             return [None] * len(keys)
+        tier = self.tiers[0]
         start = time.perf_counter()
-        lent = lend(keys)
+        lent = lender.lend(keys) if method == "lend" else lender.borrow(keys)
         hits = [h for h in lent if h is not None]
         self.metrics.hits.labels(tier.name).inc(len(hits))
         self.metrics.bytes_read.labels(tier.name).inc(sum(h[0].nbytes for h in hits))
@@ -296,14 +300,14 @@ class TieredStore:
         """Writable page views in the first tier for each new chunk, when the store can
         take chunks that way (its first tier reserves and no lower tier is written
         through); fill them, then ``commit``. None for a chunk: ``put`` it instead."""
-        if not self.can_reserve():
+        if self._reserver is None or not self.can_reserve():
             return [None] * len(headers)
-        return self.tiers[0].backend.reserve(headers)
+        return self._reserver.reserve(headers)
 
     def can_reserve(self) -> bool:
         """Whether ``reserve`` hands out pages: a chunk it does not reserve is then stored
         already, being written, or finds no room."""
-        return hasattr(self.tiers[0].backend, "reserve") and all(
+        return self._reserver is not None and all(
             t.write_policy != "write_through" for t in self.tiers[1:]
         )
 
@@ -311,7 +315,8 @@ class TieredStore:
         """End a ``reserve``: publish the chunks whose ``ok`` is true (their payloads
         checked by the caller), free the rest; per chunk, whether it is stored."""
         tier = self.tiers[0]
-        stored = tier.backend.commit(headers, ok)
+        assert self._reserver is not None, "commit without reserve"
+        stored = self._reserver.commit(headers, ok)
         done = [h for h, good in zip(headers, stored, strict=True) if good]
         self.metrics.bytes_written.labels(tier.name).inc(sum(h.nbytes for h in done))
         self._emit(tier, [h.key for h in done], False)
@@ -472,9 +477,8 @@ class TieredStore:
     def check_integrity(self) -> None:
         """Run every backend's own invariant check."""
         for t in self.tiers:
-            check = getattr(t.backend, "check_integrity", None)
-            if check is not None:
-                check()
+            if isinstance(t.backend, ChecksIntegrity):
+                t.backend.check_integrity()
 
     def close(self) -> None:
         """Finish queued work, then close every tier."""

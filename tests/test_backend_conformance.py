@@ -123,3 +123,20 @@ def test_close_is_idempotent(backend):
     backend.put([chunk(1)])
     backend.close()
     backend.close()
+
+
+CAPABILITIES = {  # what each medium declares beyond Backend (backends/capabilities.py)
+    "cpu": {"Lends", "Reserves", "ChecksIntegrity", "CountsEvictions"},
+    "disk": {"ChecksIntegrity", "CountsEvictions"},
+    "redis": set(),
+    "valkey": set(),
+    "redis-cluster": set(),
+}
+
+
+def test_each_medium_declares_exactly_its_capabilities(backend, request):
+    from backends import capabilities
+
+    kinds = ("Lends", "Reserves", "ChecksIntegrity", "CountsEvictions")
+    have = {k for k in kinds if isinstance(backend, getattr(capabilities, k))}
+    assert have == CAPABILITIES[request.node.callspec.params["backend"]]
