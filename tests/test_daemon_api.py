@@ -213,14 +213,16 @@ def test_a_key_must_match_its_fingerprint_and_block_hash(client):
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_malformed_keys_and_batches_over_the_limit(client, transport):
     bad = (["not-hex"], ["A" * 64], [key(i) for i in range(65)], [""], [key(1) + "\n"],
-           [key(1)[:63], key(2) + "0"])  # fmt: skip
+           [key(1)[:63], key(2) + "0"], [key(1) + "," + key(2)],
+           ["0" * 16 + "." + key(1) + "," + key(2)])  # fmt: skip
     for keys in bad:
         with pytest.raises(RemoteError) as exc:
             client.get(keys, transport=transport)
         assert exc.value.code == "INVALID_ARGUMENT"
     for call in (client.lookup, client.delete):
-        with pytest.raises(RemoteError, match="malformed key"):
-            call(["../x"])
+        for keys in (["../x"], [key(1) + "," + key(2)]):  # a comma: not two keys in one
+            with pytest.raises(RemoteError, match="malformed key"):
+                call(keys)
     assert client.get([key(1, "after")], transport=transport) == [None]  # connection still fine
 
 

@@ -181,6 +181,30 @@ def test_lent_pages_stay_put_until_the_client_releases_them(small_daemon):
         writer.delete([x.key for x in later])
 
 
+def test_a_release_frame_is_held_to_the_frame_limits(small_daemon):
+    """The frame that ends a lent get is read within the same limits as any request:
+    a "release" padded with a hundred thousand empty lists is refused, not built."""
+    first = [chunk(i, size=MiB, tag="padded") for i in range(2)]
+    with KVStoreClient(small_daemon.url, transport="shm") as reader:
+        assert reader.put(first, transport="stream") == [True] * 2
+        conn = reader._take("shm")
+        try:
+            _lent_get(conn, [x.key for x in first])
+            send_frame(conn.sock, {"op": "release", "pad": [[]] * 100_000})
+            with pytest.raises(RemoteError) as exc:
+                while True:
+                    meta = recv_frame(conn.sock)
+                    if "error" in meta:
+                        raise RemoteError(meta["error"], meta.get("message", ""))
+                    assert not meta.get("released"), "the padded release was accepted"
+            assert exc.value.code == "INVALID_ARGUMENT"
+        finally:
+            conn.close()
+        got = reader.get([x.key for x in first])  # the pins went with the connection
+        assert all(same(g, x) for g, x in zip(got, first, strict=True))
+        reader.delete([x.key for x in first])
+
+
 def test_a_client_that_goes_away_without_releasing_frees_its_pins(small_daemon):
     first = [chunk(i, size=MiB, tag="gone") for i in range(4)]
     later = [chunk(i, size=MiB, tag="after-gone") for i in range(8)]

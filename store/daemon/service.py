@@ -131,11 +131,20 @@ class StoreService:
         # keys (store/keys.py) take the second, slower pass.
         if not (
             all(type(k) is str and len(k) == 64 for k in keys) and HEX.fullmatch("".join(keys))
-        ) and not (all(type(k) is str for k in keys) and KEY_LIST.fullmatch(",".join(keys))):
+        ) and not self._salted_keys_ok(keys):
             for k in keys:
                 if not isinstance(k, str) or not KEY.fullmatch(k):
                     raise BadRequest(f"malformed key {str(k)[:80]!r}: expected {KEY_FORMAT}")
         return keys
+
+    @staticmethod
+    def _salted_keys_ok(keys: list[Any]) -> bool:
+        """One regex pass over keys joined by commas; a key holding a comma itself would
+        join to the same text, so the commas are counted too."""
+        if not all(type(k) is str for k in keys):
+            return False
+        joined = ",".join(keys)
+        return joined.count(",") == len(keys) - 1 and KEY_LIST.fullmatch(joined) is not None
 
     def check_chunk(
         self, header_raw: Any, payload: Any, fingerprint: bytes | None, block_hash: bytes | None

@@ -436,7 +436,7 @@ class _Session:
         its pins cannot outlive it, and never gets the confirmation its copies need."""
         self.conn.settimeout(self.server.release_timeout)
         try:
-            meta = recv_frame(self.conn)
+            meta = recv_frame(self.conn, self.limits)
         except TimeoutError:
             raise StreamClosed("no release of lent pool pages in time") from None
         finally:
