@@ -136,9 +136,10 @@ class KVConnectorBase(ABC):
         cache); called just after that layer's attention wrote its new KV."""
 
     @abstractmethod
-    def wait_for_save(self) -> None:
+    def wait_for_save(self, discard: bool = False) -> None:
         """Called after the forward pass: when this returns, the saves no longer read the
-        paged cache, so its blocks may be overwritten."""
+        paged cache, so its blocks may be overwritten. ``discard``: the pass failed part
+        way, so this step's saves hold layers never computed; store none of them."""
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """Ids of requests whose asynchronous sending / receiving completed."""

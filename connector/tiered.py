@@ -282,12 +282,14 @@ class TieredConnector(KVConnectorBase):
         if step is not None and step.meta.saves:
             step.save_layer(layer, kv_layer, step.failed_ids())
 
-    def wait_for_save(self) -> None:
+    def wait_for_save(self, discard: bool = False) -> None:
         step, self._step = self._step, None
         if step is None:
             return
         self._record_failures(step.finish_loads())
         failed = {r.spec.request_id for r in self.last_load_results if r.error is not None}
+        if discard:  # a failed forward pass: every save of the step would hold garbage
+            failed |= {s.request_id for s in step.meta.saves}
         if step.meta.saves:  # the saves of a request whose load failed hold wrong KV
             build, specs = step.finish_saves(failed)
             if specs:

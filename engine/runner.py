@@ -131,7 +131,10 @@ class ModelRunner:
                 self.before_layer,
                 self.after_layer,
             )
-        finally:
-            if self.connector is not None:
-                self.connector.wait_for_save()
+        except BaseException:
+            if self.connector is not None:  # the step's KV is incomplete: save none of it
+                self.connector.wait_for_save(discard=True)
+            raise
+        if self.connector is not None:
+            self.connector.wait_for_save()
         return self.model.compute_logits(hidden[batch.logits_indices]), batch.sampled

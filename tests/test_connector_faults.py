@@ -117,3 +117,28 @@ def test_a_load_past_its_deadline_is_recomputed(case, tmp_path, redis_factory, m
         assert out.token_ids == ref
         assert out.metrics.kv_sources == {"engine": 0}
         assert out.metrics.ttft < 4.0  # well under the 5 s socket timeout
+
+
+def test_a_forward_pass_that_fails_midway_stores_none_of_its_kv(case, tmp_path):
+    """A step whose model raises after layer 0 has staged its saves with the later layers
+    never computed. They used to be stored anyway (checksummed garbage under the prompt's
+    keys); now nothing of the step is stored, and the prompt answers right later."""
+    model, a, want = case
+    llm = tiered_llm(model, store_config("cpu", tmp_path))
+    engine = llm.engine
+    hook = engine.runner.after_layer
+
+    def failing(i, kv):
+        hook(i, kv)
+        raise RuntimeError("injected failure after layer 0")
+
+    engine.runner.after_layer = failing
+    req = engine.add_request(a, greedy(), request_id="doomed")
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()
+    engine.runner.after_layer = hook
+    engine.abort_request("doomed")
+    engine.connector.flush()
+    keys = [r.key for r in engine.connector.chunk_refs(req)]
+    assert len(keys) == len(a) // CHUNK and engine.connector.store.locate(keys) == []
+    assert run(llm, a).token_ids == want
