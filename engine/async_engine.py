@@ -235,8 +235,7 @@ class AsyncEngine:
         try:
             self.engine.abort_request(rid)
         except Exception:  # noqa: BLE001 - e.g. the connector's request_finished raised
-            log.exception("aborting request %s failed", rid)
-            self.engine.requests.pop(rid, None)
+            log.exception("aborting request %s failed (its blocks are freed)", rid)
 
     def _run_after_step(self) -> None:
         if self._after_step is None:

@@ -246,8 +246,10 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        if self.connector is not None:
-            self.connector.request_finished(req, self.kv.block_ids(req.request_id))
-        self.kv.free(req)
-        req.status = RequestStatus.FINISHED
-        req.finish_reason = reason
+        try:  # a connector that raises must not leak the request's blocks
+            if self.connector is not None:
+                self.connector.request_finished(req, self.kv.block_ids(req.request_id))
+        finally:
+            self.kv.free(req)
+            req.status = RequestStatus.FINISHED
+            req.finish_reason = reason

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from connector.base import KVConnectorBase, KVConnectorMetadata
 from engine.kv_manager import KVCacheManager
 from engine.request import Request, RequestStatus
@@ -144,6 +146,26 @@ def test_a_request_still_being_looked_up_keeps_its_place_and_others_run():
     conn.pending.clear()  # a's lookup answered: a is admitted before d, in queue order
     assert run_step(s) == [("b", 5, 1), ("c", 5, 1), ("a", 0, 5), ("d", 0, 5)]
     assert conn.admitted == ["b", "c", "a", "d"] and not s.waiting
+    s.kv.check_integrity()
+
+
+class FailsOnFinish(LookingUp):
+    """A connector whose ``request_finished`` raises (a bug, a store gone mid-call)."""
+
+    def request_finished(self, request, block_ids):
+        raise RuntimeError("request_finished failed")
+
+
+def test_a_connector_failing_at_finish_does_not_leak_the_requests_blocks():
+    s = Scheduler(SchedulerConfig(4, 32), KVCacheManager(16, BS), FailsOnFinish(set()))
+    s.add_request(req("a", 20))
+    run_step(s)
+    a = s.running[0]
+    assert s.kv.block_ids("a")
+    with pytest.raises(RuntimeError, match="request_finished failed"):
+        s.finish(a, "abort")
+    assert a.is_finished and not s.running and s.kv.block_ids("a") == []
+    assert s.kv.pool.num_free_blocks == 16
     s.kv.check_integrity()
 
 
