@@ -53,21 +53,23 @@ def _no_constant(name: str) -> Any:
 
 
 def _check_tree(body: Any, surrogates: bool) -> None:
-    """Depth (and, when asked, lone surrogates in keys and strings) without recursion."""
+    """Depth of lists and objects (and, when asked, lone surrogates in keys and strings)
+    without recursion; strings are visited only when surrogates are looked for."""
+    kinds = (dict, list, str) if surrogates else (dict, list)
     stack = [(body, 1)]
     while stack:
         node, depth = stack.pop()
+        if isinstance(node, str):
+            _check_text(node)
+            continue
         if depth > MAX_DEPTH:
             raise BadRequest(f"the request body is nested too deeply (over {MAX_DEPTH} levels)")
         if isinstance(node, dict):
             if surrogates:
                 for key in node:
                     _check_text(key)
-            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, (dict, list, str)))
-        elif isinstance(node, list):
-            stack.extend((v, depth + 1) for v in node if isinstance(v, (dict, list, str)))
-        elif surrogates:
-            _check_text(node)
+            node = node.values()
+        stack.extend((v, depth + 1) for v in node if isinstance(v, kinds))
 
 
 def _check_text(s: str) -> None:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from backends.shared_memory import unmap
+from store.stream import IOV_MAX, advance_views
 
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
 NAME = re.compile(r"kvstore-[0-9a-f]{32}")  # fullmatch
@@ -135,9 +136,6 @@ class RegionFile:
             os.close(fd)
 
 
-_IOV_MAX = 1024  # buffers per preadv/pwritev call (Linux's UIO_MAXIOV)
-
-
 def _views(buffers: Sequence[Any]) -> list[memoryview]:
     views = (b if type(b) is memoryview and b.format == "B" else memoryview(b).cast("B")
              for b in buffers)  # fmt: skip
@@ -147,15 +145,11 @@ def _views(buffers: Sequence[Any]) -> list[memoryview]:
 def _transfer(call: Any, fd: int, views: list[memoryview], offset: int) -> int:
     """``preadv``/``pwritev`` of all of ``views`` at ``offset``, resuming after partial
     transfers; the byte count moved (short only at the end of the file)."""
-    done, first = 0, 0
-    while first < len(views):
-        n = call(fd, views[first : first + _IOV_MAX], offset + done)
+    done = i = 0
+    while i < len(views):
+        n = call(fd, views[i : i + IOV_MAX], offset + done)
         if n == 0:
             break
         done += n
-        while first < len(views) and n >= views[first].nbytes:
-            n -= views[first].nbytes
-            first += 1
-        if n:
-            views[first] = views[first][n:]
+        i = advance_views(views, i, n)
     return done

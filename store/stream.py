@@ -31,7 +31,7 @@ FIRST_READ_BYTES = 64 << 10
 """A frame's bytes are received into a buffer of at most this size first, doubled as
 more arrive: a declared length reserves nothing the peer has not sent."""
 _LEN = struct.Struct("<I")
-_IOV_MAX = 512  # buffers per sendmsg / recvmsg_into call (Linux allows 1024)
+IOV_MAX = 512  # buffers per sendmsg / recvmsg_into call (Linux allows 1024)
 
 
 class StreamClosed(ConnectionError):
@@ -126,14 +126,14 @@ def send_buffers(sock: socket.socket, buffers: Sequence[Any]) -> None:
     i = 0
     while i < len(views):
         sent = sock.sendmsg(_batch(views, i, limit))
-        i = _advance(views, i, sent)
+        i = advance_views(views, i, sent)
 
 
 def _batch(views: list[memoryview], i: int, limit: int) -> list[memoryview]:
-    """``views[i:]`` cut to at most ``limit`` bytes (and _IOV_MAX buffers) for one call."""
+    """``views[i:]`` cut to at most ``limit`` bytes (and IOV_MAX buffers) for one call."""
     batch: list[memoryview] = []
     size = 0
-    for v in views[i : i + _IOV_MAX]:
+    for v in views[i : i + IOV_MAX]:
         if v.nbytes > limit - size:
             batch.append(v[: limit - size])
             break
@@ -150,13 +150,13 @@ def recv_buffers(sock: socket.socket, views: Sequence[memoryview]) -> None:
     views = [v for v in views if v.nbytes]
     i = 0
     while i < len(views):
-        got = sock.recvmsg_into(views[i : i + _IOV_MAX], 0, socket.MSG_WAITALL)[0]
+        got = sock.recvmsg_into(views[i : i + IOV_MAX], 0, socket.MSG_WAITALL)[0]
         if not got:
             raise StreamClosed("stream closed mid-payload")
-        i = _advance(views, i, got)
+        i = advance_views(views, i, got)
 
 
-def _advance(views: list[memoryview], i: int, n: int) -> int:
+def advance_views(views: list[memoryview], i: int, n: int) -> int:
     """Drop ``n`` done bytes from ``views[i:]``; the index of the first unfinished view."""
     while n and i < len(views):
         if n >= views[i].nbytes:

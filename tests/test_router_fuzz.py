@@ -14,11 +14,10 @@ import copy
 import json
 import random
 import time
+from pathlib import Path
 
 import aiohttp
-import pytest
-from conftest import free_port
-from router_upstream import RouterProcess, Upstreams, post
+from router_upstream import post
 
 SEED = 20240613
 N_MUTANTS = 400
@@ -144,35 +143,24 @@ async def send_all(url: str, cases: list[tuple[str, bytes]]) -> list[str]:
     return problems
 
 
-@pytest.fixture
-def ups():
-    u = Upstreams()
-    yield u
-    u.close()
-
-
-def test_fuzzed_bodies_never_break_the_router(ups, tmp_path):
+def test_fuzzed_bodies_never_break_the_router(ups, start_router):
     a, b = ups.start("a"), ups.start("b")
-    log = tmp_path / "router.log"
-    r = RouterProcess(free_port(), ["--backend", a.url, b.url, "--policy", "prefix_aware",
-                                    "--tokenizer", "tiny", "--api-key", KEY,
-                                    "--max-body-bytes", "65536"], log)  # fmt: skip
-    try:
-        cases = bodies(random.Random(SEED))
-        t0 = time.monotonic()
-        problems = asyncio.run(send_all(r.url, cases))
-        elapsed = time.monotonic() - t0
-        assert not problems, "\n".join(problems[:20])
-        assert elapsed < 60, f"{len(cases)} requests took {elapsed:.1f} s"
-        assert r.proc.poll() is None
-        assert "Traceback" not in log.read_text()  # nothing escaped a handler
-        # It still routes: a prompt goes where it went before (prefix_aware, no KV events:
-        # the least loaded, rotating), answered by the backend with the body intact.
-        prompt = list(range(100, 164))
-        status, body, headers = post(r.url + "/v1/completions", {"prompt": prompt}, token=KEY)
-        assert status == 200 and body["choices"][0]["text"] == f"from {body['backend']}"
-        backend = a if body["backend"] == "a" else b
-        assert headers["X-Kvrouter-Backend"] == backend.url
-        assert backend.requests[-1] == {"prompt": prompt}
-    finally:
-        r.close()
+    r = start_router("--backend", a.url, b.url, "--policy", "prefix_aware",
+                     "--tokenizer", "tiny", "--api-key", KEY, "--max-body-bytes", "65536")  # fmt: skip
+    log = Path(r.log.name)
+    cases = bodies(random.Random(SEED))
+    t0 = time.monotonic()
+    problems = asyncio.run(send_all(r.url, cases))
+    elapsed = time.monotonic() - t0
+    assert not problems, "\n".join(problems[:20])
+    assert elapsed < 60, f"{len(cases)} requests took {elapsed:.1f} s"
+    assert r.proc.poll() is None
+    assert "Traceback" not in log.read_text()  # nothing escaped a handler
+    # It still routes: a prompt goes where it went before (prefix_aware, no KV events:
+    # the least loaded, rotating), answered by the backend with the body intact.
+    prompt = list(range(100, 164))
+    status, body, headers = post(r.url + "/v1/completions", {"prompt": prompt}, token=KEY)
+    assert status == 200 and body["choices"][0]["text"] == f"from {body['backend']}"
+    backend = a if body["backend"] == "a" else b
+    assert headers["X-Kvrouter-Backend"] == backend.url
+    assert backend.requests[-1] == {"prompt": prompt}

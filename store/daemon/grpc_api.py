@@ -51,19 +51,13 @@ class BearerAuth(grpc.ServerInterceptor):
             return handler
         grant = self.auth.grant_of_metadata(details.invocation_metadata)
         if grant is None:
-            return _refusal(
-                handler, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token"
-            )
+            # answered without reading the message (grpc_guard.py): an unauthenticated
+            # 200 MB Lookup is never parsed
+            return refusal(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
         method = str(details.method)
         ours = method.startswith(SERVICE_PREFIX)
         why = grant.refusal(method[len(SERVICE_PREFIX) :]) if ours else None
-        return handler if why is None else _refusal(handler, grpc.StatusCode.PERMISSION_DENIED, why)
-
-
-def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> Any:
-    """A handler for ``handler``'s call that aborts with ``code`` without reading its
-    message (grpc_guard.py: an unauthenticated 200 MB Lookup is never parsed)."""
-    return refusal(code, message)
+        return handler if why is None else refusal(grpc.StatusCode.PERMISSION_DENIED, why)
 
 
 class UnknownMethod(grpc.GenericRpcHandler):

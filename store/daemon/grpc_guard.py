@@ -57,14 +57,22 @@ class MessageGuard(grpc.ServerInterceptor):
     def __init__(self, small_bytes: int, errors: Any = None) -> None:
         self.small_bytes = small_bytes
         self.errors = errors
+        # per method: the service's handler and its guarded twin, built once (gRPC asks
+        # the interceptor on every call; only the service's own methods get here)
+        self._guards: dict[str, tuple[Any, grpc.RpcMethodHandler]] = {}
 
     def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(details)
         if handler is None or handler.request_deserializer is None:
             return handler  # not ours (UnknownMethod reads nothing)
+        known = self._guards.get(details.method)
+        if known is not None and known[0] is handler:
+            return known[1]
         method = str(details.method).rsplit("/", 1)[-1]
         limit = None if method in LARGE_METHODS else self.small_bytes
-        return self._guarded(handler, method, limit)
+        guarded = self._guarded(handler, method, limit)
+        self._guards[details.method] = (handler, guarded)
+        return guarded
 
     def _guarded(self, handler: Any, method: str, limit: int | None) -> grpc.RpcMethodHandler:
         parse = _parser(handler.request_deserializer, method, limit)
