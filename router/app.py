@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import uuid
 
@@ -26,9 +25,9 @@ from router.policies import make_policy
 from router.prompt import PromptHasher, load_tokenizer
 from router.routing import Router
 from router.validate import BadRequest
+from store.bearer import OPEN_PATHS, bearer_matches
 
 log = logging.getLogger("kvrouter")
-OPEN_PATHS = ("/health", "/metrics")
 CONFIG, ROUTER, HASHER, INDEX, INTAKE = (
     web.AppKey(n, object) for n in ("config", "router", "hasher", "index", "intake")
 )
@@ -45,9 +44,7 @@ def build_pool(cfg: RouterConfig) -> BackendPool:
 async def auth_middleware(request: web.Request, handler):
     key = request.app[CONFIG].api_key
     if key and request.path not in OPEN_PATHS:
-        # Header values arrive as str with undecodable bytes escaped: compare bytes back.
-        got = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(got, f"Bearer {key}".encode()):
+        if not bearer_matches(request.headers.get("Authorization", ""), key.encode()):
             return error_response(401, "missing or wrong API key (Authorization: Bearer ...)",
                                   code="invalid_api_key")  # fmt: skip
     return await handler(request)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from store.bearer import API_KEY_ENV  # noqa: F401 - shared with kvrouter (engine/cli.py)
 from store.config import ConfigError
 
-API_KEY_ENV = "KVSTORE_API_KEY"  # shared with kvrouter
 BODY_SLACK = 1 << 20  # the JSON around the prompt: other fields, messages' roles, ...
 ESCAPED_CHAR_BYTES = 6  # "\uXXXX"
 
