@@ -7,15 +7,13 @@ strict UTF-8, no lone surrogates (``"\\ud800"`` escapes), at most ``MAX_DEPTH`` 
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
+
+from store.json_text import may_hold_lone_surrogate
 
 # Deeper than any real request (a tool's JSON schema is the deepest, ~10 levels), and far
 # below the recursion limit, so re-encoding a body the router accepted cannot overflow.
 MAX_DEPTH = 100
-# A ``\uD800``-``\uDFFF`` escape: the only way a lone surrogate gets into a decoded body
-# (raw surrogate bytes are invalid UTF-8). A pair is fine; only then is the body walked.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 class BadRequest(ValueError):
@@ -42,7 +40,7 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         ) from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
-    surrogates = _SURROGATE_ESCAPE.search(text) is not None
+    surrogates = may_hold_lone_surrogate(raw)
     if surrogates or raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
         _check_tree(body, surrogates)
     return body

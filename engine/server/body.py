@@ -9,15 +9,12 @@ the limit is refused from its ``Content-Length`` before it is read (and aiohttp'
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from aiohttp import web
 
 from engine.server.protocol import ApiError
-
-# A JSON escape of a UTF-16 surrogate: only then can the parsed text hold a lone one.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+from store.json_text import may_hold_lone_surrogate
 
 
 def too_large(limit: int) -> ApiError:
@@ -40,7 +37,7 @@ async def read_json(request: web.Request, limit: int) -> Any:
         raise ApiError("the request body is nested too deeply", None, "invalid_json") from None
     except ValueError as e:  # JSONDecodeError, bad UTF-8, an integer of > 4300 digits
         raise ApiError(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
-    if _SURROGATE_ESCAPE.search(raw):
+    if may_hold_lone_surrogate(raw):
         _check_unicode(body)
     return body
 
