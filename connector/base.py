@@ -26,6 +26,7 @@ import torch
 
 if TYPE_CHECKING:
     from connector.events import KVCacheEvent
+    from connector.handoff_policy import HandOffPolicy
     from engine.request import Request
     from engine.scheduler import SchedulerOutput
     from store.keys import ModelFingerprint
@@ -65,6 +66,12 @@ class KVConnectorBase(ABC):
 
     def __init__(self, context: ConnectorContext) -> None:
         self.context = context
+
+    @property
+    def handoff_policy(self) -> HandOffPolicy | None:
+        """What ``kv_transfer_params`` may ask of this engine (its allow-list of stores,
+        its lease limits: connector/handoff_policy.py); None: a connector without P/D."""
+        return None
 
     # -- scheduler side ---------------------------------------------------------------
     @abstractmethod

@@ -37,8 +37,8 @@ class HandOffPolicy:
     """An engine's limits on ``kv_transfer_params`` (from its store config)."""
 
     allowed: Mapping[tuple[str, int], str]  # address -> the url to call it by
-    max_ttl: float = 60.0
-    max_leases: int = 1024
+    max_ttl: float  # max_lease_ttl
+    max_leases: int  # max_outstanding_leases
 
     @classmethod
     def of(cls, config: Any, own_urls: Sequence[str]) -> HandOffPolicy:
@@ -71,10 +71,6 @@ class LeaseLedger:
         self._expiry: dict[str, float] = {}  # lease id -> expires at (unix time)
         self._pending = 0  # reserved: leases being asked for right now
         self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._expiry) + self._pending
 
     def reserve(self) -> bool:
         """Claim room for one lease (then ``settle`` it); False at the limit."""

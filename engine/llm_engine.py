@@ -131,7 +131,8 @@ class LLMEngine:
             from connector.disagg import check_params
 
             # With the connector's policy: its allow-list of stores, its max lease TTL.
-            why = check_params(kv_transfer_params, getattr(self.connector, "handoff_policy", None))
+            policy = self.connector.handoff_policy if self.connector is not None else None
+            why = check_params(kv_transfer_params, policy)
             if why is not None:
                 raise InvalidRequestError(why)
         ids = self.tokenize(prompt)

@@ -135,7 +135,8 @@ def _check_kv_transfer(ctx: ServerContext, params: dict) -> None:
     ``remote_store``, a ``lease_ttl`` over ``max_lease_ttl``; connector/disagg.py)."""
     from connector.disagg import check_params
 
-    why = check_params(params, getattr(ctx.engine.engine.connector, "handoff_policy", None))
+    connector = ctx.engine.engine.connector
+    why = check_params(params, connector.handoff_policy if connector is not None else None)
     if why is not None:
         raise ApiError(why, "kv_transfer_params", "invalid_value")
 
