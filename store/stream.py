@@ -83,10 +83,15 @@ class RemoteError(Exception):
         self.message = message
 
 
+def encode_frame(meta: Any) -> bytes:
+    """``meta`` as the bytes of one frame: its length, then its msgpack."""
+    raw = msgpack.packb(meta)
+    return _LEN.pack(len(raw)) + raw
+
+
 def send_frame(sock: socket.socket, meta: dict[str, Any], *payloads: Any) -> None:
     """Send one frame, then ``payloads`` (buffers) back to back."""
-    raw = msgpack.packb(meta)
-    send_buffers(sock, [_LEN.pack(len(raw)) + raw, *payloads])
+    send_buffers(sock, [encode_frame(meta), *payloads])
 
 
 def recv_into(sock: socket.socket, view: memoryview) -> None:

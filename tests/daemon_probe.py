@@ -8,10 +8,9 @@ import select
 import socket
 import time
 
-import msgpack
 from daemon_proc import DaemonProc
 
-from store.stream import StreamClosed, recv_frame
+from store.stream import StreamClosed, encode_frame, recv_frame
 
 
 def memory(pid: int) -> tuple[int, int]:
@@ -69,8 +68,7 @@ def connect(port: int, timeout: float = 10.0) -> socket.socket:
 
 def frame(meta: object) -> bytes:
     """``meta`` as a stream frame (any msgpack value, not only a map)."""
-    raw = msgpack.packb(meta)
-    return len(raw).to_bytes(4, "little") + raw
+    return encode_frame(meta)
 
 
 def hello(sock: socket.socket, token: str | None) -> dict:
