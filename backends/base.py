@@ -1,6 +1,6 @@
 """The one interface every storage medium implements, and the registry of media by name.
 
-A backend stores chunk objects (``store.chunk.Chunk``: header + payload) under their
+A backend stores chunk objects (``kvcore.chunk.Chunk``: header + payload) under their
 keys. It does not judge them: the TieredStore verifies what comes back (key,
 fingerprint, checksum) and tells the backend to ``delete`` a bad object. A backend only
 reports objects it cannot even parse, as ``Corrupt``, having dropped them already.
@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from store.chunk import Chunk
+from kvcore.chunk import Chunk
 
 
 class Corrupt(NamedTuple):

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
-    from store.chunk import ChunkHeader
+    from kvcore.chunk import ChunkHeader
 
 
 @runtime_checkable

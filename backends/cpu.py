@@ -19,9 +19,10 @@ import torch
 
 from backends.base import Backend, GetResult, Usage
 from backends.pins import PinCounts
-from backends.pool import PagedPool, Run, flat_bytes, pages_to_runs
-from store.chunk import Chunk, ChunkHeader
-from store.policy import POLICIES
+from backends.policy import POLICIES
+from backends.pool import PagedPool, Run, pages_to_runs
+from kvcore.buffers import flat_bytes
+from kvcore.chunk import Chunk, ChunkHeader
 
 log = logging.getLogger(__name__)
 

@@ -39,9 +39,9 @@ from backends.diskio import (
 )
 from backends.openfiles import OpenFiles
 from backends.pins import PinCounts
-from backends.pool import flat_bytes, host_array
-from store.chunk import HEADER_READ_SIZE, Chunk, ChunkError, HeaderCache, on_device
-from store.policy import POLICIES
+from backends.policy import POLICIES
+from kvcore.buffers import flat_bytes, host_array
+from kvcore.chunk import HEADER_READ_SIZE, Chunk, ChunkError, HeaderCache, on_device
 
 log = logging.getLogger(__name__)
 SUFFIX = ".kvc"

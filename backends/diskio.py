@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from xxhash import xxh3_64_intdigest as xxh3
 
-from backends.pool import host_array
-from store.chunk import (
+from kvcore.buffers import host_array
+from kvcore.chunk import (
     HEADER_READ_SIZE,
     CheckedChunk,
     Chunk,

@@ -15,7 +15,7 @@ from typing import Any
 
 from backends.base import BackendUnavailable
 from backends.disk import DiskBackend
-from store.chunk import HEADER_READ_SIZE, Chunk, ChunkError, decode_header, encode_prefix
+from kvcore.chunk import HEADER_READ_SIZE, Chunk, ChunkError, decode_header, encode_prefix
 
 
 def _kvikio() -> Any:

@@ -17,13 +17,13 @@ mixed sizes degrade to a few runs per chunk, never to a failure::
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from backends.shared_memory import SharedBuffer, SharedMemoryUnavailable
+from kvcore.buffers import as_tensor, host_array
+from kvcore.shared_memory import SharedBuffer, SharedMemoryUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -50,31 +50,6 @@ def pages_to_runs(pages: list[int], page_size: int, nbytes: int) -> list[Run]:
         if p is not None:
             start = prev = p
     return runs if nbytes else []
-
-
-def host_array(buf: Any) -> np.ndarray:
-    """A flat uint8 numpy view of a host buffer (memoryview, bytes, array, CPU tensor)."""
-    if isinstance(buf, torch.Tensor):
-        return buf.detach().reshape(-1).view(torch.uint8).numpy()
-    if isinstance(buf, np.ndarray):
-        return buf.reshape(-1).view(np.uint8)
-    return np.frombuffer(buf, dtype=np.uint8)
-
-
-def as_tensor(buf: Any) -> torch.Tensor:
-    """A flat uint8 tensor view of any buffer, host or device, without copying."""
-    if isinstance(buf, torch.Tensor):
-        return buf.detach().reshape(-1).view(torch.uint8)
-    with warnings.catch_warnings():  # read-only sources are only ever read from here
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(host_array(buf))
-
-
-def flat_bytes(buf: Any) -> Any:
-    """A flat uint8 view of a caller's buffer: a tensor stays a tensor (host or device)."""
-    if isinstance(buf, torch.Tensor):
-        return as_tensor(buf)
-    return host_array(buf)
 
 
 def _is_device(buf: Any) -> bool:

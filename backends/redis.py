@@ -30,9 +30,9 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
 from backends.base import Backend, Corrupt, GetResult, Usage
-from backends.pool import as_tensor, flat_bytes, host_array
 from backends.resp import ChunkReplyReader, connection_class_for, pack_gets, zero_copy_value
-from store.chunk import Chunk, ChunkError, HeaderCache, decode, on_device
+from kvcore.buffers import as_tensor, flat_bytes, host_array
+from kvcore.chunk import Chunk, ChunkError, HeaderCache, decode, on_device
 
 log = logging.getLogger(__name__)
 _ERRORS = (redis.RedisError, RedisClusterException, OSError)

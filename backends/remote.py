@@ -23,9 +23,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from backends.base import Backend, GetResult, Usage
-from store.chunk import Chunk
+from kvcore.chunk import Chunk
 from store.client import KVStoreClient, parse_url
-from store.stream import RemoteError
+from store.wire.stream import RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class RemoteBackend(Backend):
         """Pin the leading stored ``keys`` in the daemon for ``ttl`` seconds:
         ``(lease_id, count, expires_at)`` (unix time); ``("", 0, 0.0)`` when none is
         stored, the daemon refuses (over a lease cap) or cannot be reached."""
-        from store.proto import kvstore_pb2 as pb
+        from store.wire.proto import kvstore_pb2 as pb
 
         def call() -> tuple[str, int, float]:
             try:
@@ -153,7 +153,7 @@ class RemoteBackend(Backend):
 
     def release(self, lease_id: str, timeout: float | None = None) -> bool:
         """End a lease early (its keys are unpinned); False if unknown or unreachable."""
-        from store.proto import kvstore_pb2 as pb
+        from store.wire.proto import kvstore_pb2 as pb
 
         if not lease_id:
             return False
@@ -165,7 +165,7 @@ class RemoteBackend(Backend):
 
     def active_leases(self) -> int | None:
         """How many leases the daemon holds (None when unreachable)."""
-        from store.proto import kvstore_pb2 as pb
+        from store.wire.proto import kvstore_pb2 as pb
 
         return self._run("release", lambda: self.client._call("Release", pb.ReleaseRequest()).active,
                          None)  # fmt: skip

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from redis.connection import Connection, PythonRespSerializer, SSLConnection
 
-from store.chunk import (
+from kvcore.chunk import (
     PREFIX_SIZE,
     CheckedChunk,
     Chunk,

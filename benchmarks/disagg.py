@@ -175,7 +175,7 @@ def transport_bench(url: str, chunk_bytes: int, chunks: int, repeats: int = 3) -
 
     import numpy as np
 
-    from store.chunk import make_chunk
+    from kvcore.chunk import make_chunk
     from store.client import KVStoreClient
     from store.daemon.bench import RawPeer
 

@@ -19,13 +19,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from connector.events import BlockRemoved, BlockStored
 from engine.kv_publisher import encode_batch
+from kvcore.events import BlockRemoved, BlockStored
+from kvcore.keys import block_hashes
 from router.backends import Backend
 from router.kv_events import decode_batch
 from router.kv_index import KVIndex
 from router.policies import make_policy
-from store.keys import block_hashes
 
 TRACE_BLOCK_TOKENS = 512  # tokens per hash id in the trace
 

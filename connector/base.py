@@ -25,11 +25,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from connector.events import KVCacheEvent
+    from connector.views import ConnectorRequest, ConnectorStep
     from connector.handoff_policy import HandOffPolicy
-    from engine.request import Request
-    from engine.scheduler import SchedulerOutput
-    from store.keys import ModelFingerprint
+    from kvcore.events import KVCacheEvent
+    from kvcore.keys import ModelFingerprint
 
 LOAD_FAILURE_POLICIES = ("recompute", "fail")
 
@@ -76,7 +75,7 @@ class KVConnectorBase(ABC):
     # -- scheduler side ---------------------------------------------------------------
     @abstractmethod
     def get_num_new_matched_tokens(
-        self, request: Request, num_computed_tokens: int
+        self, request: ConnectorRequest, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         """Tokens of ``request`` beyond ``num_computed_tokens`` (the engine's own prefix-cache
         hits) that the connector can load, and whether the load is asynchronous (between
@@ -92,19 +91,19 @@ class KVConnectorBase(ABC):
 
     @abstractmethod
     def update_state_after_alloc(
-        self, request: Request, block_ids: list[int], num_external_tokens: int
+        self, request: ConnectorRequest, block_ids: list[int], num_external_tokens: int
     ) -> None:
         """``request`` was admitted: ``block_ids`` is its whole block table and the
         ``num_external_tokens`` tokens after its engine-cached prefix are to be loaded into
         those blocks in the next step (0: nothing to load)."""
 
     @abstractmethod
-    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+    def build_connector_meta(self, scheduler_output: ConnectorStep) -> KVConnectorMetadata:
         """The loads and saves of the step just scheduled; resets the per-step state.
         Must not modify ``scheduler_output``."""
 
     def request_finished(
-        self, request: Request, block_ids: list[int]
+        self, request: ConnectorRequest, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         """Called once when ``request`` finishes, before its blocks are freed. Returns
         whether the connector holds the blocks until ``get_finished`` reports the request
@@ -116,7 +115,7 @@ class KVConnectorBase(ABC):
         last call."""
         return []
 
-    def external_token_sources(self, request: Request, end: int | None = None) -> dict[str, int]:
+    def external_token_sources(self, request: ConnectorRequest, end: int | None = None) -> dict[str, int]:
         """How many of the tokens planned for loading (up to token ``end``) each medium
         serves, e.g. ``{"cpu": 64, "disk": 32}``; for per-request metrics."""
         return {}

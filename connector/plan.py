@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from connector.base import KVConnectorMetadata
-from store.keys import ChunkRef
+from kvcore.keys import ChunkRef
 
 if TYPE_CHECKING:
     from connector.lookup import Lookup

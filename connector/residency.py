@@ -21,8 +21,8 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from connector.events import BlockRemoved, BlockStored, KVCacheEvent, coalesce, tier_medium
-from store.keys import BlockHash
+from kvcore.events import BlockRemoved, BlockStored, KVCacheEvent, coalesce, tier_medium
+from kvcore.keys import BlockHash
 from store.tiered import ChunkEvent
 
 

@@ -1,7 +1,7 @@
 """TieredConnector: the engine's KV saved to and loaded from a ``TieredStore``.
 
 Scheduler side: on admission, the store's longest stored prefix of the prompt (whole
-chunks, keys from ``store.keys.chunk_refs`` bound to the model fingerprint) beyond the
+chunks, keys from ``kvcore.keys.chunk_refs`` bound to the model fingerprint) beyond the
 engine's own prefix-cache hits becomes external tokens; each step's metadata lists the
 loads planned at admission and the whole prompt chunks that step completes. Networked
 tiers are looked up off the engine loop (``connector/lookup.py``): until they answer, or
@@ -40,20 +40,19 @@ from connector.disagg import (
     wants_remote_decode,
     wants_remote_prefill,
 )
-from connector.events import KVCacheEvent
 from connector.handoff_policy import HandOffPolicy
 from connector.lookup import StoreLookups
 from connector.plan import RequestState, TieredConnectorMetadata, plan_load, plan_saves
 from connector.residency import ChunkInfo, ChunkResidency
-from connector.setup import resolve_store_config
 from connector.staging import StagingPool
 from connector.transfer import LoadResult, StepTransfers
-from store.keys import ChunkRef, chunk_refs
+from kvcore.events import KVCacheEvent
+from kvcore.keys import ChunkRef, chunk_refs
+from store.config import resolve_store_config
 from store.tiered import PutResult, TieredStore
 
 if TYPE_CHECKING:
-    from engine.request import Request
-    from engine.scheduler import SchedulerOutput
+    from connector.views import ConnectorRequest, ConnectorStep
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +88,7 @@ class TieredConnector(KVConnectorBase):
         self.lookups = StoreLookups(self.store, context.load_timeout)
 
     # -- scheduler side ---------------------------------------------------------------
-    def chunk_refs(self, request: Request, decoded: bool = False) -> list[ChunkRef]:
+    def chunk_refs(self, request: ConnectorRequest, decoded: bool = False) -> list[ChunkRef]:
         """The store chunks of ``request``'s prompt, or with ``decoded`` of all its tokens
         so far (whole chunks only)."""
         bs = self.context.block_size
@@ -99,7 +98,7 @@ class TieredConnector(KVConnectorBase):
         return chunk_refs(hashes, bs, self.chunk_size, self.context.fingerprint,
                           cache_salt=request.cache_salt)  # fmt: skip
 
-    def _state(self, request: Request) -> RequestState:
+    def _state(self, request: ConnectorRequest) -> RequestState:
         st = self._requests.get(request.request_id)
         if st is None:
             st = self._requests[request.request_id] = RequestState(self.chunk_refs(request))
@@ -114,7 +113,7 @@ class TieredConnector(KVConnectorBase):
         return st
 
     def get_num_new_matched_tokens(
-        self, request: Request, num_computed_tokens: int
+        self, request: ConnectorRequest, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         st = self._state(request)
         tiers = self._locate(request, st)
@@ -131,7 +130,7 @@ class TieredConnector(KVConnectorBase):
             return 0, False
         return max(0, st.hit_end - num_computed_tokens), False
 
-    def _locate(self, request: Request, st: RequestState) -> list[str] | None:
+    def _locate(self, request: ConnectorRequest, st: RequestState) -> list[str] | None:
         """The tier of each leading stored chunk of ``request``, or None while the
         networked tiers' part of the lookup runs (``connector/lookup.py``). Local tiers
         answer at once; an answer is kept until the request is admitted."""
@@ -145,7 +144,7 @@ class TieredConnector(KVConnectorBase):
         return self.lookups.answer(st.lookup)
 
     def update_state_after_alloc(
-        self, request: Request, block_ids: list[int], num_external_tokens: int
+        self, request: ConnectorRequest, block_ids: list[int], num_external_tokens: int
     ) -> None:
         st = self._state(request)
         st.lookup = None  # a later admission (after a preemption) looks up anew
@@ -159,7 +158,7 @@ class TieredConnector(KVConnectorBase):
             for key, start in zip(st.load.keys, st.load.chunk_starts, strict=True):
                 self.residency.describe(key, self._chunk_info(request, start))
 
-    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> TieredConnectorMetadata:
+    def build_connector_meta(self, scheduler_output: ConnectorStep) -> TieredConnectorMetadata:
         meta = TieredConnectorMetadata()
         bs = self.context.block_size
         for rid, good_end in self._load_failed.items():  # resave what recomputes
@@ -191,7 +190,7 @@ class TieredConnector(KVConnectorBase):
             meta.saves += saves
         return meta
 
-    def _chunk_info(self, request: Request, start: int) -> ChunkInfo:
+    def _chunk_info(self, request: ConnectorRequest, start: int) -> ChunkInfo:
         """The blocks and tokens of ``request``'s chunk starting at token ``start``."""
         bs, end = self.context.block_size, start + self.chunk_size
         hashes = request.block_hashes[start // bs : end // bs]
@@ -199,7 +198,7 @@ class TieredConnector(KVConnectorBase):
         return ChunkInfo(list(hashes), parent, list(request.all_token_ids[start:end]))
 
     def request_finished(
-        self, request: Request, block_ids: list[int]
+        self, request: ConnectorRequest, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
         # Saves were copied out of the paged cache during the steps: the blocks may go now.
         rid = request.request_id
@@ -226,7 +225,7 @@ class TieredConnector(KVConnectorBase):
         ``connector/disagg.py``)."""
         return self.transfers.finish(handle)
 
-    def external_token_sources(self, request: Request, end: int | None = None) -> dict[str, int]:
+    def external_token_sources(self, request: ConnectorRequest, end: int | None = None) -> dict[str, int]:
         st = self._requests.get(request.request_id)
         return st.sources(end) if st is not None else {}
 

@@ -43,7 +43,7 @@ import torch
 from connector.base import ConnectorContext
 from connector.plan import LoadSpec, SaveSpec, TieredConnectorMetadata
 from connector.staging import StagingPool
-from store.chunk import Chunk, to_tensor
+from kvcore.chunk import Chunk, to_tensor
 from store.tiered import TieredStore
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from store.keys import BlockHash
+from kvcore.keys import BlockHash
 
 
 @dataclass(eq=False, slots=True)
@@ -67,7 +67,7 @@ class BlockPool:
     a free block may still hold cached KV (its hash stays in the map) until it is reused.
 
     ``events`` records ``("stored" | "removed" | "cleared", block_hash)`` for the KV-event
-    publisher (``connector.events.engine_events`` turns them into typed events).
+    publisher (``kvcore.events.engine_events`` turns them into typed events).
     """
 
     def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import msgpack
 import zmq
 
-from connector.events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
+from kvcore.events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
 
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 DEFAULT_TOPIC = "kv-events"

@@ -22,7 +22,7 @@ from engine.scheduler import Scheduler, SchedulerConfig
 
 if TYPE_CHECKING:
     from connector.base import KVConnectorBase
-    from connector.events import KVCacheEvent
+    from kvcore.events import KVCacheEvent
 
 Prompt = str | Sequence[int]
 LOOKUP_POLL = 0.002
@@ -59,7 +59,7 @@ class LLMEngine:
         if self.config.kv_connector == "none":
             return None
         from connector.base import ConnectorContext, create_connector
-        from connector.setup import model_fingerprint
+        from engine.fingerprint import model_fingerprint
 
         mc, r = source.config, self.runner
         ctx = ConnectorContext(
@@ -84,7 +84,7 @@ class LLMEngine:
 
     def take_kv_events(self) -> list[KVCacheEvent]:
         """KV events since the last call (``enable_kv_events``): the engine cache's and the
-        connector's, in ``connector.events`` types."""
+        connector's, in ``kvcore.events`` types."""
         return self.scheduler.take_kv_events()
 
     @property

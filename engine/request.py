@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from engine.sampling_params import SamplingParams
-from store.keys import BlockHash, block_hashes
+from kvcore.keys import BlockHash, block_hashes
 
 
 class RequestStatus(enum.Enum):

@@ -11,8 +11,8 @@ from engine.request import Request, RequestStatus
 
 if TYPE_CHECKING:
     from connector.base import KVConnectorBase, KVConnectorMetadata
-    from connector.events import KVCacheEvent
     from engine.block_pool import KVBlock
+    from kvcore.events import KVCacheEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +227,7 @@ class Scheduler:
         raw = self.kv.pool.take_events()
         if not self.config.enable_kv_events:
             return
-        from connector.events import engine_events
+        from kvcore.events import engine_events
 
         self._kv_events += engine_events(raw, self.kv.pool.cached, self.kv.block_size)
 

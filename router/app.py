@@ -11,6 +11,7 @@ import aiohttp
 import zmq.asyncio
 from aiohttp import web
 
+from kvcore.bearer import OPEN_PATHS, bearer_matches
 from router.backends import BackendPool
 from router.config import RouterConfig
 from router.errors import error_response
@@ -25,7 +26,6 @@ from router.policies import make_policy
 from router.prompt import PromptHasher, load_tokenizer
 from router.routing import Router
 from router.validate import BadRequest
-from store.bearer import OPEN_PATHS, bearer_matches
 
 log = logging.getLogger("kvrouter")
 CONFIG, ROUTER, HASHER, INDEX, INTAKE = (

@@ -8,10 +8,10 @@ import os
 import sys
 from pathlib import Path
 
+from kvcore.bearer import API_KEY_ENV  # the same variable as engine serve's
 from router.config import DEFAULT_MAX_BODY_BYTES, RouterConfig
 from router.policies import POLICY_NAMES
 from router.prompt import DEFAULT_PREFIX_TOKENS
-from store.bearer import API_KEY_ENV  # the same variable as engine serve's
 
 BACKEND_API_KEY_ENV = "KVSTORE_BACKEND_API_KEY"
 

@@ -3,7 +3,7 @@
 vLLM has sent two encodings of ``KVEventBatch``: ``array_like`` structs (a batch
 ``[ts, [events], dp_rank]``, an event ``["BlockStored", hashes, parent, ...]``) and, in
 later versions, maps (``{"ts", "events", "data_parallel_rank"}``, an event with its tag
-under ``"type"``). Both decode to ``connector.events`` types; unknown event tags are
+under ``"type"``). Both decode to ``kvcore.events`` types; unknown event tags are
 skipped (a newer engine must not break an older router).
 """
 
@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
-from connector.events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
+from kvcore.events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
 
 _STORED_FIELDS = (
     "block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium",

@@ -2,7 +2,7 @@
 
 ``block hash -> {instance: {medium, ...}}``. A block can sit in several media of one
 instance at once (the engine's cache and its store's CPU tier), and the prefix match uses
-the best of them. Hashes are the one key's chained hashes (``store/keys.py``), so a match
+the best of them. Hashes are the one key's chained hashes (``kvcore/keys.py``), so a match
 of block ``i`` implies the whole prefix up to ``i`` — the walk below still checks every
 block, because blocks leave media one by one.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
-from connector.events import (
+from kvcore.events import (
     MEDIUM_ENGINE,
     AllBlocksCleared,
     BlockRemoved,

@@ -1,6 +1,6 @@
 """A request's prompt as token ids and block hashes, for the prefix-aware policy.
 
-Hashes come from the one key module (``store/keys.py``) so they equal the engine's. Text
+Hashes come from the one key module (``kvcore/keys.py``) so they equal the engine's. Text
 is tokenized with the model's tokenizer (``--tokenizer``: a preset name such as ``tiny``
 or ``bench``, a checkpoint directory, or a ``tokenizer.json``); prompts given as token
 ids need none. Without a tokenizer a text prompt has no hashes and the policy balances
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from store.keys import BlockHash, block_hashes
+from kvcore.keys import BlockHash, block_hashes
 
 CHARS_PER_TOKEN = 4  # of a text, at most this many characters per hashed token are read
 DEFAULT_PREFIX_TOKENS = 16384

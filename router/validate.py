@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from store.json_text import may_hold_lone_surrogate
+from kvcore.json_text import may_hold_lone_surrogate
 
 # Deeper than any real request (a tool's JSON schema is the deepest, ~10 levels), and far
 # below the recursion limit, so re-encoding a body the router accepted cannot overflow.

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from store.chunk import make_chunk
+from kvcore.chunk import make_chunk
 from store.config import StoreConfig
 from store.tiered import TieredStore
 

@@ -20,8 +20,6 @@ from store.config import ConfigError, StoreConfig, parse_size
 DEFAULT_TRACE = os.path.join(
     os.path.dirname(__file__), "..", "..", "shared", "data", "mooncake_conversation_trace.jsonl"
 )
-REFERENCE_LRU = {1000: 0.045, 5000: 0.113, 20000: 0.293, 100000: 0.371}
-"""Plain prefix-chain LRU hit ratios from the trace's README, by capacity in blocks."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -163,7 +161,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     from store.daemon.commands import client_of, print_stats
-    from store.stream import RemoteError
+    from store.wire.stream import RemoteError
 
     try:
         client = client_of(args)
@@ -180,9 +178,9 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _bench_daemon(args: argparse.Namespace) -> int:
+    from kvcore.heap import freeze_startup_heap
     from store.daemon.bench import run_daemon_bench
     from store.daemon.commands import client_of
-    from store.heap import freeze_startup_heap
 
     try:
         sizes = [parse_size(s, "--sizes") for s in args.sizes.split(",") if s.strip()]

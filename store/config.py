@@ -8,41 +8,20 @@ the key upper-cased with dots as underscores (``KVSTORE_CPU_SIZE``). Sizes take 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
+
+from store.config_load import ConfigError, coerce, flatten, parse_size, read_yaml
+
+__all__ = ["ConfigError", "StoreConfig", "parse_size"]
 
 TIERS = ("gpu", "cpu", "disk", "gds", "redis", "remote")
 REMOTE_TRANSPORTS = ("auto", "shm", "stream", "grpc", "ucx")
 WRITE_POLICIES = ("write_through", "write_back")
 EVICTION_POLICIES = ("s3fifo", "lru")
 MAX_LEASE_TTL = 600.0  # seconds: the ceiling of max_lease_ttl; a lease is a hand-off, not storage
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key and what is allowed."""
-
-
-def parse_size(value: Any, key: str = "size") -> int:
-    """Bytes from ``8GiB`` / ``64KiB`` / ``1GB`` / ``4096`` / an int."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        n = value
-    else:
-        m = _SIZE.match(str(value))
-        if not m or m.group(2).lower() not in _UNITS:
-            raise ConfigError(
-                f"{key}: {value!r} is not a size (examples: 4096, 64KiB, 512MiB, 8GiB)"
-            )
-        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if n <= 0:
-        raise ConfigError(f"{key}: size must be positive, got {value!r}")
-    return n
-
-
 def _size(default: str) -> Any:
     return field(default=parse_size(default), metadata={"size": True})
 
@@ -248,8 +227,6 @@ class StoreConfig:
         overrides: Mapping[str, Any] | None = None,
     ) -> StoreConfig:
         """Defaults, then the YAML file at ``path``, then ``KVSTORE_*`` env, then ``overrides``."""
-        from store.config_load import flatten, read_yaml
-
         values: dict[str, Any] = {}
         if path:
             values.update(flatten(read_yaml(path)))
@@ -291,8 +268,6 @@ def _tier_type(name: str) -> type:
 
 def from_flat(values: Mapping[str, Any]) -> StoreConfig:
     """Build a config from dotted keys (values typed or strings); unknown keys are errors."""
-    from store.config_load import coerce
-
     known = set(all_keys())
     top: dict[str, Any] = {}
     sub: dict[str, dict[str, Any]] = {t: {} for t in TIERS}
@@ -317,3 +292,20 @@ def from_flat(values: Mapping[str, Any]) -> StoreConfig:
 def _default_tier(name: str) -> TierConfig:
     f = next(f for f in fields(StoreConfig) if f.name == name)
     return f.default_factory()  # type: ignore[misc]
+
+
+def resolve_store_config(kv_config: Any) -> StoreConfig:
+    """A ``StoreConfig`` from a YAML path, a (nested or dotted) mapping, a StoreConfig or
+    ``None`` (defaults). ``KVSTORE_*`` environment variables apply to paths, mappings and
+    None, as for the daemon."""
+    if isinstance(kv_config, StoreConfig):
+        return kv_config
+    if kv_config is None:
+        return StoreConfig.load()
+    if isinstance(kv_config, (str, Path)):
+        return StoreConfig.load(str(kv_config))
+    if isinstance(kv_config, Mapping):
+        return StoreConfig.load(overrides=flatten(dict(kv_config)))
+    raise TypeError(
+        f"kv_config must be a store YAML path, a mapping or a StoreConfig, got {type(kv_config).__name__}"
+    )

@@ -2,15 +2,39 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import Field
 from typing import Any
 
 import yaml
 
-from store.config import ConfigError, parse_size
-
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and what is allowed."""
+
+
+def parse_size(value: Any, key: str = "size") -> int:
+    """Bytes from ``8GiB`` / ``64KiB`` / ``1GB`` / ``4096`` / an int."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    else:
+        m = _SIZE.match(str(value))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ConfigError(
+                f"{key}: {value!r} is not a size (examples: 4096, 64KiB, 512MiB, 8GiB)"
+            )
+        n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise ConfigError(f"{key}: size must be positive, got {value!r}")
+    return n
+
+
 
 
 def read_yaml(path: str) -> dict[str, Any]:
@@ -81,3 +105,4 @@ def _number(key: str, raw: Any, kind: type) -> Any:
         raise ConfigError(
             f"{key}: expected {'an integer' if kind is int else 'a number'}, got {raw!r}"
         ) from None
+

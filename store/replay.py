@@ -20,8 +20,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from kvcore.keys import BlockHash, ModelFingerprint, chunk_key, hash_block
 from store.config import from_flat
-from store.keys import BlockHash, ModelFingerprint, chunk_key, hash_block
 from store.tiered import TieredStore
 
 TRACE_BLOCK = 512

@@ -34,11 +34,11 @@ from prometheus_client import CollectorRegistry
 
 from backends.base import Backend, Corrupt
 from backends.capabilities import ChecksIntegrity, Lends, Reserves
+from kvcore.chunk import CheckedChunk, Chunk, ChunkError, make_chunk, verify
+from kvcore.keys import ModelFingerprint
 from store.build import build_tiers
-from store.chunk import CheckedChunk, Chunk, ChunkError, make_chunk, verify
 from store.config import StoreConfig
 from store.executor import Priority, PriorityExecutor
-from store.keys import ModelFingerprint
 from store.metrics import StoreMetrics, TierStats
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import time
 
 from daemon_proc import DaemonProc
 
-from store.stream import StreamClosed, encode_frame, recv_frame
+from store.wire.stream import StreamClosed, encode_frame, recv_frame
 
 
 def memory(pid: int) -> tuple[int, int]:

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from procs import spawn_until_ready
 
-from store.chunk import Chunk, make_chunk
+from kvcore.chunk import Chunk, make_chunk
+from kvcore.keys import sha256_cbor
 from store.client import KVStoreClient
-from store.keys import sha256_cbor
 
 READY = re.compile(r"grpc (\S+):(\d+) stream (\d+) metrics (\d+|-)")
 FP = b"\x07" * 32

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from backends.base import Backend, Usage, create_backend
-from store.chunk import Chunk, make_chunk, verify
+from kvcore.chunk import Chunk, make_chunk, verify
 
 BACKENDS = ["cpu", "disk", "redis", "valkey", "redis-cluster"]
 FP = b"\x01" * 32
@@ -113,7 +113,7 @@ def test_empty_payload_and_tensor_payload_round_trip(backend):
     empty = make_chunk("e" * 64, FP, np.zeros((1, 2, 0, 1, 1), dtype=np.uint8), 0)
     assert backend.put([c, empty]) == [True, True]
     got, got_empty = backend.get([c.key, empty.key])
-    from store.chunk import to_tensor
+    from kvcore.chunk import to_tensor
 
     assert torch.equal(to_tensor(got), kv)
     assert got_empty.header.nbytes == 0

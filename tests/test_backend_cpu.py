@@ -9,7 +9,7 @@ import numpy as np
 
 from backends.cpu import CPUBackend
 from backends.pool import pages_to_runs
-from store.chunk import make_chunk
+from kvcore.chunk import make_chunk
 
 FP = b"\x02" * 32
 

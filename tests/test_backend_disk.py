@@ -12,7 +12,7 @@ import pytest
 import backends.diskio as diskio
 from backends.base import Corrupt
 from backends.disk import DiskBackend
-from store.chunk import CheckedChunk, ChunkError, make_chunk, verify
+from kvcore.chunk import CheckedChunk, ChunkError, make_chunk, verify
 
 FP = b"\x03" * 32
 

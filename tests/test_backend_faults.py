@@ -12,9 +12,9 @@ import redis as redis_py
 
 from backends.base import Corrupt
 from backends.redis import RedisBackend
-from store.chunk import encode, make_chunk
+from kvcore.chunk import encode, make_chunk
+from kvcore.keys import ModelFingerprint
 from store.config import from_flat
-from store.keys import ModelFingerprint
 from store.tiered import TieredStore
 
 FP = ModelFingerprint("tiny", "sha:0", "uint8", num_layers=1, num_kv_heads=1, head_dim=1)

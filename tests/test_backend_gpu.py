@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from backends.base import create_backend
-from store.chunk import make_chunk, verify
+from kvcore.chunk import make_chunk, verify
+from kvcore.keys import ModelFingerprint, block_hashes, chunk_refs
 from store.config import from_flat
-from store.keys import ModelFingerprint, block_hashes, chunk_refs
 from store.tiered import TieredStore
 
 pytestmark = [

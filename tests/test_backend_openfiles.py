@@ -11,7 +11,7 @@ import pytest
 from backends.base import Corrupt
 from backends.disk import DiskBackend
 from backends.openfiles import OpenFiles
-from store.chunk import CheckedChunk, make_chunk
+from kvcore.chunk import CheckedChunk, make_chunk
 
 FP = b"\x05" * 32
 

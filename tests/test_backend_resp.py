@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from backends.resp import ChunkReplyReader, ProtocolError, pack_gets
-from store.chunk import CheckedChunk, ChunkError, HeaderCache, encode, make_chunk
+from kvcore.chunk import CheckedChunk, ChunkError, HeaderCache, encode, make_chunk
 
 FP = b"\x05" * 32
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from connector_cases import CHUNK, PROMPT_LEN, checkpoint, prompts, run, store_config, tiered_llm
 
-from connector.events import BlockRemoved, BlockStored
+from kvcore.events import BlockRemoved, BlockStored
 
 CHUNK_BYTES = 2 * 2 * CHUNK * 2 * 32 * 4  # layers * (k, v) * tokens * kv heads * head_dim * f32
 WHOLE = PROMPT_LEN // CHUNK  # 4 whole chunks per prompt = 8 blocks

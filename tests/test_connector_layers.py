@@ -12,7 +12,7 @@ import torch
 from connector.base import ConnectorContext
 from connector.plan import LoadSpec, SaveSpec, TieredConnectorMetadata
 from connector.tiered import TieredConnector
-from store.keys import ModelFingerprint, block_hashes, chunk_refs
+from kvcore.keys import ModelFingerprint, block_hashes, chunk_refs
 
 LAYERS, KVH, D, BS, CHUNK = 3, 2, 4, 16, 32
 NUM_BLOCKS = 8

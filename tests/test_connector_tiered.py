@@ -20,8 +20,8 @@ from connector_cases import (
     tiered_llm,
 )
 
-from connector.events import AllBlocksCleared, BlockRemoved, BlockStored
 from engine import LLM, InvalidRequestError, SamplingParams
+from kvcore.events import AllBlocksCleared, BlockRemoved, BlockStored
 
 LOADABLE = (PROMPT_LEN - 1) // CHUNK * CHUNK  # 128: whole chunks that leave a token to compute
 SHARED_CHUNKS = SHARED // CHUNK * CHUNK  # 96

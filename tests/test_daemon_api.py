@@ -11,14 +11,14 @@ import pytest
 from daemon_proc import FP, chunk, daemon_client, key, same, scrape, start_daemon
 
 from backends.base import create_backend
-from store.chunk import ChunkHeader, encode_prefix, make_chunk
+from kvcore.chunk import ChunkHeader, encode_prefix, make_chunk
+from kvcore.keys import chunk_key
 from store.cli import main
 from store.client import KVStoreClient
 from store.config import from_flat
-from store.keys import chunk_key
-from store.proto import kvstore_pb2 as pb
-from store.stream import RemoteError
 from store.tiered import TieredStore
+from store.wire.proto import kvstore_pb2 as pb
+from store.wire.stream import RemoteError
 
 TRANSPORTS = ["stream", "shm", "grpc"]
 

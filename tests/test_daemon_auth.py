@@ -14,13 +14,13 @@ from daemon_proc import FP, chunk, key, same, start_daemon
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from store.chunk import make_chunk
+from kvcore.chunk import make_chunk
+from kvcore.keys import chunk_key, key_salt_tag, salt_tag
 from store.cli import main
 from store.client import KVStoreClient
 from store.daemon.auth import Authenticator, Grant, TokenEntry, is_loopback
-from store.keys import chunk_key, key_salt_tag, salt_tag
-from store.proto import kvstore_pb2 as pb
-from store.stream import RemoteError
+from store.wire.proto import kvstore_pb2 as pb
+from store.wire.stream import RemoteError
 
 TRANSPORTS = ["grpc", "stream", "shm"]
 ADMIN, READER, A_WRITE, A_READ, B_WRITE = "admin-t0ken", "reader-t0ken", "a-w", "a-r", "b-w"

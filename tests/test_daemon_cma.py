@@ -1,5 +1,5 @@
 """Shared-memory puts by cross-memory attach: the daemon reads payloads out of the
-client's own memory (store/cma.py), checked like any other put."""
+client's own memory (store/wire/cma.py), checked like any other put."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from daemon_proc import chunk, same, start_daemon
 
-from store import cma
 from store.client import KVStoreClient
-from store.daemon.same_host import redeem
-from store.put_frame import put_groups
-from store.shm import Region
-from store.stream import RemoteError, check_reply, recv_frame, send_frame
+from store.wire import cma
+from store.wire.put_frame import put_groups
+from store.wire.same_host import redeem
+from store.wire.shm import Region
+from store.wire.stream import RemoteError, check_reply, recv_frame, send_frame
 
 MiB = 1 << 20
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -142,7 +142,7 @@ def test_reads_need_the_kernels_word_on_who_the_client_is(daemon):
         # Redeemed by another process (which has no such region mapped there): no reads,
         # though the address and nonce are right for this one.
         region, offer = _reattach(conn)
-        code = ("import json, sys; from store.daemon.same_host import redeem; "
+        code = ("import json, sys; from store.wire.same_host import redeem; "
                 "print(redeem(json.loads(sys.argv[1]), 5.0)[0])")  # fmt: skip
         out = subprocess.run([sys.executable, "-c", code, json.dumps(offer)], check=True,
                              capture_output=True, text=True, cwd=ROOT).stdout  # fmt: skip

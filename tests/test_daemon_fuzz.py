@@ -17,11 +17,11 @@ import pytest
 from daemon_probe import answers, connect, frame, hello, output, stream_port
 from daemon_proc import FP, chunk, key, same, start_daemon
 
-from store.chunk import encode_prefix
+from kvcore.chunk import encode_prefix
 from store.client import KVStoreClient
-from store.proto import kvstore_pb2 as pb
-from store.put_frame import put_groups
-from store.stream import check_reply
+from store.wire.proto import kvstore_pb2 as pb
+from store.wire.put_frame import put_groups
+from store.wire.stream import check_reply
 
 TOKEN = "fuzz-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)

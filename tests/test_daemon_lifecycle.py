@@ -19,9 +19,9 @@ from backends.remote import RemoteBackend
 from store.cli import main
 from store.client import KVStoreClient
 from store.config import from_flat
-from store.put_frame import put_groups
-from store.stream import RemoteError, recv_frame, send_buffers, send_frame
 from store.tiered import TieredStore
+from store.wire.put_frame import put_groups
+from store.wire.stream import RemoteError, recv_frame, send_buffers, send_frame
 
 
 def test_a_token_is_required_when_configured(tmp_path):

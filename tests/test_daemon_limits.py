@@ -10,11 +10,11 @@ import grpc
 import pytest
 from daemon_proc import chunk, daemon_client, same
 
-from store.chunk import encode_prefix
+from kvcore.chunk import encode_prefix
 from store.client import KVStoreClient, parse_url
-from store.proto import kvstore_pb2 as pb
-from store.put_frame import put_groups
-from store.stream import RemoteError, check_reply, recv_frame, send_buffers, send_frame
+from store.wire.proto import kvstore_pb2 as pb
+from store.wire.put_frame import put_groups
+from store.wire.stream import RemoteError, check_reply, recv_frame, send_buffers, send_frame
 
 MiB = 1 << 20
 

@@ -1,4 +1,4 @@
-"""A stream put names its chunks in columns (store/put_frame.py): grouping on the client,
+"""A stream put names its chunks in columns (store/wire/put_frame.py): grouping on the client,
 the daemon's checks of every column, and what a refused or torn put leaves behind."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from daemon_proc import FP, chunk, daemon_client, key, same
 
-from store.chunk import make_chunk
-from store.keys import chunk_key
-from store.put_frame import HASHES, HEADER, KEYS, XXH3S, put_groups
-from store.stream import RemoteError, check_reply, recv_frame, send_buffers, send_frame
+from kvcore.chunk import make_chunk
+from kvcore.keys import chunk_key
+from store.wire.put_frame import HASHES, HEADER, KEYS, XXH3S, put_groups
+from store.wire.stream import RemoteError, check_reply, recv_frame, send_buffers, send_frame
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ import pytest
 from daemon_proc import chunk, same, start_daemon
 
 from store.client import WINDOW_START, KVStoreClient
-from store.put_frame import put_groups
-from store.shm import NONCE_BYTES, SHM_DIR
-from store.stream import RemoteError, check_reply, recv_frame, send_frame
+from store.wire.put_frame import put_groups
+from store.wire.shm import NONCE_BYTES, SHM_DIR
+from store.wire.stream import RemoteError, check_reply, recv_frame, send_frame
 
 MiB = 1 << 20
 SIZE = 4 * MiB

@@ -1,5 +1,5 @@
 """The daemon's cpu pool in shared memory: same-host clients map it read-only and copy
-hits out themselves (backends/shared_memory.py, store/daemon/same_host.py)."""
+hits out themselves (kvcore/shared_memory.py, store/wire/same_host.py)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from daemon_proc import chunk, same, start_daemon
 
-from backends.shared_memory import PoolMapping, SharedBuffer
+from kvcore.shared_memory import PoolMapping, SharedBuffer
 from store.client import IN_POOL, WINDOW_START, KVStoreClient
 from store.daemon import same_host
-from store.daemon.same_host import SameHost, redeem
-from store.stream import RemoteError, recv_frame, send_frame
+from store.wire.same_host import SameHost, redeem
+from store.wire.stream import RemoteError, recv_frame, send_frame
 
 MiB = 1 << 20
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -114,7 +114,7 @@ def test_the_door_names_whoever_redeemed_the_ticket_even_without_a_pool():
     try:
         offer = door.offer()
         assert offer["size"] == 0
-        code = ("import json, sys; from store.daemon.same_host import redeem; "
+        code = ("import json, sys; from store.wire.same_host import redeem; "
                 "print(redeem(json.loads(sys.argv[1]), 5.0))")  # fmt: skip
         child = subprocess.run([sys.executable, "-c", code, json.dumps(offer)], check=True,
                                capture_output=True, text=True, cwd=ROOT)  # fmt: skip

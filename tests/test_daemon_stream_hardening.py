@@ -23,7 +23,7 @@ from daemon_proc import READY, DaemonProc, chunk, same, scrape, start_daemon
 from procs import spawn_until_ready
 
 from store.client import KVStoreClient
-from store.stream import RemoteError, check_reply
+from store.wire.stream import RemoteError, check_reply
 
 TOKEN = "stream-hardening-token"
 MiB = 1 << 20

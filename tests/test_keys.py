@@ -8,7 +8,7 @@ import sys
 
 import cbor2
 
-from store.keys import (
+from kvcore.keys import (
     NONE_HASH,
     ModelFingerprint,
     block_hashes,
@@ -38,7 +38,7 @@ def test_hashes_chain_and_cover_only_full_blocks():
 
 
 def test_same_hashes_in_another_process():
-    code = "from store.keys import block_hashes; print(block_hashes(list(range(64)), 16, cache_salt='s')[-1].hex())"
+    code = "from kvcore.keys import block_hashes; print(block_hashes(list(range(64)), 16, cache_salt='s')[-1].hex())"
     outs = {
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout.strip()

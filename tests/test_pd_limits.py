@@ -20,8 +20,8 @@ from engine.sampling_params import SamplingParams
 from store.client import KVStoreClient
 from store.config import ConfigError, StoreConfig
 from store.daemon.lease import LeaseLimits, LeaseRefused, LeaseTable, payload_bytes
-from store.proto import kvstore_pb2 as pb
-from store.stream import RemoteError
+from store.wire.proto import kvstore_pb2 as pb
+from store.wire.stream import RemoteError
 
 CHUNK_BYTES = 256 << 10  # payload of one test chunk: 4 pages of the cpu tier
 CHUNK = 32  # engine chunk size (tokens)

@@ -17,10 +17,10 @@ from aiohttp.test_utils import TestServer
 from conftest import free_port
 from router_upstream import RouterProcess, Upstream, Upstreams, post
 
+from kvcore.keys import block_hashes
 from router.app import HASHER, create_app
 from router.config import RouterConfig
 from router.prompt import PromptHasher, load_tokenizer
-from store.keys import block_hashes
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,15 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from connector.events import AllBlocksCleared, BlockRemoved, BlockStored
 from engine.kv_publisher import KVEventPublisher, encode_batch
+from kvcore.events import AllBlocksCleared, BlockRemoved, BlockStored
+from kvcore.keys import block_hashes
 from router.backends import Backend
 from router.kv_events import decode_batch
 from router.kv_index import KVIndex
 from router.kv_subscriber import KVEventSubscriber, parse_endpoint
 from router.metrics import RouterMetrics
 from router.policies import LeastLoad, PrefixAware, RoundRobin, make_policy
-from store.keys import block_hashes
 
 BS = 4
 TOKENS = list(range(100, 132))  # 8 blocks of 4

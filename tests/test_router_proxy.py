@@ -224,9 +224,9 @@ def test_decode_does_everything_without_a_prefill_node(ups, start_router):
 
 
 def test_prefix_aware_follows_kv_events(ups, start_router):
-    from connector.events import BlockStored
     from engine.kv_publisher import KVEventPublisher
-    from store.keys import block_hashes
+    from kvcore.events import BlockStored
+    from kvcore.keys import block_hashes
 
     a, b = ups.start("a"), ups.start("b")
     pub = KVEventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*")

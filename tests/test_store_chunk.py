@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from store.chunk import (
+from kvcore.chunk import (
     HEADER_READ_SIZE,
     ChunkError,
     decode,
@@ -17,7 +17,7 @@ from store.chunk import (
     to_tensor,
     verify,
 )
-from store.keys import ModelFingerprint, block_hashes, chunk_refs
+from kvcore.keys import ModelFingerprint, block_hashes, chunk_refs
 
 FP = ModelFingerprint("tiny", "sha:0", "bfloat16", num_layers=2, num_kv_heads=2, head_dim=4)
 

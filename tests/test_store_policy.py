@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from store.policy import LRUPolicy, S3FIFOPolicy
+from backends.policy import LRUPolicy, S3FIFOPolicy
 
 
 def never(_key: str) -> bool:

@@ -7,8 +7,8 @@ import threading
 
 import numpy as np
 
-from store import stream
-from store.stream import recv_buffers, recv_frame, send_frame
+from store.wire import stream
+from store.wire.stream import recv_buffers, recv_frame, send_frame
 
 
 def test_buffers_of_any_size_and_count_arrive_whole_and_in_order():

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from backends.base import create_backend
-from store.chunk import make_chunk
+from kvcore.chunk import make_chunk
+from kvcore.keys import ModelFingerprint, block_hashes, chunk_refs
 from store.config import from_flat
-from store.keys import ModelFingerprint, block_hashes, chunk_refs
 from store.tiered import TieredStore
 
 FP = ModelFingerprint("tiny", "sha:0", "uint8", num_layers=1, num_kv_heads=1, head_dim=1)

@@ -1,4 +1,4 @@
-"""The UCX transport (store/ucx_transport.py) against real ``kvstore serve --ucx`` processes,
+"""The UCX transport (store/wire/ucx_transport.py) against real ``kvstore serve --ucx`` processes,
 over whatever UCX finds here (TCP, shared memory on one host; RDMA where there is some).
 
 Skipped, naming the package, where ucxx is not installed (``pip install 'kvstore[ucx]'``);
@@ -17,12 +17,12 @@ import pytest
 from daemon_proc import FP, chunk, key, same, start_daemon
 
 from backends.remote import RemoteBackend
-from store import ucx_transport
-from store.chunk import ChunkHeader
+from kvcore.chunk import ChunkHeader
 from store.client import KVStoreClient
 from store.config import from_flat
-from store.stream import RemoteError
 from store.tiered import TieredStore
+from store.wire import ucx_transport
+from store.wire.stream import RemoteError
 
 MISSING = "ucxx is not installed (pip install 'kvstore[ucx]', the ucxx-cu12 package)"
 

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from engine.server.protocol import ApiError
-from store.bearer import OPEN_PATHS, bearer_matches
+from kvcore.bearer import OPEN_PATHS, bearer_matches
 
 
 def api_key_middleware(api_key: str) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from engine.server.protocol import ApiError
-from store.json_text import may_hold_lone_surrogate
+from kvcore.json_text import may_hold_lone_surrogate
 
 
 def too_large(limit: int) -> ApiError:

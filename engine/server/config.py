@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from store.bearer import API_KEY_ENV  # noqa: F401 - shared with kvrouter (engine/cli.py)
+from kvcore.bearer import API_KEY_ENV  # noqa: F401 - shared with kvrouter (engine/cli.py)
 from store.config import ConfigError
 
 BODY_SLACK = 1 << 20  # the JSON around the prompt: other fields, messages' roles, ...

@@ -21,7 +21,7 @@ from engine.server.app import CONTEXT, ServerContext, make_app
 from engine.server.chat import ChatTemplate
 from engine.server.config import ServerConfig
 from engine.server.metrics import ServerMetrics
-from store.heap import freeze_startup_heap
+from kvcore.heap import freeze_startup_heap
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,7 @@ gRPC call (``authorization: Bearer <token>``) and a stream connection (``hello``
   Release (a decode node ends the lease its prefill node took), never Put, Delete or
   Lease (PERMISSION_DENIED; nothing is stored).
 * **salt binding**: a token given a ``cache_salt`` sees only keys tagged with that
-  salt (``store.keys.salt_tag``; a salted request's chunk keys are ``<tag>.<hex>``).
+  salt (``kvcore.keys.salt_tag``; a salted request's chunk keys are ``<tag>.<hex>``).
   Its writes must name only such keys (else PERMISSION_DENIED, nothing stored); its
   Lookup stops at the first key of another tag and its Get misses those keys, so it
   never learns whether another tenant's key is stored. It may not read the daemon-wide
@@ -26,8 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
+from kvcore.keys import salt_tag
 from store.config import ConfigError
-from store.keys import salt_tag
 
 READ, WRITE = "read", "write"
 SCOPES = (READ, WRITE)

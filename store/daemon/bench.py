@@ -4,16 +4,20 @@ Per chunk size, one batch of chunks goes through the daemon by each transport (p
 after an untimed delete, then get into preallocated buffers), best of REPEATS, with
 the baselines measured in between so background load hits all alike:
 
-* raw socket: a separate process (store/daemon/bench_peer.py) streaming the same bytes
+* raw socket: a separate process (benchmarks/peers/raw_socket.py) streaming the same bytes
   over loopback with no framing, store or checks; the yardstick of ``stream`` and ``grpc``
 * memcpy: ``numpy.copyto`` of the same bytes in this process; the yardstick of ``shm``
 * with ``--lmcache-venv DIR``: LMCache's standalone server (``lmcache_server HOST PORT
-  cpu``), driven with LMCache's own client protocol by store/daemon/lmcache_peer.py in
+  cpu``), driven with LMCache's own client protocol by benchmarks/peers/lmcache_driver.py in
   that environment's Python (LMCache and its torch stay out of this process): the same
   batch put then got in every repeat, next to the baselines
 
 The daemon must be local for the raw-socket ratio to mean anything (the peer runs on
 loopback), and its cpu tier must hold a batch (about ``--total`` bytes).
+
+The peers' own code is not part of the runtime packages: it lies in the source tree's
+``benchmarks/peers/``. Where that is absent (an installed wheel), the bench still runs and
+reports GB/s, with the raw-socket ratios left out and a note saying why.
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from store.chunk import make_chunk
+from kvcore.chunk import make_chunk
 from store.client import KVStoreClient
-from store.stream import recv_into, send_buffers, tune
+from store.wire.stream import recv_into, send_buffers, tune
 
 REPEATS = 5
 MAX_CHUNKS = 1024
@@ -43,12 +48,29 @@ LMCACHE_TARGET = 2.0
 """Goal of issue 5: at least 2x LMCache's standalone server."""
 
 
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+PEERS = SOURCE_ROOT / "benchmarks" / "peers"
+
+
+class PeerMissing(RuntimeError):
+    """A baseline's peer is not here (it ships with the source tree, not the wheel)."""
+
+
+def peer_script(name: str) -> Path:
+    path = PEERS / name
+    if not path.is_file():
+        raise PeerMissing(f"{path} not found: the baselines' peers ship with the source tree "
+                          "(benchmarks/peers/), not with the installed package")  # fmt: skip
+    return path
+
+
 class RawPeer:
     """The raw-socket baseline process and a connection to it."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "store.daemon.bench_peer"],
-                                     stdout=subprocess.PIPE, text=True)  # fmt: skip
+        peer_script("raw_socket.py")
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.peers.raw_socket"],
+                                     cwd=SOURCE_ROOT, stdout=subprocess.PIPE, text=True)  # fmt: skip
         port = int(self.proc.stdout.readline())  # type: ignore[union-attr]
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         tune(self.sock)
@@ -79,7 +101,7 @@ def _best(fn: Callable[[], Any], reset: Callable[[], Any] | None = None) -> floa
 
 def bench_size(
     client: KVStoreClient,
-    peer: RawPeer,
+    peer: RawPeer | None,
     size: int,
     total: int,
     transports: list[str],
@@ -116,8 +138,9 @@ def bench_size(
 
     try:
         for _ in range(repeats):
-            run("raw_put", lambda: peer.put(data))
-            run("raw_get", lambda: peer.get(outs))
+            if peer is not None:
+                run("raw_put", lambda: peer.put(data))
+                run("raw_get", lambda: peer.get(outs))
             run("memcpy", memcpy)
             if lmcache is not None:
                 run_lmcache()
@@ -134,15 +157,15 @@ def bench_size(
 
 
 class LMCachePeer:
-    """LMCache's lmcache_server and its driver (store/daemon/lmcache_peer.py), both run
+    """LMCache's lmcache_server and its driver (benchmarks/peers/lmcache_driver.py), both run
     from LMCache's own virtual environment ``venv``; one batch per ``measure`` call."""
 
     def __init__(self, venv: str) -> None:
         python = os.path.join(venv, "bin", "python")
         if not os.path.exists(python):
             raise RuntimeError(f"--lmcache-venv {venv}: no bin/python there")
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lmcache_peer.py")
-        self.proc = subprocess.Popen([python, script], stdin=subprocess.PIPE,
+        script = peer_script("lmcache_driver.py")
+        self.proc = subprocess.Popen([python, str(script)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)  # fmt: skip
         self._answer()  # {"ready": true} once lmcache_server accepts connections
 
@@ -177,7 +200,11 @@ def run_daemon_bench(
     """Print the table; return it as a JSON-ready dict."""
     client.health()
     lmcache = LMCachePeer(lmcache_venv) if lmcache_venv else None
-    peer = RawPeer()
+    try:
+        peer: RawPeer | None = RawPeer()
+    except PeerMissing as exc:
+        print(f"raw-socket baseline left out: {exc}")
+        peer = None
     print(
         f"daemon {client.url}: GB/s (1e9 B/s); ratios vs raw socket (stream, grpc) and memcpy (shm)"
     )
@@ -189,13 +216,14 @@ def run_daemon_bench(
         for size in sizes:
             row = bench_size(client, peer, size, total, transports, repeats, lmcache)
             g = row["gbps"]
-            row["ratios"] = {c: g[c] / _base(g, c) for c in cols}
-            cells = " ".join(f"{g[c]:5.2f} {row['ratios'][c]:4.2f}" for c in cols)
-            print(f"{_size(size):>6} | {g['raw_put']:7.2f} {g['raw_get']:7.2f} {g['memcpy']:7.2f} | {cells}",
-                  flush=True)  # fmt: skip
+            row["ratios"] = {c: g[c] / b for c in cols if (b := _base(g, c))}
+            cells = " ".join(f"{g[c]:5.2f} {_cell(row['ratios'].get(c))}" for c in cols)
+            raw = f"{_cell(g.get('raw_put'), 7)} {_cell(g.get('raw_get'), 7)}"
+            print(f"{_size(size):>6} | {raw} {g['memcpy']:7.2f} | {cells}", flush=True)
             rows.append(row)
     finally:
-        peer.close()
+        if peer is not None:
+            peer.close()
         if lmcache is not None:
             lmcache.close()
     report: dict[str, Any] = {"url": client.url, "unit": "GB/s (1e9 bytes/s)",
@@ -217,9 +245,13 @@ def run_daemon_bench(
     return report
 
 
-def _base(g: dict[str, float], col: str) -> float:
+def _base(g: dict[str, float], col: str) -> float | None:
     transport, op = col.split("_")
-    return g["memcpy"] if transport == "shm" else g[f"raw_{op}"]
+    return g["memcpy"] if transport == "shm" else g.get(f"raw_{op}")
+
+
+def _cell(x: float | None, width: int = 4) -> str:
+    return "-".rjust(width) if x is None else f"{x:{width}.2f}"
 
 
 def _size(n: int) -> str:

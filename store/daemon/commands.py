@@ -121,7 +121,7 @@ def serve_options(args: argparse.Namespace) -> Any:
         raise ConfigError(f"--auth-token-file: {exc}") from None
     tokens = _scoped_tokens(args.auth_tokens)
     if args.ucx:
-        from store.ucx_transport import UcxUnavailable, context
+        from store.wire.ucx_transport import UcxUnavailable, context
 
         try:
             context()

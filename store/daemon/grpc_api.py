@@ -1,4 +1,4 @@
-"""The gRPC control API (store/proto/kvstore.proto) over a StoreService.
+"""The gRPC control API (store/wire/proto/kvstore.proto) over a StoreService.
 
 Statuses: malformed input, a broken limit or a method this daemon does not know is
 INVALID_ARGUMENT (with a message); a missing or wrong bearer token UNAUTHENTICATED; a
@@ -20,14 +20,14 @@ from typing import Any
 
 import grpc
 
-from store.chunk import encode_prefix
+from kvcore.chunk import encode_prefix
 from store.daemon.activity import Activity, Draining
 from store.daemon.auth import OPEN, Authenticator, Grant, PermissionDenied, Visible
 from store.daemon.grpc_guard import MessageGuard, refusal, small_message_bytes
 from store.daemon.lease import LeaseLimits, LeaseRefused, LeaseTable, payload_bytes
 from store.daemon.service import BadRequest, StoreService
-from store.proto import kvstore_pb2 as pb
-from store.proto import kvstore_pb2_grpc as pb_grpc
+from store.wire.proto import kvstore_pb2 as pb
+from store.wire.proto import kvstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 VERSION = "1"

@@ -17,15 +17,15 @@ from dataclasses import dataclass
 
 from prometheus_client import start_http_server
 
+from kvcore.heap import freeze_startup_heap
 from store.config import StoreConfig
 from store.daemon.activity import Activity
 from store.daemon.auth import Authenticator, TokenEntry, is_loopback
 from store.daemon.grpc_api import KVStoreServicer, start_grpc
-from store.daemon.same_host import SameHost
 from store.daemon.service import Limits, StoreService
 from store.daemon.stream_server import StreamServer
-from store.heap import freeze_startup_heap
 from store.tiered import TieredStore
+from store.wire.same_host import SameHost
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class ServeOptions:
     token: str | None = None  # a read-write token (--auth-token-file)
     limits: Limits = Limits()
     drain_timeout: float = 30.0
-    ucx: bool = False  # stream connections may move onto UCX (store/ucx_transport.py)
+    ucx: bool = False  # stream connections may move onto UCX (store/wire/ucx_transport.py)
     tokens: tuple[TokenEntry, ...] = ()  # scoped / salt-bound tokens (--auth-tokens, auth.py)
     insecure: bool = False  # may listen beyond loopback without any token
     metrics_host: str | None = None  # None: ``host``

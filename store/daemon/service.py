@@ -15,12 +15,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from backends.pool import host_array
-from store.chunk import Chunk, ChunkError, ChunkHeader, checksum, decode_header, encode_prefix
-from store.keys import chunk_key
+from kvcore.buffers import host_array
+from kvcore.chunk import Chunk, ChunkError, ChunkHeader, checksum, decode_header, encode_prefix
+from kvcore.keys import chunk_key
 from store.metrics import TierStats
-from store.put_frame import FIELDS, HASHES, HEADER, KEYS, NBYTES, OFFSETS, XXH3S
 from store.tiered import TieredStore
+from store.wire.put_frame import FIELDS, HASHES, HEADER, KEYS, NBYTES, OFFSETS, XXH3S
 
 KEY = re.compile(r"(?:[0-9a-f]{16}\.)?[0-9a-f]{64}")  # fullmatch: "$" would let a "\n" in
 HEX = re.compile(r"[0-9a-f]*")
@@ -128,7 +128,7 @@ class StoreService:
         keys = list(keys)
         # One regex pass over all keys at once (a per-key match cost ~1 µs, a tenth of
         # sending a 64 KiB hit); only a batch that fails is searched key by key. Salted
-        # keys (store/keys.py) take the second, slower pass.
+        # keys (kvcore/keys.py) take the second, slower pass.
         if not (
             all(type(k) is str and len(k) == 64 for k in keys) and HEX.fullmatch("".join(keys))
         ) and not self._salted_keys_ok(keys):
@@ -197,7 +197,7 @@ class StoreService:
             raise BadRequest(f"chunk {key[:12]}: key does not match its fingerprint and block hash")
 
     def check_groups(self, groups: list[list[Any]], fingerprint: bytes | None) -> list[ChunkHeader]:
-        """The header of every chunk a put's groups name (store/put_frame.py), once
+        """The header of every chunk a put's groups name (store/wire/put_frame.py), once
         ``put_sizes`` has accepted them: each group's header checked by ``check_header``,
         its keys by one regex pass, its checksums by one range check; else BadRequest."""
         headers: list[ChunkHeader] = []
@@ -246,7 +246,7 @@ class StoreService:
             )
 
     def put_sizes(self, groups: Any, region: bool = False) -> list[int]:
-        """The payload size of each chunk a put's groups (store/put_frame.py) name, in
+        """The payload size of each chunk a put's groups (store/wire/put_frame.py) name, in
         order. BadRequest if the groups are malformed (``region``: with offsets),
         OverLimit if they name too many chunks or bytes (checked before the list of sizes
         is built: a frame of a few MiB can name millions of chunks)."""

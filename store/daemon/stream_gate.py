@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from store.stream import MAX_META_BYTES, FrameLimits, send_frame, tune
+from store.wire.stream import MAX_META_BYTES, FrameLimits, send_frame, tune
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ _PEER_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EAG
 def request_limits(max_batch: int) -> FrameLimits:
     """Frames after ``hello``: up to MAX_META_BYTES, lists as long as a batch (or a
     million items), and lists and maps enough for a put of ``max_batch`` chunks in as
-    many groups (five lists each: store/put_frame.py)."""
+    many groups (five lists each: store/wire/put_frame.py)."""
     return FrameLimits(MAX_META_BYTES, max(1 << 20, max_batch), 64, 8 * max_batch + 64)
 
 

@@ -6,14 +6,14 @@ auth.py, then holds for the connection: PERMISSION_DENIED for what it lacks). Un
 then a connection has a deadline and small frames, and connections are capped
 (stream_gate.py). Then:
 
-* ``ucx`` (with ``--ucx``) moves the connection onto UCX: store/ucx_transport.py.
-* ``attach`` maps the client's shared-memory region (store/shm.py) after checking the
+* ``ucx`` (with ``--ucx``) moves the connection onto UCX: store/wire/ucx_transport.py.
+* ``attach`` maps the client's shared-memory region (store/wire/shm.py) after checking the
   nonce at its start: proof that client and daemon share a host.
 * ``get`` answers in parts: a frame listing hits (index, header[, offset]), then, on the
   socket path, their payloads; with ``region`` the payloads are in shared memory: in the
   client's region, or (``pool``) where they lie in the daemon's cpu pool, which the
   client maps read-only (same_host.py), pinned until the client sends ``release``.
-* ``cma`` asks whether puts may be read from the client's memory (store/cma.py); the
+* ``cma`` asks whether puts may be read from the client's memory (store/wire/cma.py); the
   daemon answers from the pid the kernel gave for the client at its same-host door.
 * ``put`` is one frame listing headers, then the payloads (or their region offsets).
   The whole request is read and checked before anything is stored.
@@ -32,16 +32,16 @@ from typing import Any
 
 import numpy as np
 
-from store import cma
-from store.chunk import Chunk
+from kvcore.chunk import Chunk
 from store.daemon.activity import Activity, Draining
 from store.daemon.auth import OPEN, Authenticator, Grant, PermissionDenied, Visible
-from store.daemon.same_host import SameHost
 from store.daemon.service import IN_POOL, PART_BYTES, BadRequest, OverLimit, StoreService
 from store.daemon.stream_gate import HELLO_LIMITS, StreamGate, request_limits
-from store.put_frame import KEYS, OFFSETS
-from store.shm import NONCE_BYTES, RegionError, RegionFile
-from store.stream import (
+from store.wire import cma
+from store.wire.put_frame import KEYS, OFFSETS
+from store.wire.same_host import SameHost
+from store.wire.shm import NONCE_BYTES, RegionError, RegionFile
+from store.wire.stream import (
     PROTOCOL_VERSION,
     BadFrame,
     StreamClosed,
@@ -103,7 +103,7 @@ class StreamServer:
         self.activity = activity
         self.auth = auth or Authenticator()  # no tokens: every connection is OPEN
         self.max_region_bytes = max_region_bytes
-        self.ucx = ucx  # serve {"op": "ucx"}: connections move onto UCX (store/ucx_transport.py)
+        self.ucx = ucx  # serve {"op": "ucx"}: connections move onto UCX (store/wire/ucx_transport.py)
         self.ucx_timeout: float | None = None  # idle UCX connections wait without a deadline
         self.release_timeout = RELEASE_TIMEOUT
         self._listener: socket.socket | None = None
@@ -249,7 +249,7 @@ class _Session:
         return True
 
     def _ucx(self, meta: dict[str, Any]) -> bool:
-        """Move this connection onto UCX (store/ucx_transport.py has the handshake)."""
+        """Move this connection onto UCX (store/wire/ucx_transport.py has the handshake)."""
         if not self.server.ucx:
             return self._error(
                 "FAILED_PRECONDITION",
@@ -259,7 +259,7 @@ class _Session:
             )
         if self.wire == "ucx":
             return self._error("FAILED_PRECONDITION", "already on UCX", True, "ucx")
-        from store.ucx_transport import daemon_accept
+        from store.wire.ucx_transport import daemon_accept
 
         try:
             ucx, address = daemon_accept(
@@ -450,7 +450,7 @@ class _Session:
     # -- put ------------------------------------------------------------------------
     def _put(self, meta: dict[str, Any]) -> None:
         groups, fp = meta.get("chunks"), meta.get("fp") or None
-        cma = meta.get("cma")  # payload addresses in the client's memory (store/cma.py)
+        cma = meta.get("cma")  # payload addresses in the client's memory (store/wire/cma.py)
         region = bool(meta.get("region"))
         inline = not region and cma is None  # payload bytes follow on the stream
         try:

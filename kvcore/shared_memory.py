@@ -13,7 +13,7 @@ stays writable. The seal is what makes the memory read-only to clients: a read-o
 descriptor alone is not enough, since ``/proc/self/fd/N`` can be re-opened read-write
 (a memfd's mode is 0777). Where the kernel refuses the seal the pool stays private.
 Clients get a descriptor from ``reader_fd`` (read-only as well); how it reaches them:
-store/daemon/same_host.py.
+store/wire/same_host.py.
 """
 
 from __future__ import annotations

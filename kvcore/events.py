@@ -3,7 +3,7 @@
 Field names and order follow vLLM's ``BlockStored`` / ``BlockRemoved`` /
 ``AllBlocksCleared`` so that a router can decode events from vLLM and from this engine
 alike (msgpack over ZMQ comes with the router). Block hashes are this project's chained
-sha256-CBOR hashes (``store/keys.py``), the scheme vLLM uses with ``sha256_cbor``.
+sha256-CBOR hashes (``kvcore/keys.py``), the scheme vLLM uses with ``sha256_cbor``.
 
 ``medium`` says where the blocks are: ``GPU`` is the engine's own paged cache (vLLM's
 name for it, whatever the device), the store's tiers are their names upper-cased
@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from store.keys import BlockHash
+from kvcore.keys import BlockHash
 
 MEDIUM_ENGINE = "GPU"
 

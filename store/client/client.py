@@ -9,7 +9,7 @@ for bulk data.
 * ``stream``: payloads on the daemon's stream port, straight into the caller's buffers;
 * ``grpc``: payloads inline in gRPC messages (slowest; what other languages would use);
 * ``ucx``: the stream's frames and payloads over UCX (RDMA, NVLink, ...; needs ucxx and a
-  daemon started with ``--ucx``; store/ucx_transport.py);
+  daemon started with ``--ucx``; store/wire/ucx_transport.py);
 * ``auto`` (default): ``shm`` when the daemon can map this client's region, else ``stream``.
 
 Every blocking step has a deadline (``timeout``). Errors surface as ``RemoteError``
@@ -28,16 +28,16 @@ from typing import Any, NamedTuple
 import grpc
 import numpy as np
 
-from backends.pool import flat_bytes, host_array
-from backends.shared_memory import PoolMapping
-from store import cma
-from store.chunk import Chunk, ChunkError, decode_header, encode_prefix, host_view, on_device
-from store.daemon.same_host import redeem
-from store.proto import kvstore_pb2 as pb
-from store.proto import kvstore_pb2_grpc as pb_grpc
-from store.put_frame import put_groups
-from store.shm import Region
-from store.stream import RemoteError, check_reply, recv_buffers, recv_frame, send_frame, tune
+from kvcore.buffers import flat_bytes, host_array
+from kvcore.chunk import Chunk, ChunkError, decode_header, encode_prefix, host_view, on_device
+from kvcore.shared_memory import PoolMapping
+from store.wire import cma
+from store.wire.proto import kvstore_pb2 as pb
+from store.wire.proto import kvstore_pb2_grpc as pb_grpc
+from store.wire.put_frame import put_groups
+from store.wire.same_host import redeem
+from store.wire.shm import Region
+from store.wire.stream import RemoteError, check_reply, recv_buffers, recv_frame, send_frame, tune
 
 TRANSPORTS = ("auto", "shm", "stream", "grpc", "ucx")
 DEFAULT_PORT = 50051
@@ -79,7 +79,7 @@ class _Conn:
     def __init__(
         self, sock: Any, region: Region | None, ucx: bool = False, pool: Any = None
     ) -> None:
-        self.sock = sock  # a socket, or a UcxSocket (store/ucx_transport.py)
+        self.sock = sock  # a socket, or a UcxSocket (store/wire/ucx_transport.py)
         self.region = region
         self.ucx = ucx
         self.pool: PoolMapping | None = pool  # the daemon's shared cpu pool, read-only
@@ -112,7 +112,7 @@ class KVStoreClient:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport {transport!r} is not one of {', '.join(TRANSPORTS)}")
         if transport == "ucx":
-            from store.ucx_transport import load
+            from store.wire.ucx_transport import load
 
             load()  # not installed: say so now, not as a miss per request
         self.address = parse_url(url)
@@ -340,7 +340,7 @@ class KVStoreClient:
     def _attach(self, sock: socket.socket, size: int) -> tuple[Region | None, Any]:
         """A region the daemon has mapped, or None if it cannot (another host); and this
         client's mapping of the daemon's shared pool, when it has one. Then, at the
-        daemon's same-host door (store/daemon/same_host.py), this process shows who it
+        daemon's same-host door (store/wire/same_host.py), this process shows who it
         is, so the daemon may read its puts from its memory (``region.cma``)."""
         region = Region.create(size)
         try:
@@ -456,7 +456,7 @@ class KVStoreClient:
             send_frame(sock, {"op": "hello", "token": self.token, "client": self._name})
             self._limits = check_reply(recv_frame(sock))
             if transport == "ucx":
-                from store.ucx_transport import client_upgrade
+                from store.wire.ucx_transport import client_upgrade
 
                 return _Conn(client_upgrade(sock, self.timeout, self.connect_timeout), None, True)
             region, pool = None, None

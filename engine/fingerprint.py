@@ -1,4 +1,4 @@
-"""Connector set-up from the engine's side: the model fingerprint and the store config.
+"""The model fingerprint every stored chunk's key binds.
 
 The fingerprint binds every stored chunk to the exact model that computed it: KV from
 other weights, another dtype or another layout must never load (DESIGN.md, "The one
@@ -10,18 +10,14 @@ determine its random weights.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 import xxhash
 
 from engine.loader import ModelSource
 from engine.presets import PRESET_SEED, PRESETS
-from store.config import StoreConfig
-from store.config_load import flatten
-from store.keys import ModelFingerprint, sha256_cbor
+from kvcore.keys import ModelFingerprint, sha256_cbor
 
 _READ = 8 << 20
 
@@ -55,21 +51,4 @@ def model_fingerprint(source: ModelSource, dtype: torch.dtype) -> ModelFingerpri
         num_layers=mc.num_layers,
         num_kv_heads=mc.num_kv_heads,
         head_dim=mc.head_dim,
-    )
-
-
-def resolve_store_config(kv_config: Any) -> StoreConfig:
-    """A ``StoreConfig`` from a YAML path, a (nested or dotted) mapping, a StoreConfig or
-    ``None`` (defaults). ``KVSTORE_*`` environment variables apply to paths, mappings and
-    None, as for the daemon."""
-    if isinstance(kv_config, StoreConfig):
-        return kv_config
-    if kv_config is None:
-        return StoreConfig.load()
-    if isinstance(kv_config, (str, Path)):
-        return StoreConfig.load(str(kv_config))
-    if isinstance(kv_config, Mapping):
-        return StoreConfig.load(overrides=flatten(dict(kv_config)))
-    raise TypeError(
-        f"kv_config must be a store YAML path, a mapping or a StoreConfig, got {type(kv_config).__name__}"
     )

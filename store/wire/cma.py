@@ -11,7 +11,7 @@ When it is allowed: Linux lets a process read another's memory when it may ``ptr
 it (same user, and Yama's ``ptrace_scope`` permitting; containers may also filter the
 call). So the daemon never assumes. Which process to read is the kernel's word, not
 the client's: the pid of whoever redeemed the connection's ticket at the daemon's
-same-host door (``SO_PEERCRED``, store/daemon/same_host.py). The daemon then reads the
+same-host door (``SO_PEERCRED``, store/wire/same_host.py). The daemon then reads the
 region's nonce at the address where the client says it has the region mapped; only if
 those bytes come back does the connection use this path, otherwise puts go through the
 region.

@@ -1,7 +1,7 @@
 """LMCache's standalone server, measured like the daemon (``kvstore bench --url --lmcache-venv``).
 
 Runs *inside LMCache's own virtual environment* (it imports ``lmcache`` and ``torch``,
-nothing of this repository), as ``VENV/bin/python store/daemon/lmcache_peer.py``:
+nothing of this repository), as ``VENV/bin/python benchmarks/peers/lmcache_driver.py``:
 starts ``VENV/bin/lmcache_server 127.0.0.1 PORT cpu``, prints ``{"ready": true}``, then
 for each ``{"size", "count"}`` line on stdin puts one batch of ``count`` chunks of
 ``size`` bytes and gets it back, and prints ``{"put", "get"}`` in seconds. The bench

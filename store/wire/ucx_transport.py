@@ -1,5 +1,5 @@
 """UCX (through ``ucxx``) as the daemon's bulk-data wire: the stream protocol of
-store/stream.py, unchanged, carried by a UCX endpoint instead of a TCP socket.
+store/wire/stream.py, unchanged, carried by a UCX endpoint instead of a TCP socket.
 
 Optional: ``pip install 'kvstore[ucx]'`` (the ``ucxx-cu12`` wheel, which brings its own
 UCX build). UCX picks the transport itself (``UCX_TLS``: RDMA verbs, shared memory,
@@ -96,7 +96,7 @@ def connect_to(worker: Any, address: bytes) -> Any:
 
 
 class UcxSocket:
-    """The part of ``socket.socket`` that store/stream.py uses, over one UCX endpoint.
+    """The part of ``socket.socket`` that store/wire/stream.py uses, over one UCX endpoint.
 
     ``recv_into`` and ``recvmsg_into`` always fill what they are given (UCX's stream
     receive waits for all the bytes), which is what the stream helpers loop for anyway.
@@ -199,7 +199,7 @@ class UcxSocket:
 def client_upgrade(sock: Any, timeout: float, connect_timeout: float) -> UcxSocket:
     """Move the stream connection ``sock`` (after ``hello``) onto UCX; the returned
     socket owns ``sock`` and closes it with itself. RemoteError if the daemon has no UCX."""
-    from store.stream import check_reply, recv_frame, send_frame
+    from store.wire.stream import check_reply, recv_frame, send_frame
 
     worker = new_worker()
     send_frame(sock, {"op": "ucx", "address": bytes(worker.address)})

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from store.proto import kvstore_pb2 as store_dot_proto_dot_kvstore__pb2
+from store.wire.proto import kvstore_pb2 as store_dot_wire_dot_proto_dot_kvstore__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in store/proto/kvstore_pb2_grpc.py depends on'
+        + ' but the generated code in store/wire/proto/kvstore_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,43 +36,43 @@ class KVStoreStub:
         """
         self.Lookup = channel.unary_unary(
                 '/kvstore.v1.KVStore/Lookup',
-                request_serializer=store_dot_proto_dot_kvstore__pb2.LookupRequest.SerializeToString,
-                response_deserializer=store_dot_proto_dot_kvstore__pb2.LookupReply.FromString,
+                request_serializer=store_dot_wire_dot_proto_dot_kvstore__pb2.LookupRequest.SerializeToString,
+                response_deserializer=store_dot_wire_dot_proto_dot_kvstore__pb2.LookupReply.FromString,
                 _registered_method=True)
         self.Put = channel.stream_unary(
                 '/kvstore.v1.KVStore/Put',
-                request_serializer=store_dot_proto_dot_kvstore__pb2.PutRequest.SerializeToString,
-                response_deserializer=store_dot_proto_dot_kvstore__pb2.PutReply.FromString,
+                request_serializer=store_dot_wire_dot_proto_dot_kvstore__pb2.PutRequest.SerializeToString,
+                response_deserializer=store_dot_wire_dot_proto_dot_kvstore__pb2.PutReply.FromString,
                 _registered_method=True)
         self.Get = channel.unary_stream(
                 '/kvstore.v1.KVStore/Get',
-                request_serializer=store_dot_proto_dot_kvstore__pb2.GetRequest.SerializeToString,
-                response_deserializer=store_dot_proto_dot_kvstore__pb2.GetReply.FromString,
+                request_serializer=store_dot_wire_dot_proto_dot_kvstore__pb2.GetRequest.SerializeToString,
+                response_deserializer=store_dot_wire_dot_proto_dot_kvstore__pb2.GetReply.FromString,
                 _registered_method=True)
         self.Delete = channel.unary_unary(
                 '/kvstore.v1.KVStore/Delete',
-                request_serializer=store_dot_proto_dot_kvstore__pb2.DeleteRequest.SerializeToString,
-                response_deserializer=store_dot_proto_dot_kvstore__pb2.DeleteReply.FromString,
+                request_serializer=store_dot_wire_dot_proto_dot_kvstore__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=store_dot_wire_dot_proto_dot_kvstore__pb2.DeleteReply.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/kvstore.v1.KVStore/Stats',
-                request_serializer=store_dot_proto_dot_kvstore__pb2.StatsRequest.SerializeToString,
-                response_deserializer=store_dot_proto_dot_kvstore__pb2.StatsReply.FromString,
+                request_serializer=store_dot_wire_dot_proto_dot_kvstore__pb2.StatsRequest.SerializeToString,
+                response_deserializer=store_dot_wire_dot_proto_dot_kvstore__pb2.StatsReply.FromString,
                 _registered_method=True)
         self.Health = channel.unary_unary(
                 '/kvstore.v1.KVStore/Health',
-                request_serializer=store_dot_proto_dot_kvstore__pb2.HealthRequest.SerializeToString,
-                response_deserializer=store_dot_proto_dot_kvstore__pb2.HealthReply.FromString,
+                request_serializer=store_dot_wire_dot_proto_dot_kvstore__pb2.HealthRequest.SerializeToString,
+                response_deserializer=store_dot_wire_dot_proto_dot_kvstore__pb2.HealthReply.FromString,
                 _registered_method=True)
         self.Lease = channel.unary_unary(
                 '/kvstore.v1.KVStore/Lease',
-                request_serializer=store_dot_proto_dot_kvstore__pb2.LeaseRequest.SerializeToString,
-                response_deserializer=store_dot_proto_dot_kvstore__pb2.LeaseReply.FromString,
+                request_serializer=store_dot_wire_dot_proto_dot_kvstore__pb2.LeaseRequest.SerializeToString,
+                response_deserializer=store_dot_wire_dot_proto_dot_kvstore__pb2.LeaseReply.FromString,
                 _registered_method=True)
         self.Release = channel.unary_unary(
                 '/kvstore.v1.KVStore/Release',
-                request_serializer=store_dot_proto_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
-                response_deserializer=store_dot_proto_dot_kvstore__pb2.ReleaseReply.FromString,
+                request_serializer=store_dot_wire_dot_proto_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=store_dot_wire_dot_proto_dot_kvstore__pb2.ReleaseReply.FromString,
                 _registered_method=True)
 
 
@@ -137,43 +137,43 @@ def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Lookup': grpc.unary_unary_rpc_method_handler(
                     servicer.Lookup,
-                    request_deserializer=store_dot_proto_dot_kvstore__pb2.LookupRequest.FromString,
-                    response_serializer=store_dot_proto_dot_kvstore__pb2.LookupReply.SerializeToString,
+                    request_deserializer=store_dot_wire_dot_proto_dot_kvstore__pb2.LookupRequest.FromString,
+                    response_serializer=store_dot_wire_dot_proto_dot_kvstore__pb2.LookupReply.SerializeToString,
             ),
             'Put': grpc.stream_unary_rpc_method_handler(
                     servicer.Put,
-                    request_deserializer=store_dot_proto_dot_kvstore__pb2.PutRequest.FromString,
-                    response_serializer=store_dot_proto_dot_kvstore__pb2.PutReply.SerializeToString,
+                    request_deserializer=store_dot_wire_dot_proto_dot_kvstore__pb2.PutRequest.FromString,
+                    response_serializer=store_dot_wire_dot_proto_dot_kvstore__pb2.PutReply.SerializeToString,
             ),
             'Get': grpc.unary_stream_rpc_method_handler(
                     servicer.Get,
-                    request_deserializer=store_dot_proto_dot_kvstore__pb2.GetRequest.FromString,
-                    response_serializer=store_dot_proto_dot_kvstore__pb2.GetReply.SerializeToString,
+                    request_deserializer=store_dot_wire_dot_proto_dot_kvstore__pb2.GetRequest.FromString,
+                    response_serializer=store_dot_wire_dot_proto_dot_kvstore__pb2.GetReply.SerializeToString,
             ),
             'Delete': grpc.unary_unary_rpc_method_handler(
                     servicer.Delete,
-                    request_deserializer=store_dot_proto_dot_kvstore__pb2.DeleteRequest.FromString,
-                    response_serializer=store_dot_proto_dot_kvstore__pb2.DeleteReply.SerializeToString,
+                    request_deserializer=store_dot_wire_dot_proto_dot_kvstore__pb2.DeleteRequest.FromString,
+                    response_serializer=store_dot_wire_dot_proto_dot_kvstore__pb2.DeleteReply.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=store_dot_proto_dot_kvstore__pb2.StatsRequest.FromString,
-                    response_serializer=store_dot_proto_dot_kvstore__pb2.StatsReply.SerializeToString,
+                    request_deserializer=store_dot_wire_dot_proto_dot_kvstore__pb2.StatsRequest.FromString,
+                    response_serializer=store_dot_wire_dot_proto_dot_kvstore__pb2.StatsReply.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
-                    request_deserializer=store_dot_proto_dot_kvstore__pb2.HealthRequest.FromString,
-                    response_serializer=store_dot_proto_dot_kvstore__pb2.HealthReply.SerializeToString,
+                    request_deserializer=store_dot_wire_dot_proto_dot_kvstore__pb2.HealthRequest.FromString,
+                    response_serializer=store_dot_wire_dot_proto_dot_kvstore__pb2.HealthReply.SerializeToString,
             ),
             'Lease': grpc.unary_unary_rpc_method_handler(
                     servicer.Lease,
-                    request_deserializer=store_dot_proto_dot_kvstore__pb2.LeaseRequest.FromString,
-                    response_serializer=store_dot_proto_dot_kvstore__pb2.LeaseReply.SerializeToString,
+                    request_deserializer=store_dot_wire_dot_proto_dot_kvstore__pb2.LeaseRequest.FromString,
+                    response_serializer=store_dot_wire_dot_proto_dot_kvstore__pb2.LeaseReply.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
-                    request_deserializer=store_dot_proto_dot_kvstore__pb2.ReleaseRequest.FromString,
-                    response_serializer=store_dot_proto_dot_kvstore__pb2.ReleaseReply.SerializeToString,
+                    request_deserializer=store_dot_wire_dot_proto_dot_kvstore__pb2.ReleaseRequest.FromString,
+                    response_serializer=store_dot_wire_dot_proto_dot_kvstore__pb2.ReleaseReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -201,8 +201,8 @@ class KVStore:
             request,
             target,
             '/kvstore.v1.KVStore/Lookup',
-            store_dot_proto_dot_kvstore__pb2.LookupRequest.SerializeToString,
-            store_dot_proto_dot_kvstore__pb2.LookupReply.FromString,
+            store_dot_wire_dot_proto_dot_kvstore__pb2.LookupRequest.SerializeToString,
+            store_dot_wire_dot_proto_dot_kvstore__pb2.LookupReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -228,8 +228,8 @@ class KVStore:
             request_iterator,
             target,
             '/kvstore.v1.KVStore/Put',
-            store_dot_proto_dot_kvstore__pb2.PutRequest.SerializeToString,
-            store_dot_proto_dot_kvstore__pb2.PutReply.FromString,
+            store_dot_wire_dot_proto_dot_kvstore__pb2.PutRequest.SerializeToString,
+            store_dot_wire_dot_proto_dot_kvstore__pb2.PutReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -255,8 +255,8 @@ class KVStore:
             request,
             target,
             '/kvstore.v1.KVStore/Get',
-            store_dot_proto_dot_kvstore__pb2.GetRequest.SerializeToString,
-            store_dot_proto_dot_kvstore__pb2.GetReply.FromString,
+            store_dot_wire_dot_proto_dot_kvstore__pb2.GetRequest.SerializeToString,
+            store_dot_wire_dot_proto_dot_kvstore__pb2.GetReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -282,8 +282,8 @@ class KVStore:
             request,
             target,
             '/kvstore.v1.KVStore/Delete',
-            store_dot_proto_dot_kvstore__pb2.DeleteRequest.SerializeToString,
-            store_dot_proto_dot_kvstore__pb2.DeleteReply.FromString,
+            store_dot_wire_dot_proto_dot_kvstore__pb2.DeleteRequest.SerializeToString,
+            store_dot_wire_dot_proto_dot_kvstore__pb2.DeleteReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -309,8 +309,8 @@ class KVStore:
             request,
             target,
             '/kvstore.v1.KVStore/Stats',
-            store_dot_proto_dot_kvstore__pb2.StatsRequest.SerializeToString,
-            store_dot_proto_dot_kvstore__pb2.StatsReply.FromString,
+            store_dot_wire_dot_proto_dot_kvstore__pb2.StatsRequest.SerializeToString,
+            store_dot_wire_dot_proto_dot_kvstore__pb2.StatsReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -336,8 +336,8 @@ class KVStore:
             request,
             target,
             '/kvstore.v1.KVStore/Health',
-            store_dot_proto_dot_kvstore__pb2.HealthRequest.SerializeToString,
-            store_dot_proto_dot_kvstore__pb2.HealthReply.FromString,
+            store_dot_wire_dot_proto_dot_kvstore__pb2.HealthRequest.SerializeToString,
+            store_dot_wire_dot_proto_dot_kvstore__pb2.HealthReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -363,8 +363,8 @@ class KVStore:
             request,
             target,
             '/kvstore.v1.KVStore/Lease',
-            store_dot_proto_dot_kvstore__pb2.LeaseRequest.SerializeToString,
-            store_dot_proto_dot_kvstore__pb2.LeaseReply.FromString,
+            store_dot_wire_dot_proto_dot_kvstore__pb2.LeaseRequest.SerializeToString,
+            store_dot_wire_dot_proto_dot_kvstore__pb2.LeaseReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -390,8 +390,8 @@ class KVStore:
             request,
             target,
             '/kvstore.v1.KVStore/Release',
-            store_dot_proto_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
-            store_dot_proto_dot_kvstore__pb2.ReleaseReply.FromString,
+            store_dot_wire_dot_proto_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
+            store_dot_wire_dot_proto_dot_kvstore__pb2.ReleaseReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,8 +4,8 @@ A client creates a region (a file in ``/dev/shm``, mapped), tells the daemon its
 and a random nonce written at its start, and the daemon opens the same file. If the
 daemon reads the nonce back, both run on one host and bulk data can skip the network.
 First-tier hits are then read by the client straight from the daemon's shared pool
-(store/daemon/same_host.py) and puts are read by the daemon straight from the client's
-memory where the system allows (store/cma.py); everything else crosses the region: the
+(store/wire/same_host.py) and puts are read by the daemon straight from the client's
+memory where the system allows (store/wire/cma.py); everything else crosses the region: the
 daemon copies payloads from its tiers into it and the client copies them out, or the
 reverse for a put.
 
@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from backends.shared_memory import unmap
-from store.stream import IOV_MAX, advance_views
+from kvcore.shared_memory import unmap
+from store.wire.stream import IOV_MAX, advance_views
 
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
 NAME = re.compile(r"kvstore-[0-9a-f]{32}")  # fullmatch

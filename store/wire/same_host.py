@@ -4,9 +4,9 @@ Two things a same-host client needs cannot travel over its TCP stream connection
 
 * **the pool's descriptor.** A file descriptor crosses between processes only over a
   Unix socket (``SCM_RIGHTS``). The client gets a read-only one of the daemon's shared
-  cpu pool (backends/shared_memory.py) and maps it.
+  cpu pool (kvcore/shared_memory.py) and maps it.
 * **its pid, vouched for by the kernel.** Before the daemon reads a client's put
-  payloads out of its memory (store/cma.py), it must know which process that client is.
+  payloads out of its memory (store/wire/cma.py), it must know which process that client is.
   A pid the client merely states could name another process of the same user; the pid
   of the peer of a Unix socket (``SO_PEERCRED``) is the kernel's word.
 
@@ -14,7 +14,7 @@ So the daemon listens on a Unix socket in Linux's abstract namespace (a random n
 nothing in any file system to clean up). Anyone in the network namespace can connect
 to it, so connecting is not enough: the client presents a one-time ticket, which the
 daemon hands out only on an authenticated stream connection whose client has already
-proved it shares the host (the nonce of its region, store/shm.py). Redeeming the ticket
+proved it shares the host (the nonce of its region, store/wire/shm.py). Redeeming the ticket
 gives the client the pool's descriptor (when the pool is shared) and tells that stream
 session the redeemer's pid. A ticket is good once and for ``TICKET_SECONDS``.
 

@@ -3,7 +3,7 @@
 A put's frame names its chunks in groups, each ``[header, nbytes, keys, xxh3s, hashes]``
 (a region put adds ``offsets``, where each payload lies in the client's region):
 
-* ``header``: the encoded prefix and header (store/chunk.py) of the group's first chunk;
+* ``header``: the encoded prefix and header (kvcore/chunk.py) of the group's first chunk;
 * ``nbytes``: the payload size of every chunk of the group, as sent;
 * ``keys``, ``xxh3s``: each chunk's key and payload checksum, the first chunk's included;
 * ``hashes``: each chunk's block hash, for the daemon to check that its key names it, or
@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from store.chunk import Chunk, encode_prefix
+from kvcore.chunk import Chunk, encode_prefix
 
 HEADER, NBYTES, KEYS, XXH3S, HASHES, OFFSETS = range(6)
 FIELDS = 5

@@ -1,6 +1,6 @@
 """The raw-socket baseline of ``kvstore bench --url``: a process that only moves bytes.
 
-``python -m store.daemon.bench_peer`` listens on a free loopback port, prints it, and
+``python -m benchmarks.peers.raw_socket`` listens on a free loopback port, prints it, and
 serves one connection: ``p`` + u64 count + u64 size receives count chunks of size bytes,
 each into its own buffer, then answers one byte; ``g`` sends count chunks from those
 buffers. No framing, no store, no checks: the fastest a Python process can stream over
@@ -8,7 +8,7 @@ this socket while holding the bytes as a store must, in distinct memory. (Until
 2026-11-30 the peer reused one buffer for every chunk: at 1 MiB that buffer stayed in
 the L2 cache, and the baseline measured a cache-hot copy no store can make, e.g. 4.4
 GB/s for gets at 1 MiB against 2.4 at 16 MiB.) Sends go out in calls of at most
-``store.stream.SEND_BYTES``, as the daemon's do: one ``sendall`` of a 16 MiB chunk ran
+``store.wire.stream.SEND_BYTES``, as the daemon's do: one ``sendall`` of a 16 MiB chunk ran
 at 2.4-2.7 GB/s, the same bytes in 1 MiB calls at ~4 (so the baseline is what a socket
 does at its best, not a handicapped one).
 """
@@ -19,7 +19,7 @@ import socket
 import struct
 import sys
 
-from store.stream import recv_into, send_buffers, tune
+from store.wire.stream import recv_into, send_buffers, tune
 
 _OP = struct.Struct("<cQQ")
 
