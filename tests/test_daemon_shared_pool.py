@@ -18,7 +18,7 @@ from daemon_proc import chunk, same, start_daemon
 
 from kvcore.shared_memory import PoolMapping, SharedBuffer
 from store.client import IN_POOL, WINDOW_START, KVStoreClient
-from store.daemon import same_host
+from store.wire import same_host
 from store.wire.same_host import SameHost, redeem
 from store.wire.stream import RemoteError, recv_frame, send_frame
 
