@@ -45,8 +45,9 @@ class GDSBackend(DiskBackend):
         open_files: int = 1024,
     ) -> None:
         self._kv = _kvikio()
-        super().__init__(path, capacity, policy=policy, fsync=fsync, o_direct=False,
-                         open_files=open_files)  # fmt: skip
+        super().__init__(
+            path, capacity, policy=policy, fsync=fsync, o_direct=False, open_files=open_files
+        )
 
     def _write_file(self, path: str, chunk: Chunk) -> int:
         prefix = encode_prefix(chunk.header, align=HEADER_READ_SIZE)

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from connector.views import ConnectorRequest, ConnectorStep
     from connector.handoff_policy import HandOffPolicy
+    from connector.views import ConnectorRequest, ConnectorStep
     from kvcore.events import KVCacheEvent
     from kvcore.keys import ModelFingerprint
 
@@ -115,7 +115,9 @@ class KVConnectorBase(ABC):
         last call."""
         return []
 
-    def external_token_sources(self, request: ConnectorRequest, end: int | None = None) -> dict[str, int]:
+    def external_token_sources(
+        self, request: ConnectorRequest, end: int | None = None
+    ) -> dict[str, int]:
         """How many of the tokens planned for loading (up to token ``end``) each medium
         serves, e.g. ``{"cpu": 64, "disk": 32}``; for per-request metrics."""
         return {}

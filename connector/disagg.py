@@ -77,12 +77,15 @@ def check_params(params: Any, policy: HandOffPolicy | None = None) -> str | None
         except ValueError as e:
             return f"'kv_transfer_params.remote_store': {e}"
         if policy is not None and policy.store_url(store) is None:
-            return (f"'kv_transfer_params.remote_store' {store[:100]!r} is not a store this "
-                    "engine may call (its own kvstore tier, or one in allowed_remote_stores)")  # fmt: skip
+            return (
+                f"'kv_transfer_params.remote_store' {store[:100]!r} is not a store this "
+                "engine may call (its own kvstore tier, or one in allowed_remote_stores)"
+            )
     ttl = params.get("lease_ttl")
     top, which = (MAX_LEASE_TTL, "") if policy is None else (policy.max_ttl, " (max_lease_ttl)")
-    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
-                            or not 0 < ttl <= top):  # fmt: skip
+    if ttl is not None and (
+        isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= top
+    ):
         return f"'kv_transfer_params.lease_ttl' must be a number of seconds in (0, {top:g}]{which}"
     lease = params.get("lease_id")
     if lease is not None and not isinstance(lease, str):
@@ -108,8 +111,9 @@ class TransferAgent:
     def __init__(self, store: TieredStore, chunk_size: int) -> None:
         self.store = store
         self.chunk_size = chunk_size
-        self._own = {t.backend.url: t.backend for t in store.tiers
-                     if isinstance(t.backend, RemoteBackend)}  # fmt: skip
+        self._own = {
+            t.backend.url: t.backend for t in store.tiers if isinstance(t.backend, RemoteBackend)
+        }
         self.policy = HandOffPolicy.of(store.config, list(self._own))
         self.leases = LeaseLedger(self.policy.max_leases)  # this engine's unexpired leases
         self._others: dict[str, RemoteBackend] = {}  # allowed stores only: bounded
@@ -137,30 +141,45 @@ class TransferAgent:
         deadline = time.monotonic() + handle.timeout
         url = self.policy.store_url(handle.store_url) if handle.store_url else self.default_url
         out: dict[str, Any] = {
-            "do_remote_prefill": True, "do_remote_decode": False, "remote_store": url,
-            "keys": [], "num_tokens": 0, "lease_id": None, "lease_expires": None,
-            "remote_engine_id": None, "remote_block_ids": None, "remote_host": None,
-            "remote_port": None, "tp_size": 1,
-        }  # fmt: skip
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_store": url,
+            "keys": [],
+            "num_tokens": 0,
+            "lease_id": None,
+            "lease_expires": None,
+            "remote_engine_id": None,
+            "remote_block_ids": None,
+            "remote_host": None,
+            "remote_port": None,
+            "tp_size": 1,
+        }
         if url is None or not handle.keys:  # (a store off the allow-list never gets here)
             return out
         if not self.leases.reserve():
-            log.warning("request %s: %d leases outstanding (max_outstanding_leases); no KV "
-                        "hand-off", handle.request_id, self.policy.max_leases)  # fmt: skip
+            log.warning(
+                "request %s: %d leases outstanding (max_outstanding_leases); no KV hand-off",
+                handle.request_id,
+                self.policy.max_leases,
+            )
             return out
         try:
             return self._hand_off(handle, url, out, deadline)
         finally:
             self.leases.settle(out["lease_id"], out["lease_expires"])
 
-    def _hand_off(self, handle: RemoteDecode, url: str, out: dict[str, Any],
-                  deadline: float) -> dict[str, Any]:  # fmt: skip
+    def _hand_off(
+        self, handle: RemoteDecode, url: str, out: dict[str, Any], deadline: float
+    ) -> dict[str, Any]:
         addr = parse_url(url)
         out["remote_host"], out["remote_port"] = addr.host, addr.port
         _, late = wait(handle.futures, timeout=max(0.0, deadline - time.monotonic()))
         if late:
-            log.warning("request %s: %d KV save(s) not done by the deadline; leasing what is "
-                        "stored", handle.request_id, len(late))  # fmt: skip
+            log.warning(
+                "request %s: %d KV save(s) not done by the deadline; leasing what is stored",
+                handle.request_id,
+                len(late),
+            )
         try:
             backend = self.backend(url)
             if url not in self._own:  # the decode node reads another daemon: copy there
@@ -175,8 +194,12 @@ class TransferAgent:
             log.warning("request %s: KV hand-off to %s failed: %s", handle.request_id, url, e)
             return out
         if count:
-            out.update(keys=handle.keys[:count], num_tokens=count * self.chunk_size,
-                       lease_id=lease_id, lease_expires=expires)  # fmt: skip
+            out.update(
+                keys=handle.keys[:count],
+                num_tokens=count * self.chunk_size,
+                lease_id=lease_id,
+                lease_expires=expires,
+            )
         return out
 
     def release_async(self, url: str | None, lease_id: str) -> Future | None:

@@ -86,8 +86,11 @@ class StoreLookups:
                 lookup.answer = lookup.local
         elif time.monotonic() >= lookup.expires:
             future.cancel()  # if still queued; a running one finishes and is ignored
-            log.warning("store lookup not answered within %.1fs; recomputing what the "
-                        "local tiers do not hold", self.deadline)  # fmt: skip
+            log.warning(
+                "store lookup not answered within %.1fs; recomputing what the "
+                "local tiers do not hold",
+                self.deadline,
+            )
             lookup.answer = lookup.local
         return lookup.answer
 

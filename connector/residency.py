@@ -67,9 +67,15 @@ class ChunkResidency:
                         self._forget(key)
                 else:
                     tiers.add(event.tier)
-                    self._events.append(BlockStored(list(info.block_hashes), info.parent,
-                                                    list(info.token_ids), self.block_size,
-                                                    medium=medium))  # fmt: skip
+                    self._events.append(
+                        BlockStored(
+                            list(info.block_hashes),
+                            info.parent,
+                            list(info.token_ids),
+                            self.block_size,
+                            medium=medium,
+                        )
+                    )
 
     def forget_unstored(self, keys: Sequence[str]) -> None:
         """Drop descriptions of ``keys`` that no tier holds (a save that stored nothing)."""

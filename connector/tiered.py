@@ -95,8 +95,9 @@ class TieredConnector(KVConnectorBase):
         hashes = request.block_hashes
         if not decoded:
             hashes = hashes[: len(request.prompt_token_ids) // bs]
-        return chunk_refs(hashes, bs, self.chunk_size, self.context.fingerprint,
-                          cache_salt=request.cache_salt)  # fmt: skip
+        return chunk_refs(
+            hashes, bs, self.chunk_size, self.context.fingerprint, cache_salt=request.cache_salt
+        )
 
     def _state(self, request: ConnectorRequest) -> RequestState:
         st = self._requests.get(request.request_id)
@@ -108,8 +109,11 @@ class TieredConnector(KVConnectorBase):
             elif wants_remote_prefill(params):
                 expires = params.get("lease_expires")
                 if isinstance(expires, (int, float)) and expires < time.time():
-                    log.info("request %s: its KV lease expired; loading what the store still "
-                             "holds (keys are content-addressed)", request.request_id)  # fmt: skip
+                    log.info(
+                        "request %s: its KV lease expired; loading what the store still "
+                        "holds (keys are content-addressed)",
+                        request.request_id,
+                    )
         return st
 
     def get_num_new_matched_tokens(
@@ -210,8 +214,14 @@ class TieredConnector(KVConnectorBase):
         if futures is not None and st is not None and request.output_token_ids:
             # A prefill leg that ran (not an abort): hand its KV over, off the engine loop.
             ttl = self.transfers.policy.lease_ttl(params.get("lease_ttl"))  # capped
-            handle = RemoteDecode(rid, [r.key for r in st.refs], params.get("remote_store"),
-                                  ttl, self.context.load_timeout, futures)  # fmt: skip
+            handle = RemoteDecode(
+                rid,
+                [r.key for r in st.refs],
+                params.get("remote_store"),
+                ttl,
+                self.context.load_timeout,
+                futures,
+            )
             request.kv_transfer_pending = handle
         return False, None
 
@@ -225,7 +235,9 @@ class TieredConnector(KVConnectorBase):
         ``connector/disagg.py``)."""
         return self.transfers.finish(handle)
 
-    def external_token_sources(self, request: ConnectorRequest, end: int | None = None) -> dict[str, int]:
+    def external_token_sources(
+        self, request: ConnectorRequest, end: int | None = None
+    ) -> dict[str, int]:
         st = self._requests.get(request.request_id)
         return st.sources(end) if st is not None else {}
 
@@ -264,9 +276,14 @@ class TieredConnector(KVConnectorBase):
             self._step = None
             return
         self._step = StepTransfers(
-            self.context, self.store, self.chunk_size, self._kv_caches, metadata,
-            self._load_stream, self._staging,
-        )  # fmt: skip
+            self.context,
+            self.store,
+            self.chunk_size,
+            self._kv_caches,
+            metadata,
+            self._load_stream,
+            self._staging,
+        )
         self._step.start_saves()
         self._step.start_loads()
 

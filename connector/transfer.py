@@ -166,8 +166,13 @@ class StepTransfers:
                 self._release_staging(job)
                 results.append(LoadResult(job.spec, job.good_end, job.error))
             if job.error is not None:
-                log.warning("kv load for %s stopped at token %d of %d: %s", job.spec.request_id,
-                            job.good_end, job.spec.end, job.error)  # fmt: skip
+                log.warning(
+                    "kv load for %s stopped at token %d of %d: %s",
+                    job.spec.request_id,
+                    job.good_end,
+                    job.spec.end,
+                    job.error,
+                )
         return results
 
     def failed_ids(self) -> set[str]:

@@ -5,4 +5,11 @@ from engine.llm import LLM
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "EngineError", "InvalidRequestError", "ModelLoadError"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "RequestOutput",
+    "EngineError",
+    "InvalidRequestError",
+    "ModelLoadError",
+]

@@ -115,8 +115,9 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine loop has stopped: {self._dead}")
         rid = request_id or uuid.uuid4().hex
         stream = _Stream(asyncio.get_running_loop())
-        self._commands.put(("add", rid, list(prompt_token_ids), params, cache_salt,
-                            kv_transfer_params, stream))  # fmt: skip
+        self._commands.put(
+            ("add", rid, list(prompt_token_ids), params, cache_salt, kv_transfer_params, stream)
+        )
         finished = False
         try:
             while not finished:
@@ -176,11 +177,19 @@ class AsyncEngine:
             elif cmd[0] == "abort" and self._streams.pop(cmd[1], None) is not None:
                 self._abort(cmd[1])
 
-    def _add(self, rid: str, ids: list[int], params: SamplingParams, salt: str | None,
-             kv_transfer_params: dict | None, stream: _Stream) -> None:  # fmt: skip
+    def _add(
+        self,
+        rid: str,
+        ids: list[int],
+        params: SamplingParams,
+        salt: str | None,
+        kv_transfer_params: dict | None,
+        stream: _Stream,
+    ) -> None:
         try:
-            self.engine.add_request(ids, params, request_id=rid, cache_salt=salt,
-                                    kv_transfer_params=kv_transfer_params)  # fmt: skip
+            self.engine.add_request(
+                ids, params, request_id=rid, cache_salt=salt, kv_transfer_params=kv_transfer_params
+            )
         except EngineError as e:
             stream.push(e)
             return
@@ -219,17 +228,22 @@ class AsyncEngine:
         if culprit is None:
             self._unexplained_failures += 1
             if self._unexplained_failures >= MAX_STEP_FAILURES:
-                raise RuntimeError(f"{MAX_STEP_FAILURES} engine steps in a row failed, "
-                                   f"the last with {type(error).__name__}: {error}") from error  # fmt: skip
+                raise RuntimeError(
+                    f"{MAX_STEP_FAILURES} engine steps in a row failed, "
+                    f"the last with {type(error).__name__}: {error}"
+                ) from error
         else:
             self._unexplained_failures = 0
             stream = self._streams.pop(culprit.request_id, None)
             if stream is not None:
                 stream.push(_failed(culprit.request_id, error))
         recover(self.engine, culprit)  # raises if the block pool is broken: the loop stops
-        self._fail_dropped(RequestFailedError(
-            f"an engine step running this request failed ({type(error).__name__}: {error}); "
-            "the server goes on"))  # fmt: skip
+        self._fail_dropped(
+            RequestFailedError(
+                f"an engine step running this request failed ({type(error).__name__}: {error}); "
+                "the server goes on"
+            )
+        )
 
     def _abort(self, rid: str) -> None:
         try:
@@ -258,5 +272,6 @@ class AsyncEngine:
 
 
 def _failed(rid: str, error: BaseException) -> RequestFailedError:
-    return RequestFailedError(f"request {rid} failed in the engine: {type(error).__name__}: "
-                              f"{error}; the server goes on")  # fmt: skip
+    return RequestFailedError(
+        f"request {rid} failed in the engine: {type(error).__name__}: {error}; the server goes on"
+    )

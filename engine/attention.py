@@ -98,8 +98,15 @@ def paged_attention(
     kvh = kv_cache.shape[3]
     for g in meta.decodes:
         if g.kernel is not None:
-            g.kernel.paged_decode(q[g.start : g.end].contiguous(), out[g.start : g.end], kv_cache,
-                                  g.block_tables, g.positions, g.window, scale)  # fmt: skip
+            g.kernel.paged_decode(
+                q[g.start : g.end].contiguous(),
+                out[g.start : g.end],
+                kv_cache,
+                g.block_tables,
+                g.positions,
+                g.window,
+                scale,
+            )
             continue
         keys, vals = gather_kv(kv_cache, g.block_tables)  # [B, KVH, L, D]
         b, h, d = g.end - g.start, q.shape[1], q.shape[2]

@@ -110,8 +110,14 @@ def _kernel_group(
         toks.add(s)
     tables = _block_tables(members, max(cdiv(s.start + 1, bs) for s in members))
     positions = torch.tensor([s.start for s in members])
-    return DecodeGroup(first, len(toks.ids), tables.to(device), positions=positions.to(device),
-                       window=window or 0, kernel=kernel)  # fmt: skip
+    return DecodeGroup(
+        first,
+        len(toks.ids),
+        tables.to(device),
+        positions=positions.to(device),
+        window=window or 0,
+        kernel=kernel,
+    )
 
 
 def _prefill_span(

@@ -159,7 +159,9 @@ class BlockPool:
         """Raise if ref counts, the free queue and the hash map disagree."""
         queued = list(self.free_queue)
         if len(queued) != self.free_queue.size:
-            raise AssertionError(f"free queue holds {len(queued)} blocks, size says {self.free_queue.size}")
+            raise AssertionError(
+                f"free queue holds {len(queued)} blocks, size says {self.free_queue.size}"
+            )
         if len({b.block_id for b in queued}) != len(queued):
             raise AssertionError("a block is queued twice")
         bad = [b.block_id for b in queued if b.ref_cnt != 0]
@@ -170,4 +172,6 @@ class BlockPool:
             raise AssertionError(f"{n_zero} blocks have ref_cnt 0 but {len(queued)} are queued")
         for h, b in self.cached.items():
             if b.block_hash != h:
-                raise AssertionError(f"hash map entry points at block {b.block_id} holding another hash")
+                raise AssertionError(
+                    f"hash map entry points at block {b.block_id} holding another hash"
+                )

@@ -57,9 +57,13 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 def _tier_flags(args: argparse.Namespace) -> dict[str, str]:
     """The ``--kv-*`` tier flags that were given, as store keys."""
-    flags = {"chunk_size": args.kv_chunk_size, "cpu.size": args.kv_cpu_size,
-             "disk.path": args.kv_disk_path, "disk.size": args.kv_disk_size,
-             "redis.url": args.kv_redis_url}  # fmt: skip
+    flags = {
+        "chunk_size": args.kv_chunk_size,
+        "cpu.size": args.kv_cpu_size,
+        "disk.path": args.kv_disk_path,
+        "disk.size": args.kv_disk_size,
+        "redis.url": args.kv_redis_url,
+    }
     return {k: v for k, v in flags.items() if v is not None}
 
 
@@ -80,8 +84,10 @@ def kv_config_from_args(args: argparse.Namespace) -> StoreConfig | None:
     kvstore = getattr(args, "kvstore", None)
     if kvstore:
         if args.kv_config:
-            raise ConfigError("--kvstore and --kv-config exclude each other: list the daemon "
-                              "in the file's tiers instead")  # fmt: skip
+            raise ConfigError(
+                "--kvstore and --kv-config exclude each other: list the daemon "
+                "in the file's tiers instead"
+            )
         args.kv_connector = "tiered"
         tiers = [t for t in TIERS if t in _flag_tiers(overrides)]
         return StoreConfig.load(overrides={**overrides, "tiers": [*tiers, kvstore]})
@@ -132,27 +138,59 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: all)")
     serve.add_argument("--port", type=int, default=8000, help="HTTP port (0: a free one)")
-    serve.add_argument("--served-model-name", default=None,
-                       help="the model name clients send (default: --model)")  # fmt: skip
-    serve.add_argument("--kvstore", default=None, metavar="kvstore://HOST:PORT",
-                       help="a kvstore daemon as the KV store (implies --kv-connector tiered)")  # fmt: skip
-    serve.add_argument("--kv-role", default="both", choices=("both", "producer", "consumer"),
-                       help="producer: only save KV, consumer: only load it")  # fmt: skip
+    serve.add_argument(
+        "--served-model-name", default=None, help="the model name clients send (default: --model)"
+    )
+    serve.add_argument(
+        "--kvstore",
+        default=None,
+        metavar="kvstore://HOST:PORT",
+        help="a kvstore daemon as the KV store (implies --kv-connector tiered)",
+    )
+    serve.add_argument(
+        "--kv-role",
+        default="both",
+        choices=("both", "producer", "consumer"),
+        help="producer: only save KV, consumer: only load it",
+    )
     sec = serve.add_argument_group("security and limits (docs/server.md, Security)")
-    sec.add_argument("--api-key", default=None,
-                     help="require 'Authorization: Bearer KEY' on every route but /health and "
-                          "/metrics (default: $KVSTORE_API_KEY; unset: no key)")  # fmt: skip
-    sec.add_argument("--max-request-body", default=None, metavar="SIZE",
-                     help="largest request body, e.g. 8MiB (default: from --max-model-len)")  # fmt: skip
-    sec.add_argument("--max-chars-per-token", type=int, default=16,
-                     help="a text prompt longer than max_model_len x this is refused untokenized")  # fmt: skip
-    sec.add_argument("--tokenizer-threads", type=int, default=2,
-                     help="threads that tokenize and render chat templates off the event loop")  # fmt: skip
+    sec.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but /health and "
+        "/metrics (default: $KVSTORE_API_KEY; unset: no key)",
+    )
+    sec.add_argument(
+        "--max-request-body",
+        default=None,
+        metavar="SIZE",
+        help="largest request body, e.g. 8MiB (default: from --max-model-len)",
+    )
+    sec.add_argument(
+        "--max-chars-per-token",
+        type=int,
+        default=16,
+        help="a text prompt longer than max_model_len x this is refused untokenized",
+    )
+    sec.add_argument(
+        "--tokenizer-threads",
+        type=int,
+        default=2,
+        help="threads that tokenize and render chat templates off the event loop",
+    )
     ev = serve.add_argument_group("KV events (for kvrouter --policy prefix_aware)")
-    ev.add_argument("--kv-events-endpoint", default=None, metavar="tcp://*:5557",
-                    help="publish KV events on this ZMQ endpoint (bound if it has *)")  # fmt: skip
-    ev.add_argument("--kv-events-replay-endpoint", default=None, metavar="tcp://*:5558",
-                    help="also answer replay requests here")  # fmt: skip
+    ev.add_argument(
+        "--kv-events-endpoint",
+        default=None,
+        metavar="tcp://*:5557",
+        help="publish KV events on this ZMQ endpoint (bound if it has *)",
+    )
+    ev.add_argument(
+        "--kv-events-replay-endpoint",
+        default=None,
+        metavar="tcp://*:5558",
+        help="also answer replay requests here",
+    )
     ev.add_argument("--kv-events-topic", default="kv-events")
     return parser
 
@@ -193,9 +231,11 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
     body = args.max_request_body
     return ServerConfig(
-        api_key=key, max_request_body=None if body is None else parse_size(body, "--max-request-body"),
-        max_chars_per_token=args.max_chars_per_token, tokenizer_threads=args.tokenizer_threads,
-    )  # fmt: skip
+        api_key=key,
+        max_request_body=None if body is None else parse_size(body, "--max-request-body"),
+        max_chars_per_token=args.max_chars_per_token,
+        tokenizer_threads=args.tokenizer_threads,
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -208,16 +248,27 @@ def _serve(args: argparse.Namespace) -> int:
         kv_config = kv_config_from_args(args)
         server_config = server_config_from_args(args)
         if args.kv_role != "both" and args.kv_connector == "none":
-            raise ConfigError(f"--kv-role {args.kv_role} needs a KV connector (--kv-connector "
-                              "tiered or --kvstore URL)")  # fmt: skip
+            raise ConfigError(
+                f"--kv-role {args.kv_role} needs a KV connector (--kv-connector "
+                "tiered or --kvstore URL)"
+            )
         events = None
         if args.kv_events_endpoint:
-            events = KVEventsConfig(args.kv_events_endpoint, args.kv_events_replay_endpoint,
-                                    args.kv_events_topic)  # fmt: skip
-        config = EngineConfig(model=args.model, enable_kv_events=events is not None,
-                              **engine_kwargs(args, kv_config))  # fmt: skip
-        run_server(config, args.host, args.port, args.served_model_name, args.kv_role, events,
-                   server_config)  # fmt: skip
+            events = KVEventsConfig(
+                args.kv_events_endpoint, args.kv_events_replay_endpoint, args.kv_events_topic
+            )
+        config = EngineConfig(
+            model=args.model, enable_kv_events=events is not None, **engine_kwargs(args, kv_config)
+        )
+        run_server(
+            config,
+            args.host,
+            args.port,
+            args.served_model_name,
+            args.kv_role,
+            events,
+            server_config,
+        )
     except (ConfigError, ChatTemplateError) as e:
         print(f"engine: error: {e}", file=sys.stderr)
         return 2

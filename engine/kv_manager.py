@@ -80,7 +80,9 @@ class KVCacheManager:
         tokens = req.all_token_ids
         for i in range(start, n_full):
             parent = req.block_hashes[i - 1] if i else None
-            self.pool.cache_block(blocks[i], req.block_hashes[i], tuple(tokens[i * bs : (i + 1) * bs]), parent)
+            self.pool.cache_block(
+                blocks[i], req.block_hashes[i], tuple(tokens[i * bs : (i + 1) * bs]), parent
+            )
         self._num_registered[req.request_id] = max(start, n_full)
 
     def free(self, req: Request) -> None:

@@ -42,9 +42,15 @@ def encode_event(ev: KVCacheEvent) -> list:
     """One event as vLLM's tagged array (``array_like=True, omit_defaults=True``)."""
     if isinstance(ev, BlockStored):
         out = [
-            "BlockStored", list(ev.block_hashes), ev.parent_block_hash, list(ev.token_ids),
-            ev.block_size, ev.lora_id, ev.medium, ev.lora_name,
-        ]  # fmt: skip
+            "BlockStored",
+            list(ev.block_hashes),
+            ev.parent_block_hash,
+            list(ev.token_ids),
+            ev.block_size,
+            ev.lora_id,
+            ev.medium,
+            ev.lora_name,
+        ]
         if ev.extra_keys is not None:
             out.append([list(k) if k is not None else None for k in ev.extra_keys])
         return out

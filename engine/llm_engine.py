@@ -40,12 +40,16 @@ class LLMEngine:
         self.model_config = source.config
         self.tokenizer = source.tokenizer
         self.runner = ModelRunner(config, source)
-        self.kv = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVCacheManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.connector = self._make_connector(source)
         if self.connector is not None:
             self.runner.attach_connector(self.connector)
         sched_cfg = SchedulerConfig(
-            config.max_num_seqs, config.max_num_batched_tokens, config.enable_chunked_prefill,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.enable_chunked_prefill,
             config.enable_kv_events,
         )
         self.scheduler = Scheduler(sched_cfg, self.kv, self.connector)
@@ -63,11 +67,20 @@ class LLMEngine:
 
         mc, r = source.config, self.runner
         ctx = ConnectorContext(
-            model_fingerprint(source, r.dtype), self.config.block_size, mc.num_layers,
-            mc.num_kv_heads, mc.head_dim, r.dtype, r.device, self.config.kv_config,
-            self.config.kv_load_failure_policy, self.config.kv_load_timeout,
-            self.config.enable_kv_events, self.config.kv_save_decoded, self.config.kv_role,
-        )  # fmt: skip
+            model_fingerprint(source, r.dtype),
+            self.config.block_size,
+            mc.num_layers,
+            mc.num_kv_heads,
+            mc.head_dim,
+            r.dtype,
+            r.device,
+            self.config.kv_config,
+            self.config.kv_load_failure_policy,
+            self.config.kv_load_timeout,
+            self.config.enable_kv_events,
+            self.config.kv_save_decoded,
+            self.config.kv_role,
+        )
         try:
             return create_connector(self.config.kv_connector, ctx)
         except (ValueError, TypeError) as e:  # the store's ConfigError is a ValueError
@@ -108,7 +121,9 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
-            raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+            raise InvalidRequestError(
+                f"prompt token id {bad} is outside the vocabulary [0, {vocab})"
+            )
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"prompt has {len(ids)} tokens; the context is {self.max_model_len} tokens "
@@ -139,8 +154,14 @@ class LLMEngine:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests:
             raise InvalidRequestError(f"request id {rid!r} is already in use")
-        req = Request(rid, ids, params or SamplingParams(), self.config.block_size,
-                      cache_salt or None, kv_transfer_params=kv_transfer_params)  # fmt: skip
+        req = Request(
+            rid,
+            ids,
+            params or SamplingParams(),
+            self.config.block_size,
+            cache_salt or None,
+            kv_transfer_params=kv_transfer_params,
+        )
         self.requests[rid] = req
         self.scheduler.add_request(req)
         return req
@@ -228,8 +249,13 @@ class LLMEngine:
         )
         pending = req.kv_transfer_pending if finished else None
         return RequestOutput(
-            req.request_id, list(req.prompt_token_ids), list(ids), text, req.finish_reason,
-            list(req.output_logprobs) if req.params.logprobs else None, metrics,
+            req.request_id,
+            list(req.prompt_token_ids),
+            list(ids),
+            text,
+            req.finish_reason,
+            list(req.output_logprobs) if req.params.logprobs else None,
+            metrics,
             kv_transfer_pending=pending,
         )
 

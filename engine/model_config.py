@@ -76,7 +76,9 @@ class ModelConfig:
                 window = None
             if not eos_token_ids:
                 eos = cfg.get("eos_token_id")
-                eos_token_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+                eos_token_ids = (
+                    tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+                )
             return cls(
                 architecture=arch,
                 vocab_size=int(cfg["vocab_size"]),

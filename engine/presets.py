@@ -21,15 +21,33 @@ from engine.tokenizer import Tokenizer, byte_level_tokenizer
 EOS_ID = 1
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
-        architecture="LlamaForCausalLM", vocab_size=512, hidden_size=64, intermediate_size=128,
-        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=4096,
-        rms_norm_eps=1e-6, rope=RopeConfig(theta=10000.0), tie_word_embeddings=False,
+        architecture="LlamaForCausalLM",
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        rope=RopeConfig(theta=10000.0),
+        tie_word_embeddings=False,
         eos_token_ids=(EOS_ID,),
     ),
     "bench": ModelConfig(
-        architecture="LlamaForCausalLM", vocab_size=32000, hidden_size=768, intermediate_size=2048,
-        num_layers=12, num_heads=12, num_kv_heads=4, head_dim=64, max_position_embeddings=16384,
-        rms_norm_eps=1e-5, rope=RopeConfig(theta=500000.0), tie_word_embeddings=True,
+        architecture="LlamaForCausalLM",
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_layers=12,
+        num_heads=12,
+        num_kv_heads=4,
+        head_dim=64,
+        max_position_embeddings=16384,
+        rms_norm_eps=1e-5,
+        rope=RopeConfig(theta=500000.0),
+        tie_word_embeddings=True,
         eos_token_ids=(EOS_ID,),
     ),
 }
@@ -82,7 +100,9 @@ def save_preset(name: str, path: str | Path) -> Path:
     preset_tokenizer(cfg).save(out / "tokenizer.json")
     tok_cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
         "model_max_length": cfg.max_position_embeddings,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))

@@ -45,7 +45,9 @@ class Request:
     first_token_time: float | None = None
     num_preemptions: int = 0
     block_hashes: list[BlockHash] = field(default_factory=list)
-    kv_sources: dict[str, int] = field(default_factory=dict)  # prompt tokens per source, last admission
+    kv_sources: dict[str, int] = field(
+        default_factory=dict
+    )  # prompt tokens per source, last admission
     generator: torch.Generator | None = None
     # Disaggregated prefill/decode (connector/disagg.py): the leg's parameters as the
     # client sent them, and a prefill leg's hand-off once its KV is being saved.
@@ -83,5 +85,9 @@ class Request:
             return
         parent = self.block_hashes[-1] if done else None
         self.block_hashes += block_hashes(
-            self.all_token_ids, self.block_size, cache_salt=self.cache_salt, start=done, parent=parent
+            self.all_token_ids,
+            self.block_size,
+            cache_salt=self.cache_salt,
+            start=done,
+            parent=parent,
         )

@@ -146,7 +146,9 @@ class Scheduler:
             return None
         req.num_computed_tokens = num_cached + num_external
         if self.connector is not None:
-            self.connector.update_state_after_alloc(req, self.kv.block_ids(req.request_id), num_external)
+            self.connector.update_state_after_alloc(
+                req, self.kv.block_ids(req.request_id), num_external
+            )
         if req.num_cached_tokens < 0:  # as vLLM: the prefix-cache hits of the first admission
             req.num_cached_tokens = num_cached
         req.kv_sources = self._kv_sources(req, num_cached, req.num_computed_tokens)
@@ -178,7 +180,9 @@ class Scheduler:
         return min(n, req.num_tokens - 1 - num_cached)  # one token always computes
 
     def _add_scheduled(self, out: SchedulerOutput, req: Request, num_new: int) -> None:
-        s = ScheduledRequest(req, req.num_computed_tokens, num_new, self.kv.block_ids(req.request_id))
+        s = ScheduledRequest(
+            req, req.num_computed_tokens, num_new, self.kv.block_ids(req.request_id)
+        )
         (out.decodes if num_new == 1 else out.prefills).append(s)
 
     def _preempt(self, req: Request) -> None:

@@ -32,8 +32,11 @@ def blame(error: BaseException, live: Iterable[Request]) -> Request | None:
         frames.append(tb.tb_frame)
         tb = tb.tb_next
     for frame in reversed(frames):  # innermost first
-        found = {id(v): v for v in frame.f_locals.values()
-                 if isinstance(v, Request) and id(v) in live_ids}  # fmt: skip
+        found = {
+            id(v): v
+            for v in frame.f_locals.values()
+            if isinstance(v, Request) and id(v) in live_ids
+        }
         if len(found) == 1:
             return next(iter(found.values()))
         if found:  # several requests in hand: no telling which

@@ -73,9 +73,16 @@ class ChunkHeader:
             if d["v"] != FORMAT_VERSION:
                 raise ChunkError(f"unsupported chunk format version {d['v']}")
             return cls(  # positional: a daemon parses one per chunk put, keywords cost 25%
-                d["key"], d["fp"], d["dtype"], tuple(d["shape"]), d["tokens"], d["nbytes"],
-                d["xxh3"], d["layout"], d["v"],
-            )  # fmt: skip
+                d["key"],
+                d["fp"],
+                d["dtype"],
+                tuple(d["shape"]),
+                d["tokens"],
+                d["nbytes"],
+                d["xxh3"],
+                d["layout"],
+                d["v"],
+            )
         except ChunkError:
             raise
         except Exception as exc:  # msgpack raises many types on garbage

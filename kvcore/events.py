@@ -70,9 +70,12 @@ def coalesce(events: list[KVCacheEvent]) -> list[KVCacheEvent]:
             and ev.parent_block_hash == prev.block_hashes[-1]
         ):
             out[-1] = BlockStored(
-                prev.block_hashes + ev.block_hashes, prev.parent_block_hash,
-                prev.token_ids + ev.token_ids, prev.block_size, medium=prev.medium,
-            )  # fmt: skip
+                prev.block_hashes + ev.block_hashes,
+                prev.parent_block_hash,
+                prev.token_ids + ev.token_ids,
+                prev.block_size,
+                medium=prev.medium,
+            )
         elif (
             isinstance(ev, BlockRemoved)
             and isinstance(prev, BlockRemoved)

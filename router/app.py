@@ -45,8 +45,9 @@ async def auth_middleware(request: web.Request, handler):
     key = request.app[CONFIG].api_key
     if key and request.path not in OPEN_PATHS:
         if not bearer_matches(request.headers.get("Authorization", ""), key.encode()):
-            return error_response(401, "missing or wrong API key (Authorization: Bearer ...)",
-                                  code="invalid_api_key")  # fmt: skip
+            return error_response(
+                401, "missing or wrong API key (Authorization: Bearer ...)", code="invalid_api_key"
+            )
     return await handler(request)
 
 
@@ -65,8 +66,12 @@ async def _generate(request: web.Request, path: str, chat: bool) -> web.StreamRe
         raw = await intake.read(request)
         body, hashes = await intake.prepare(raw, chat, router.policy.needs_hashes)
     except BodyTooLarge:
-        return error_response(413, f"the request body is larger than {intake.max_body_bytes} "
-                              "bytes (kvrouter --max-body-bytes)", code="request_too_large")  # fmt: skip
+        return error_response(
+            413,
+            f"the request body is larger than {intake.max_body_bytes} "
+            "bytes (kvrouter --max-body-bytes)",
+            code="request_too_large",
+        )
     except BadRequest as e:
         return error_response(400, str(e), e.param)
     headers = upstream_headers(request, request.headers.get("X-Request-Id") or uuid.uuid4().hex)
@@ -85,8 +90,9 @@ async def models(request: web.Request) -> web.Response:
                     return web.json_response(await up.json(content_type=None))
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
             continue
-    return error_response(503, "no healthy backend answered /v1/models", code="no_backend",
-                          err_type="server_error")  # fmt: skip
+    return error_response(
+        503, "no healthy backend answered /v1/models", code="no_backend", err_type="server_error"
+    )
 
 
 async def health(request: web.Request) -> web.Response:
@@ -96,8 +102,10 @@ async def health(request: web.Request) -> web.Response:
         for b in pool.backends
     }
     serving = any(b.healthy for b in pool.backends if b.role in ("both", "decode"))
-    return web.json_response({"status": "ok" if serving else "unavailable", "backends": states},
-                             status=200 if serving else 503)  # fmt: skip
+    return web.json_response(
+        {"status": "ok" if serving else "unavailable", "backends": states},
+        status=200 if serving else 503,
+    )
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -135,8 +143,11 @@ async def _lifecycle(app: web.Application):
     )
     # Every call to a backend (requests, health checks, /metrics, /v1/models) carries the
     # backend key, and only it: upstream_headers never copies the client's Authorization.
-    session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0),
-                                    headers=backend_auth(cfg.backend_api_key))  # fmt: skip
+    session = aiohttp.ClientSession(
+        timeout=timeout,
+        connector=aiohttp.TCPConnector(limit=0),
+        headers=backend_auth(cfg.backend_api_key),
+    )
     m = RouterMetrics()
     pool = build_pool(cfg)
     policy = make_policy(cfg.policy, app[INDEX], cfg.block_size, **_policy_kw(cfg))

@@ -29,21 +29,42 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decode", nargs="+", action="extend", default=[], metavar="URL")
     s.add_argument("--policy", choices=POLICY_NAMES, default="round_robin")
     s.add_argument("--api-key", help=f"the bearer token clients must send (or ${API_KEY_ENV})")
-    s.add_argument("--api-key-file", "--auth-token-file", type=Path, dest="api_key_file",
-                   help="a file holding the API key (keeps it out of the process list)")  # fmt: skip
-    s.add_argument("--backend-api-key",
-                   help=f"the bearer token sent to the backends (or ${BACKEND_API_KEY_ENV})")  # fmt: skip
+    s.add_argument(
+        "--api-key-file",
+        "--auth-token-file",
+        type=Path,
+        dest="api_key_file",
+        help="a file holding the API key (keeps it out of the process list)",
+    )
+    s.add_argument(
+        "--backend-api-key",
+        help=f"the bearer token sent to the backends (or ${BACKEND_API_KEY_ENV})",
+    )
     s.add_argument("--backend-api-key-file", type=Path, help="a file holding the backend API key")
-    s.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
-                   help="larger request bodies are refused with 413")  # fmt: skip
-    s.add_argument("--route-prefix-tokens", type=int, default=DEFAULT_PREFIX_TOKENS,
-                   help="leading prompt tokens hashed for prefix-aware routing")  # fmt: skip
+    s.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="larger request bodies are refused with 413",
+    )
+    s.add_argument(
+        "--route-prefix-tokens",
+        type=int,
+        default=DEFAULT_PREFIX_TOKENS,
+        help="leading prompt tokens hashed for prefix-aware routing",
+    )
     s.add_argument("--model-block-size", type=int, default=16, help="the engines' KV block size")
     s.add_argument(
         "--tokenizer", help="preset name (tiny, bench), checkpoint dir or tokenizer.json"
     )
-    s.add_argument("--kv-events", nargs="+", action="extend", default=[], metavar="ENDPOINT",
-                   help="[URL=]tcp://host:port[,tcp://host:replay_port], one per backend in order")  # fmt: skip
+    s.add_argument(
+        "--kv-events",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="ENDPOINT",
+        help="[URL=]tcp://host:port[,tcp://host:replay_port], one per backend in order",
+    )
     s.add_argument(
         "--kv-events-topic", default="", help="topic prefix to subscribe to (all by default)"
     )
@@ -82,16 +103,29 @@ def read_key(value: str | None, path: Path | None, env: str, what: str) -> str |
 
 def config_from_args(a: argparse.Namespace) -> RouterConfig:
     return RouterConfig(
-        backends=a.backend, prefill=a.prefill, decode=a.decode, policy=a.policy, host=a.host,
-        port=a.port, block_size=a.model_block_size, tokenizer=a.tokenizer,
+        backends=a.backend,
+        prefill=a.prefill,
+        decode=a.decode,
+        policy=a.policy,
+        host=a.host,
+        port=a.port,
+        block_size=a.model_block_size,
+        tokenizer=a.tokenizer,
         api_key=read_key(a.api_key, a.api_key_file, API_KEY_ENV, "API key"),
-        backend_api_key=read_key(a.backend_api_key, a.backend_api_key_file,
-                                 BACKEND_API_KEY_ENV, "backend API key"),
-        max_body_bytes=a.max_body_bytes, route_prefix_tokens=a.route_prefix_tokens,
-        kv_events=a.kv_events, kv_topic=a.kv_events_topic, health_interval=a.health_interval,
-        health_timeout=a.health_timeout, connect_timeout=a.connect_timeout,
-        request_timeout=a.request_timeout, load_alpha=a.load_alpha, load_cap=a.load_cap,
-    )  # fmt: skip
+        backend_api_key=read_key(
+            a.backend_api_key, a.backend_api_key_file, BACKEND_API_KEY_ENV, "backend API key"
+        ),
+        max_body_bytes=a.max_body_bytes,
+        route_prefix_tokens=a.route_prefix_tokens,
+        kv_events=a.kv_events,
+        kv_topic=a.kv_events_topic,
+        health_interval=a.health_interval,
+        health_timeout=a.health_timeout,
+        connect_timeout=a.connect_timeout,
+        request_timeout=a.request_timeout,
+        load_alpha=a.load_alpha,
+        load_cap=a.load_cap,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

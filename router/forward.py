@@ -75,9 +75,13 @@ class Forwarder:
                 raise upstream_failed(backend, e) from None
 
     async def relay(
-        self, request: web.Request, backend: Backend, path: str, body: dict[str, Any],
+        self,
+        request: web.Request,
+        backend: Backend,
+        path: str,
+        body: dict[str, Any],
         headers: dict[str, str],
-    ) -> web.StreamResponse:  # fmt: skip
+    ) -> web.StreamResponse:
         """POST ``body`` to ``backend`` and pass its answer to the client."""
         async with self._track(backend):
             try:

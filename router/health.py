@@ -41,9 +41,13 @@ def mark_failed(backend: Backend, metrics: RouterMetrics) -> None:
 
 class HealthChecker:
     def __init__(
-        self, pool: BackendPool, session: aiohttp.ClientSession, metrics: RouterMetrics,
-        interval: float, timeout: float,
-    ) -> None:  # fmt: skip
+        self,
+        pool: BackendPool,
+        session: aiohttp.ClientSession,
+        metrics: RouterMetrics,
+        interval: float,
+        timeout: float,
+    ) -> None:
         self.pool, self.session, self.metrics = pool, session, metrics
         self.interval, self.timeout = interval, timeout
 

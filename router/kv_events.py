@@ -16,9 +16,15 @@ import msgpack
 from kvcore.events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
 
 _STORED_FIELDS = (
-    "block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium",
-    "lora_name", "extra_keys",
-)  # fmt: skip
+    "block_hashes",
+    "parent_block_hash",
+    "token_ids",
+    "block_size",
+    "lora_id",
+    "medium",
+    "lora_name",
+    "extra_keys",
+)
 _REMOVED_FIELDS = ("block_hashes", "medium")
 
 
@@ -62,11 +68,15 @@ def decode_event(raw: Any) -> KVCacheEvent | None:
         raise BadEventBatch(f"not an event: {raw!r:.80}")
     if tag == "BlockStored":
         return BlockStored(
-            list(named["block_hashes"]), named.get("parent_block_hash"),
-            list(named.get("token_ids") or []), int(named["block_size"]),
-            named.get("lora_id"), named.get("medium"), named.get("lora_name"),
+            list(named["block_hashes"]),
+            named.get("parent_block_hash"),
+            list(named.get("token_ids") or []),
+            int(named["block_size"]),
+            named.get("lora_id"),
+            named.get("medium"),
+            named.get("lora_name"),
             named.get("extra_keys"),
-        )  # fmt: skip
+        )
     if tag == "BlockRemoved":
         return BlockRemoved(list(named["block_hashes"]), named.get("medium"))
     if tag == "AllBlocksCleared":

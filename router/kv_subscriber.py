@@ -37,9 +37,15 @@ def parse_endpoint(spec: str, default_instance: str | None) -> tuple[str, str, s
 
 class KVEventSubscriber:
     def __init__(
-        self, ctx: zmq.asyncio.Context, instance: str, endpoint: str, replay: str | None,
-        index: KVIndex, metrics: RouterMetrics, topic: str = "",
-    ) -> None:  # fmt: skip
+        self,
+        ctx: zmq.asyncio.Context,
+        instance: str,
+        endpoint: str,
+        replay: str | None,
+        index: KVIndex,
+        metrics: RouterMetrics,
+        topic: str = "",
+    ) -> None:
         self.ctx, self.instance, self.endpoint, self.replay = ctx, instance, endpoint, replay
         self.index, self.metrics, self.topic = index, metrics, topic
         self.last_seq = -1

@@ -17,9 +17,11 @@ class RouterMetrics:
             "kvrouter_backend_errors", "Failed requests to a backend", ["backend"], registry=r
         )
         self.latency = Histogram(
-            "kvrouter_backend_latency_seconds", "Backend request latency (to the last byte)",
-            ["backend"], registry=r,
-        )  # fmt: skip
+            "kvrouter_backend_latency_seconds",
+            "Backend request latency (to the last byte)",
+            ["backend"],
+            registry=r,
+        )
         self.healthy = Gauge(
             "kvrouter_backend_healthy",
             "1 if the backend passes health checks",
@@ -33,9 +35,12 @@ class RouterMetrics:
             "kvrouter_decisions", "Routing decisions", ["policy", "backend"], registry=r
         )
         self.predicted_hits = Histogram(
-            "kvrouter_predicted_hit_tokens", "Cached prefix tokens predicted per decision",
-            ["policy"], buckets=HIT_TOKEN_BUCKETS, registry=r,
-        )  # fmt: skip
+            "kvrouter_predicted_hit_tokens",
+            "Cached prefix tokens predicted per decision",
+            ["policy"],
+            buckets=HIT_TOKEN_BUCKETS,
+            registry=r,
+        )
         self.kv_events = Counter(
             "kvrouter_kv_events", "KV events applied", ["instance"], registry=r
         )

@@ -23,9 +23,13 @@ from router.routing import Router
 log = logging.getLogger("kvrouter")
 
 PREFILL_KV_PARAMS = {
-    "do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
-    "remote_block_ids": None, "remote_host": None, "remote_port": None,
-}  # fmt: skip
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
 
 
 def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
@@ -67,9 +71,13 @@ async def prefill(
 
 
 async def route_pd(
-    router: Router, request: web.Request, path: str, body: dict[str, Any],
-    headers: dict[str, str], hashes: list[bytes],
-) -> web.StreamResponse:  # fmt: skip
+    router: Router,
+    request: web.Request,
+    path: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    hashes: list[bytes],
+) -> web.StreamResponse:
     params, error = await prefill(router, path, body, headers, hashes)
     if error is not None:
         return error

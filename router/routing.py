@@ -35,9 +35,14 @@ class Router:
         return d
 
     async def route(
-        self, request: web.Request, role: str, path: str, body: dict[str, Any],
-        headers: dict[str, str], hashes: list[bytes],
-    ) -> web.StreamResponse:  # fmt: skip
+        self,
+        request: web.Request,
+        role: str,
+        path: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        hashes: list[bytes],
+    ) -> web.StreamResponse:
         tried: set[str] = set()
         last_error = "no healthy backend"
         while (d := self.decide(role, hashes, tried)) is not None:
@@ -47,10 +52,18 @@ class Router:
             except UpstreamFailed as e:
                 if not e.retryable:  # it may have been this request's doing: not again
                     log.warning("backend failed, not retried: %s", e)
-                    return error_response(502, f"the backend failed ({e})", code="upstream_error",
-                                          err_type="server_error")  # fmt: skip
+                    return error_response(
+                        502,
+                        f"the backend failed ({e})",
+                        code="upstream_error",
+                        err_type="server_error",
+                    )
                 log.warning("retrying elsewhere: %s", e)
                 last_error = str(e)
         status = 503 if not tried else 502
-        return error_response(status, f"no backend could serve the request ({last_error})",
-                              code="no_backend", err_type="server_error")  # fmt: skip
+        return error_response(
+            status,
+            f"no backend could serve the request ({last_error})",
+            code="no_backend",
+            err_type="server_error",
+        )

@@ -21,18 +21,34 @@ def build_backend(name: str, config: StoreConfig) -> Backend:
         return create_backend(name, capacity=t.size, page_size=t.page_size, policy=t.policy)
     if name in ("disk", "gds"):
         return create_backend(
-            name, path=t.path, capacity=t.size, policy=t.policy, fsync=t.fsync,
-            o_direct=t.o_direct, open_files=t.open_files,
-        )  # fmt: skip
+            name,
+            path=t.path,
+            capacity=t.size,
+            policy=t.policy,
+            fsync=t.fsync,
+            o_direct=t.o_direct,
+            open_files=t.open_files,
+        )
     if name == "remote":
         return create_backend(
-            "remote", url=t.url, token_file=t.token_file, timeout=t.timeout,
-            connect_timeout=t.connect_timeout, retry_after=t.retry_after, transport=t.transport,
-        )  # fmt: skip
+            "remote",
+            url=t.url,
+            token_file=t.token_file,
+            timeout=t.timeout,
+            connect_timeout=t.connect_timeout,
+            retry_after=t.retry_after,
+            transport=t.transport,
+        )
     return create_backend(
-        "redis", url=t.url, namespace=t.namespace, ttl=t.ttl, connect_timeout=t.connect_timeout,
-        timeout=t.timeout, retry_after=t.retry_after, batch_size=t.batch_size,
-    )  # fmt: skip
+        "redis",
+        url=t.url,
+        namespace=t.namespace,
+        ttl=t.ttl,
+        connect_timeout=t.connect_timeout,
+        timeout=t.timeout,
+        retry_after=t.retry_after,
+        batch_size=t.batch_size,
+    )
 
 
 def build_tiers(config: StoreConfig) -> dict[str, Backend]:
@@ -54,7 +70,11 @@ def build_tiers(config: StoreConfig) -> dict[str, Backend]:
             log.warning("%s; the disk backend serves tier 'gds' at %s", exc, config.gds.path)
             g = config.gds
             tiers[name] = create_backend(
-                "disk", path=g.path, capacity=g.size, policy=g.policy, fsync=g.fsync,
+                "disk",
+                path=g.path,
+                capacity=g.size,
+                policy=g.policy,
+                fsync=g.fsync,
                 open_files=g.open_files,
-            )  # fmt: skip
+            )
     return tiers

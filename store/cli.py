@@ -50,17 +50,30 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--trace-limit", type=int, default=None, help="replay only the first N requests")
     b.add_argument("--no-replay", action="store_true", help="skip the trace replay table")
-    b.add_argument("--json", nargs="?", const="kvstore-bench.json", default=None, metavar="PATH",
-                   help="also write results as JSON (default path kvstore-bench.json)")  # fmt: skip
+    b.add_argument(
+        "--json",
+        nargs="?",
+        const="kvstore-bench.json",
+        default=None,
+        metavar="PATH",
+        help="also write results as JSON (default path kvstore-bench.json)",
+    )
     b.add_argument("--url", help="measure a running daemon (kvstore://host:port) instead of tiers")
     b.add_argument("--auth-token-file", help="with --url: file holding the daemon's bearer token")
-    b.add_argument("--transports", default="stream,shm,grpc",
-                   help="with --url: bulk paths to measure (stream, shm, grpc)")  # fmt: skip
-    b.add_argument("--repeats", type=int, default=5,
-                   help="with --url: best of this many runs per measurement")  # fmt: skip
-    b.add_argument("--lmcache-venv", metavar="DIR",
-                   help="with --url: also measure LMCache's lmcache_server from this virtual "
-                        "environment (pip install lmcache there) and report the ratios")  # fmt: skip
+    b.add_argument(
+        "--transports",
+        default="stream,shm,grpc",
+        help="with --url: bulk paths to measure (stream, shm, grpc)",
+    )
+    b.add_argument(
+        "--repeats", type=int, default=5, help="with --url: best of this many runs per measurement"
+    )
+    b.add_argument(
+        "--lmcache-venv",
+        metavar="DIR",
+        help="with --url: also measure LMCache's lmcache_server from this virtual "
+        "environment (pip install lmcache there) and report the ratios",
+    )
     from store.daemon.commands import add_client_arguments, add_serve_arguments
 
     add_serve_arguments(sub.add_parser("serve", help="run the kvstore daemon"))

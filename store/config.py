@@ -22,6 +22,8 @@ REMOTE_TRANSPORTS = ("auto", "shm", "stream", "grpc", "ucx")
 WRITE_POLICIES = ("write_through", "write_back")
 EVICTION_POLICIES = ("s3fifo", "lru")
 MAX_LEASE_TTL = 600.0  # seconds: the ceiling of max_lease_ttl; a lease is a hand-off, not storage
+
+
 def _size(default: str) -> Any:
     return field(default=parse_size(default), metadata={"size": True})
 
@@ -203,8 +205,9 @@ class StoreConfig:
         from store.client import parse_url
 
         if isinstance(self.allowed_remote_stores, str):
-            self.allowed_remote_stores = [u.strip() for u in self.allowed_remote_stores.split(",")
-                                          if u.strip()]  # fmt: skip
+            self.allowed_remote_stores = [
+                u.strip() for u in self.allowed_remote_stores.split(",") if u.strip()
+            ]
         for url in self.allowed_remote_stores:
             try:
                 parse_url(url)

@@ -10,8 +10,18 @@ import yaml
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -33,8 +43,6 @@ def parse_size(value: Any, key: str = "size") -> int:
     if n <= 0:
         raise ConfigError(f"{key}: size must be positive, got {value!r}")
     return n
-
-
 
 
 def read_yaml(path: str) -> dict[str, Any]:
@@ -105,4 +113,3 @@ def _number(key: str, raw: Any, kind: type) -> Any:
         raise ConfigError(
             f"{key}: expected {'an integer' if kind is int else 'a number'}, got {raw!r}"
         ) from None
-

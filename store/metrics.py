@@ -61,14 +61,23 @@ class StoreMetrics:
             registry=r,
         )
         self.latency = Histogram(
-            "kvstore_tier_op_seconds", "Latency of one batched tier call", ["tier", "op"],
-            buckets=_LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "kvstore_tier_op_seconds",
+            "Latency of one batched tier call",
+            ["tier", "op"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self._tiers = tiers
         r.register(_OccupancyCollector(tiers))
         for name in tiers():  # every series from the start, at 0: no gaps in a dashboard
-            for counter in (self.hits, self.misses, self.bytes_read, self.bytes_written,
-                            self.put_failures, self.checksum_failures):  # fmt: skip
+            for counter in (
+                self.hits,
+                self.misses,
+                self.bytes_read,
+                self.bytes_written,
+                self.put_failures,
+                self.checksum_failures,
+            ):
                 counter.labels(name)
 
     def snapshot(self, tier: str) -> TierStats:
@@ -81,11 +90,17 @@ class StoreMetrics:
             return int(v or 0)
 
         return TierStats(
-            value("kvstore_tier_hits"), value("kvstore_tier_misses"),
-            value("kvstore_tier_read_bytes"), value("kvstore_tier_written_bytes"),
-            value("kvstore_tier_put_failures"), value("kvstore_tier_checksum_failures"),
-            _evictions(backend), usage.items, usage.bytes_used, usage.bytes_capacity,
-        )  # fmt: skip
+            value("kvstore_tier_hits"),
+            value("kvstore_tier_misses"),
+            value("kvstore_tier_read_bytes"),
+            value("kvstore_tier_written_bytes"),
+            value("kvstore_tier_put_failures"),
+            value("kvstore_tier_checksum_failures"),
+            _evictions(backend),
+            usage.items,
+            usage.bytes_used,
+            usage.bytes_capacity,
+        )
 
 
 class _OccupancyCollector:

@@ -77,8 +77,15 @@ class _Keys:
 
 def replay(requests: list[Request], capacity: int, policy: str) -> ReplayResult:
     """Hit ratio of a one-tier (cpu) store holding ``capacity`` blocks under ``policy``."""
-    config = from_flat({"tiers": ["cpu"], "cpu.size": capacity * PAYLOAD, "cpu.page_size": PAYLOAD,
-                        "cpu.policy": policy, "workers": 1})  # fmt: skip
+    config = from_flat(
+        {
+            "tiers": ["cpu"],
+            "cpu.size": capacity * PAYLOAD,
+            "cpu.page_size": PAYLOAD,
+            "cpu.policy": policy,
+            "workers": 1,
+        }
+    )
     keys_of = _Keys()
     payload = np.zeros(PAYLOAD, dtype=np.uint8)
     hit = total = 0

@@ -92,7 +92,9 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(cfg, qkv_bias, o_bias) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, qkv_bias, o_bias) for _ in range(cfg.num_layers)
+        )
         self.norm = nn.Parameter(torch.ones(cfg.hidden_size))
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
@@ -137,7 +139,9 @@ class LlamaForCausalLM(nn.Module):
         """Copy HF-named tensors into the fused parameters; fail naming any missing one."""
         layer0: DecoderLayer = self.layers[0]  # type: ignore[assignment]
         expected = set(
-            hf_weight_names(self.cfg, layer0.qkv_proj.bias is not None, layer0.o_proj.bias is not None)
+            hf_weight_names(
+                self.cfg, layer0.qkv_proj.bias is not None, layer0.o_proj.bias is not None
+            )
         )
         seen: set[str] = set()
         with torch.no_grad():

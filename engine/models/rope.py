@@ -23,13 +23,17 @@ def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     high_wavelen = old_len / rope.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
-    smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+    smooth = (old_len / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
     medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
     return torch.where(medium, smoothed, scaled)
 
 
-def cos_sin_table(rope: RopeConfig, head_dim: int, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+def cos_sin_table(
+    rope: RopeConfig, head_dim: int, max_positions: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``cos, sin`` tables [max_positions, head_dim] (float32), rows indexed by position."""
     inv_freq = inverse_frequencies(rope, head_dim)
     freqs = torch.arange(max_positions)[:, None].float() * inv_freq[None, :]

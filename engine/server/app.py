@@ -60,8 +60,13 @@ class ServerContext:
 
 
 CONTEXT = web.AppKey("context", ServerContext)
-ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat",
-             "/v1/models": "models", "/health": "health", "/metrics": "metrics"}  # fmt: skip
+ENDPOINTS = {
+    "/v1/completions": "completions",
+    "/v1/chat/completions": "chat",
+    "/v1/models": "models",
+    "/health": "health",
+    "/metrics": "metrics",
+}
 
 
 def make_app(context: ServerContext) -> web.Application:
@@ -103,8 +108,9 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         raise
     except Exception as e:  # a bug: say so, keep serving
         log.exception("%s %s failed", request.method, request.path)
-        error = ApiError(f"internal error: {type(e).__name__}: {e}", None, None, 500,
-                         "server_error")  # fmt: skip
+        error = ApiError(
+            f"internal error: {type(e).__name__}: {e}", None, None, 500, "server_error"
+        )
     endpoint = ENDPOINTS.get(request.path, "other")  # bounded label values
     request.app[CONTEXT].metrics.errors.labels(endpoint, str(error.status)).inc()
     return web.json_response(error.body(), status=error.status)
@@ -141,8 +147,9 @@ def _check_kv_transfer(ctx: ServerContext, params: dict) -> None:
         raise ApiError(why, "kv_transfer_params", "invalid_value")
 
 
-async def _respond(request: web.Request, ctx: ServerContext, req: GenerationRequest,
-                   reply: Reply) -> web.StreamResponse:  # fmt: skip
+async def _respond(
+    request: web.Request, ctx: ServerContext, req: GenerationRequest, reply: Reply
+) -> web.StreamResponse:
     engine = ctx.engine.engine
     max_chars = ctx.config.max_prompt_chars(engine.max_model_len)
     assert ctx.pool is not None
@@ -167,10 +174,17 @@ async def _respond(request: web.Request, ctx: ServerContext, req: GenerationRequ
     return web.json_response(reply.full(last))
 
 
-async def _stream(request: web.Request, ctx: ServerContext, req: GenerationRequest,
-                  reply: Reply, outs: Any, endpoint: str) -> web.StreamResponse:  # fmt: skip
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                       "Cache-Control": "no-cache"})  # fmt: skip
+async def _stream(
+    request: web.Request,
+    ctx: ServerContext,
+    req: GenerationRequest,
+    reply: Reply,
+    outs: Any,
+    endpoint: str,
+) -> web.StreamResponse:
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
     await resp.prepare(request)
     deltas, last = TextDeltas(req.params.stop), None
     try:
@@ -219,8 +233,13 @@ async def _send(resp: web.StreamResponse, body: dict) -> None:
 
 async def models(request: web.Request) -> web.Response:
     ctx = request.app[CONTEXT]
-    card = {"id": ctx.model, "object": "model", "created": int(time.time()), "owned_by": "kvstore",
-            "max_model_len": ctx.engine.engine.max_model_len}  # fmt: skip
+    card = {
+        "id": ctx.model,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "kvstore",
+        "max_model_len": ctx.engine.engine.max_model_len,
+    }
     return web.json_response({"object": "list", "data": [card]})
 
 

@@ -20,8 +20,12 @@ def api_key_middleware(api_key: str) -> Any:
     async def require_api_key(request: web.Request, handler: Any) -> web.StreamResponse:
         header = request.headers.get("Authorization", "")
         if request.path not in OPEN_PATHS and not bearer_matches(header, expected):
-            raise ApiError("missing or invalid API key: send 'Authorization: Bearer <key>'",
-                           None, "invalid_api_key", 401)  # fmt: skip
+            raise ApiError(
+                "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                None,
+                "invalid_api_key",
+                401,
+            )
         return await handler(request)
 
     return require_api_key

@@ -18,8 +18,13 @@ from kvcore.json_text import may_hold_lone_surrogate
 
 
 def too_large(limit: int) -> ApiError:
-    return ApiError(f"the request body is larger than this server's limit of {limit} bytes "
-                    "(--max-request-body)", None, "request_too_large", 413)  # fmt: skip
+    return ApiError(
+        f"the request body is larger than this server's limit of {limit} bytes "
+        "(--max-request-body)",
+        None,
+        "request_too_large",
+        413,
+    )
 
 
 async def read_json(request: web.Request, limit: int) -> Any:
@@ -48,13 +53,18 @@ def _check_content_type(request: web.Request) -> None:
         return
     kind = request.content_type
     if kind != "application/json" and not kind.endswith("+json"):
-        raise ApiError(f"the request body must be application/json, got {kind}", None,
-                       "unsupported_media_type", 415)  # fmt: skip
+        raise ApiError(
+            f"the request body must be application/json, got {kind}",
+            None,
+            "unsupported_media_type",
+            415,
+        )
 
 
 def _no_constant(name: str) -> Any:
-    raise ApiError(f"the request body is not valid JSON: {name} is not a JSON number", None,
-                   "invalid_json")  # fmt: skip
+    raise ApiError(
+        f"the request body is not valid JSON: {name} is not a JSON number", None, "invalid_json"
+    )
 
 
 def _check_unicode(body: Any) -> None:
@@ -65,6 +75,9 @@ def _check_unicode(body: Any) -> None:
     except RecursionError:
         raise ApiError("the request body is nested too deeply", None, "invalid_json") from None
     except UnicodeEncodeError:
-        raise ApiError("the request body holds a lone UTF-16 surrogate (an unpaired \\ud800-"
-                       "\\udfff escape), which is not valid Unicode text", None,
-                       "invalid_unicode") from None  # fmt: skip
+        raise ApiError(
+            "the request body holds a lone UTF-16 surrogate (an unpaired \\ud800-"
+            "\\udfff escape), which is not valid Unicode text",
+            None,
+            "invalid_unicode",
+        ) from None

@@ -28,8 +28,12 @@ class ChatTemplateError(Exception):
 class ChatTemplate:
     """Renders a conversation into the prompt the model continues with its reply."""
 
-    def __init__(self, source: str | None = None, special_tokens: dict[str, str] | None = None,
-                 error: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        source: str | None = None,
+        special_tokens: dict[str, str] | None = None,
+        error: str | None = None,
+    ) -> None:
         self.source = source  # jinja2 text; None: the plain template
         self.special_tokens = dict(special_tokens or {})
         self._error = error  # why the checkpoint's template cannot render
@@ -57,8 +61,9 @@ class ChatTemplate:
         try:
             import jinja2  # noqa: F401
         except ImportError:
-            return cls(source, tokens, "this checkpoint's chat template needs jinja2 "
-                                       "(pip install jinja2)")  # fmt: skip
+            return cls(
+                source, tokens, "this checkpoint's chat template needs jinja2 (pip install jinja2)"
+            )
         template = cls(source, tokens)
         template._compile()
         return template
@@ -76,8 +81,9 @@ class ChatTemplate:
         import jinja2
 
         try:
-            return self._compiled.render(messages=messages, add_generation_prompt=True,
-                                         **self.special_tokens)  # fmt: skip
+            return self._compiled.render(
+                messages=messages, add_generation_prompt=True, **self.special_tokens
+            )
         except jinja2.TemplateError as e:  # raise_exception() in the template, bad roles
             raise ApiError(f"chat template: {e}", "messages", "invalid_messages") from None
 
@@ -101,10 +107,16 @@ def _raise(message: str) -> None:
     raise TemplateError(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: Any = None, sort_keys: bool = False) -> str:  # fmt: skip
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)  # fmt: skip
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: Any = None,
+    sort_keys: bool = False,
+) -> str:
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _token_text(token: Any) -> str:

@@ -42,14 +42,17 @@ class ServerConfig:
         if self.api_key is not None and (not self.api_key or self.api_key != self.api_key.strip()):
             raise ConfigError("api_key: must be non-empty, without leading or trailing spaces")
         if self.max_request_body is not None and self.max_request_body < 1024:
-            raise ConfigError(f"max_request_body: must be at least 1024 bytes, got "
-                              f"{self.max_request_body}")  # fmt: skip
+            raise ConfigError(
+                f"max_request_body: must be at least 1024 bytes, got {self.max_request_body}"
+            )
         if not 1 <= self.max_chars_per_token <= 1024:
-            raise ConfigError(f"max_chars_per_token: must be in [1, 1024], got "
-                              f"{self.max_chars_per_token}")  # fmt: skip
+            raise ConfigError(
+                f"max_chars_per_token: must be in [1, 1024], got {self.max_chars_per_token}"
+            )
         if not 1 <= self.tokenizer_threads <= 64:
-            raise ConfigError(f"tokenizer_threads: must be in [1, 64], got "
-                              f"{self.tokenizer_threads}")  # fmt: skip
+            raise ConfigError(
+                f"tokenizer_threads: must be in [1, 64], got {self.tokenizer_threads}"
+            )
 
     def max_prompt_chars(self, max_model_len: int) -> int:
         """The longest text prompt worth tokenizing for a context of ``max_model_len``."""

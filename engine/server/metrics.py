@@ -23,23 +23,37 @@ class ServerMetrics:
         self.registry = r = CollectorRegistry()
         labels = {"model": model}
         self.requests = Counter(
-            "engine_requests", "Requests finished, by endpoint and finish reason",
-            ["endpoint", "finish_reason"], registry=r,
-        )  # fmt: skip
+            "engine_requests",
+            "Requests finished, by endpoint and finish reason",
+            ["endpoint", "finish_reason"],
+            registry=r,
+        )
         self.errors = Counter(
-            "engine_request_errors", "Requests refused or failed, by endpoint and HTTP status",
-            ["endpoint", "status"], registry=r,
-        )  # fmt: skip
+            "engine_request_errors",
+            "Requests refused or failed, by endpoint and HTTP status",
+            ["endpoint", "status"],
+            registry=r,
+        )
         self.prompt_tokens = Counter("engine_prompt_tokens", "Prompt tokens", registry=r)
         self.generation_tokens = Counter("engine_generation_tokens", "Generated tokens", registry=r)
         self.cached_tokens = Counter(
-            "engine_cached_tokens", "Reused prompt tokens, by source (engine cache or store tier)",
-            ["source"], registry=r,
-        )  # fmt: skip
-        self.ttft = Histogram("engine_time_to_first_token_seconds", "Time to first token",
-                              buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.e2e = Histogram("engine_e2e_request_latency_seconds", "Arrival to last token",
-                             buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+            "engine_cached_tokens",
+            "Reused prompt tokens, by source (engine cache or store tier)",
+            ["source"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "engine_time_to_first_token_seconds",
+            "Time to first token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "engine_e2e_request_latency_seconds",
+            "Arrival to last token",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.running = Gauge("engine_requests_running", "Requests running", registry=r)
         self.waiting = Gauge("engine_requests_waiting", "Requests waiting", registry=r)
         self.blocks_total = Gauge("engine_kv_blocks_total", "KV cache blocks", registry=r)

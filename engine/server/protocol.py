@@ -23,16 +23,32 @@ MAX_STOP_STRINGS, MAX_STOP_CHARS, MAX_STOP_TOKEN_IDS = 16, 256, 256
 class ApiError(Exception):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}``."""
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None,
-                 status: int = 400, type: str = "invalid_request_error") -> None:  # fmt: skip
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        status: int = 400,
+        type: str = "invalid_request_error",
+    ) -> None:
         super().__init__(message)
         self.message, self.param, self.code, self.status, self.type = (
-            message, param, code, status, type
-        )  # fmt: skip
+            message,
+            param,
+            code,
+            status,
+            type,
+        )
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}  # fmt: skip
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +85,14 @@ def _field(body: dict, name: str, kinds: tuple[type, ...], default: Any = _MISSI
     return value
 
 
-_KIND_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
-               list: "an array", dict: "an object"}  # fmt: skip
+_KIND_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    list: "an array",
+    dict: "an object",
+}
 
 
 def _json_type(value: Any) -> str:
@@ -87,8 +109,11 @@ def _check_body(body: Any) -> dict:
 def _check_model(body: dict, served: str) -> str:
     model = _field(body, "model", (str,))
     if model != served:
-        raise ApiError(f"the model '{model}' does not exist; this server serves '{served}'",
-                       "model", "model_not_found")  # fmt: skip
+        raise ApiError(
+            f"the model '{model}' does not exist; this server serves '{served}'",
+            "model",
+            "model_not_found",
+        )
     return model
 
 
@@ -108,26 +133,38 @@ def _stops(body: dict) -> tuple[list[str], list[int]]:
     stop = _field(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(s, str) and s for s in stop):
-        raise ApiError("'stop' must be a string or an array of non-empty strings", "stop",
-                       "invalid_type")  # fmt: skip
+        raise ApiError(
+            "'stop' must be a string or an array of non-empty strings", "stop", "invalid_type"
+        )
     if len(stop) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_CHARS for s in stop):
-        raise ApiError(f"'stop' takes at most {MAX_STOP_STRINGS} strings of at most "
-                       f"{MAX_STOP_CHARS} characters", "stop", "invalid_value")  # fmt: skip
+        raise ApiError(
+            f"'stop' takes at most {MAX_STOP_STRINGS} strings of at most "
+            f"{MAX_STOP_CHARS} characters",
+            "stop",
+            "invalid_value",
+        )
     stop_ids = _field(body, "stop_token_ids", (list,), [])
     if not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
-        raise ApiError("'stop_token_ids' must be an array of integers", "stop_token_ids",
-                       "invalid_type")  # fmt: skip
+        raise ApiError(
+            "'stop_token_ids' must be an array of integers", "stop_token_ids", "invalid_type"
+        )
     if len(stop_ids) > MAX_STOP_TOKEN_IDS:
-        raise ApiError(f"'stop_token_ids' takes at most {MAX_STOP_TOKEN_IDS} ids",
-                       "stop_token_ids", "invalid_value")  # fmt: skip
+        raise ApiError(
+            f"'stop_token_ids' takes at most {MAX_STOP_TOKEN_IDS} ids",
+            "stop_token_ids",
+            "invalid_value",
+        )
     return stop, stop_ids
 
 
 def _seed(body: dict) -> int | None:
     seed = _field(body, "seed", (int,), None)
     if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
-        raise ApiError(f"'seed' must be in [{SEED_MIN}, {SEED_MAX}] (a signed 64-bit integer)",
-                       "seed", "invalid_value")  # fmt: skip
+        raise ApiError(
+            f"'seed' must be in [{SEED_MIN}, {SEED_MAX}] (a signed 64-bit integer)",
+            "seed",
+            "invalid_value",
+        )
     return seed
 
 
@@ -135,8 +172,9 @@ def _sampling(body: dict, max_tokens: int) -> SamplingParams:
     stop, stop_ids = _stops(body)
     temperature = _field(body, "temperature", (int, float), 1.0)
     if not 0 <= temperature <= 2:
-        raise ApiError(f"'temperature' must be in [0, 2], got {temperature}", "temperature",
-                       "invalid_value")  # fmt: skip
+        raise ApiError(
+            f"'temperature' must be in [0, 2], got {temperature}", "temperature", "invalid_value"
+        )
     top_p = _field(body, "top_p", (int, float), 1.0)
     if not 0 < top_p <= 1:
         raise ApiError(f"'top_p' must be in (0, 1], got {top_p}", "top_p", "invalid_value")
@@ -145,10 +183,15 @@ def _sampling(body: dict, max_tokens: int) -> SamplingParams:
         raise ApiError(f"'top_k' must be >= 0, got {top_k}", "top_k", "invalid_value")
     try:
         return SamplingParams(
-            temperature=float(temperature), top_k=top_k, top_p=float(top_p),
-            max_tokens=max_tokens, seed=_seed(body), stop=stop,
-            stop_token_ids=stop_ids, ignore_eos=_field(body, "ignore_eos", (bool,), False),
-        )  # fmt: skip
+            temperature=float(temperature),
+            top_k=top_k,
+            top_p=float(top_p),
+            max_tokens=max_tokens,
+            seed=_seed(body),
+            stop=stop,
+            stop_token_ids=stop_ids,
+            ignore_eos=_field(body, "ignore_eos", (bool,), False),
+        )
     except InvalidRequestError as e:
         raise ApiError(str(e), None, "invalid_value") from None
 
@@ -178,9 +221,13 @@ def _common(body: dict, served: str) -> dict[str, Any]:
         why = check_params(kv)
         if why is not None:
             raise ApiError(why, "kv_transfer_params", "invalid_value")
-    return {"model": served, "stream": _field(body, "stream", (bool,), False),
-            "include_usage": bool(options.get("include_usage")), "cache_salt": salt,
-            "kv_transfer_params": kv}  # fmt: skip
+    return {
+        "model": served,
+        "stream": _field(body, "stream", (bool,), False),
+        "include_usage": bool(options.get("include_usage")),
+        "cache_salt": salt,
+        "kv_transfer_params": kv,
+    }
 
 
 def parse_completion(body: Any, served: str) -> GenerationRequest:
@@ -189,8 +236,9 @@ def parse_completion(body: Any, served: str) -> GenerationRequest:
     common = _common(body, served)
     prompt = _prompt(_field(body, "prompt", (str, list)))
     max_tokens, given = _max_tokens(body, ("max_tokens",), 16)
-    return GenerationRequest(params=_sampling(body, max_tokens), prompt=prompt,
-                             max_tokens_param=given, **common)  # fmt: skip
+    return GenerationRequest(
+        params=_sampling(body, max_tokens), prompt=prompt, max_tokens_param=given, **common
+    )
 
 
 def _prompt(prompt: str | list) -> str | list[int]:
@@ -201,8 +249,12 @@ def _prompt(prompt: str | list) -> str | list[int]:
             raise ApiError("'prompt' must not be empty", "prompt", "invalid_value")
         return prompt
     if not prompt or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        raise ApiError("'prompt' must be a string, an array of token ids, or an array holding "
-                       "one of those (one prompt per request)", "prompt", "invalid_type")  # fmt: skip
+        raise ApiError(
+            "'prompt' must be a string, an array of token ids, or an array holding "
+            "one of those (one prompt per request)",
+            "prompt",
+            "invalid_type",
+        )
     return list(prompt)
 
 
@@ -215,8 +267,9 @@ def parse_chat(body: Any, served: str, max_model_len: int) -> GenerationRequest:
     if not messages:
         raise ApiError("'messages' must not be empty", "messages", "invalid_value")
     limit, given = _max_tokens(body, ("max_completion_tokens", "max_tokens"), max_model_len)
-    return GenerationRequest(params=_sampling(body, limit), messages=messages,
-                             max_tokens_param=given, **common)  # fmt: skip
+    return GenerationRequest(
+        params=_sampling(body, limit), messages=messages, max_tokens_param=given, **common
+    )
 
 
 def _message(m: Any, i: int) -> dict[str, str]:
@@ -225,18 +278,27 @@ def _message(m: Any, i: int) -> dict[str, str]:
         raise ApiError(f"'{where}' must be an object", where, "invalid_type")
     role = _field(m, "role", (str,), None)
     if role not in CHAT_ROLES:
-        raise ApiError(f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}, got {role!r}",
-                       f"{where}.role", "invalid_value")  # fmt: skip
+        raise ApiError(
+            f"'{where}.role' must be one of {', '.join(CHAT_ROLES)}, got {role!r}",
+            f"{where}.role",
+            "invalid_value",
+        )
     content = m.get("content")
     if isinstance(content, list):  # content parts: only text is understood
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                   for p in content):  # fmt: skip
-            raise ApiError(f"'{where}.content' parts must be text parts", f"{where}.content",
-                           "invalid_type")  # fmt: skip
+        if not all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            for p in content
+        ):
+            raise ApiError(
+                f"'{where}.content' parts must be text parts", f"{where}.content", "invalid_type"
+            )
         content = "".join(p["text"] for p in content)
     if content is None and role == "assistant":
         content = ""
     if not isinstance(content, str):
-        raise ApiError(f"'{where}.content' must be a string or an array of text parts",
-                       f"{where}.content", "invalid_type")  # fmt: skip
+        raise ApiError(
+            f"'{where}.content' must be a string or an array of text parts",
+            f"{where}.content",
+            "invalid_type",
+        )
     return {"role": role, "content": content}

@@ -31,19 +31,36 @@ class Reply:
     def full(self, out: RequestOutput) -> dict[str, Any]:
         """The non-streaming body of finished ``out``."""
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": out.text},
-                      "logprobs": None, "finish_reason": out.finish_reason}  # fmt: skip
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": out.text},
+                "logprobs": None,
+                "finish_reason": out.finish_reason,
+            }
         else:
-            choice = {"index": 0, "text": out.text, "logprobs": None,
-                      "finish_reason": out.finish_reason}  # fmt: skip
-        body = {**self._head(self.object), "choices": [choice], "usage": usage(out),
-                "kv": kv_block(out)}  # fmt: skip
+            choice = {
+                "index": 0,
+                "text": out.text,
+                "logprobs": None,
+                "finish_reason": out.finish_reason,
+            }
+        body = {
+            **self._head(self.object),
+            "choices": [choice],
+            "usage": usage(out),
+            "kv": kv_block(out),
+        }
         if out.kv_transfer_params is not None:  # a prefill leg's KV handle (vLLM's field)
             body["kv_transfer_params"] = out.kv_transfer_params
         return body
 
-    def chunk(self, text: str, finish_reason: str | None = None, first: bool = False,
-              out: RequestOutput | None = None) -> dict[str, Any]:  # fmt: skip
+    def chunk(
+        self,
+        text: str,
+        finish_reason: str | None = None,
+        first: bool = False,
+        out: RequestOutput | None = None,
+    ) -> dict[str, Any]:
         """One stream chunk carrying ``text``; the last one has ``finish_reason`` (and
         ``out``'s kv block)."""
         if self.chat:
@@ -53,8 +70,10 @@ class Reply:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        body = {**self._head(self.object + ".chunk" if self.chat else self.object),
-                "choices": [choice]}  # fmt: skip
+        body = {
+            **self._head(self.object + ".chunk" if self.chat else self.object),
+            "choices": [choice],
+        }
         if out is not None:
             body["kv"] = kv_block(out)
             if out.kv_transfer_params is not None:
@@ -76,9 +95,12 @@ def cached_tokens(out: RequestOutput) -> int:
 
 def usage(out: RequestOutput) -> dict[str, Any]:
     prompt, completion = len(out.prompt_token_ids), len(out.token_ids)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens(out)}}  # fmt: skip
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens(out)},
+    }
 
 
 def kv_block(out: RequestOutput) -> dict[str, Any]:
@@ -109,5 +131,6 @@ class TextDeltas:
 
     def _partial_stop(self, text: str) -> int:
         """Length of the longest tail of ``text`` that begins a stop string."""
-        return max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])),
-                   default=0)  # fmt: skip
+        return max(
+            (k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0
+        )

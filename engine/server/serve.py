@@ -33,9 +33,15 @@ class KVEventsConfig:
     topic: str = "kv-events"
 
 
-def run_server(config: EngineConfig, host: str, port: int, served_model_name: str | None = None,
-               kv_role: str = "both", kv_events: KVEventsConfig | None = None,
-               server_config: ServerConfig | None = None) -> None:  # fmt: skip
+def run_server(
+    config: EngineConfig,
+    host: str,
+    port: int,
+    served_model_name: str | None = None,
+    kv_role: str = "both",
+    kv_events: KVEventsConfig | None = None,
+    server_config: ServerConfig | None = None,
+) -> None:
     """Serve ``config``'s model on ``host:port`` until SIGTERM or SIGINT, then finish
     in-flight responses' KV saves and exit. ``port`` 0 picks a free port. With
     ``kv_events`` (and ``config.enable_kv_events``) every step's KV events are published.
@@ -57,12 +63,19 @@ def run_server(config: EngineConfig, host: str, port: int, served_model_name: st
     engine = AsyncEngine(llm_engine, after_step)
     freeze_startup_heap()  # model loaded, KV cache allocated: what is alive now stays
     name = served_model_name or config.model
-    context = ServerContext(engine, name, chat_template, ServerMetrics(name),
-                            server_config or ServerConfig())  # fmt: skip
+    context = ServerContext(
+        engine, name, chat_template, ServerMetrics(name), server_config or ServerConfig()
+    )
     engine.start()
     try:
-        asyncio.run(_serve(make_app(context), host, port, f"model {name} kv "
-                           f"{config.kv_connector} role {kv_role}"))  # fmt: skip
+        asyncio.run(
+            _serve(
+                make_app(context),
+                host,
+                port,
+                f"model {name} kv {config.kv_connector} role {kv_role}",
+            )
+        )
     finally:
         engine.close()
         if publisher is not None:
@@ -79,8 +92,11 @@ async def _serve(app: web.Application, host: str, port: int, banner: str) -> Non
     bound_host, bound_port = runner.addresses[0][:2]
     print(f"engine serve: http://{bound_host}:{bound_port} {banner}", flush=True)
     if host not in ("127.0.0.1", "localhost", "::1") and app[CONTEXT].config.api_key is None:
-        print(f"engine serve: warning: listening on {host} without an API key "
-              "(--api-key or KVSTORE_API_KEY)", flush=True)  # fmt: skip
+        print(
+            f"engine serve: warning: listening on {host} without an API key "
+            "(--api-key or KVSTORE_API_KEY)",
+            flush=True,
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
