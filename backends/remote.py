@@ -63,9 +63,12 @@ class RemoteBackend(Backend):
         self.retry_after = retry_after
         self.max_retry_after = max_retry_after
         self.client = KVStoreClient(
-            url, token or read_token(token_file), timeout=timeout,
-            connect_timeout=connect_timeout, transport=transport,
-        )  # fmt: skip
+            url,
+            token or read_token(token_file),
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            transport=transport,
+        )
         self._backoff = retry_after
         self._down_until = 0.0
         self._lock = threading.Lock()
@@ -105,8 +108,13 @@ class RemoteBackend(Backend):
             wait = self._backoff
             self._backoff = min(self._backoff * 2, self.max_retry_after)
             self._down_until = time.monotonic() + wait
-        log.warning("remote tier %s: %s failed (%s); treating as misses for %.1fs",
-                    self.url, what, exc, wait)  # fmt: skip
+        log.warning(
+            "remote tier %s: %s failed (%s); treating as misses for %.1fs",
+            self.url,
+            what,
+            exc,
+            wait,
+        )
 
     # -- the interface --------------------------------------------------------------
     def put(self, chunks: Sequence[Chunk]) -> list[bool]:
@@ -130,8 +138,9 @@ class RemoteBackend(Backend):
         return self._run("delete", lambda: self.client.delete(keys), 0)
 
     # -- leases (a prefill node's hand-off to a decode node; store/daemon/lease.py) -----
-    def lease(self, keys: Sequence[str], ttl: float, timeout: float | None = None
-              ) -> tuple[str, int, float]:  # fmt: skip
+    def lease(
+        self, keys: Sequence[str], ttl: float, timeout: float | None = None
+    ) -> tuple[str, int, float]:
         """Pin the leading stored ``keys`` in the daemon for ``ttl`` seconds:
         ``(lease_id, count, expires_at)`` (unix time); ``("", 0, 0.0)`` when none is
         stored, the daemon refuses (over a lease cap) or cannot be reached."""
@@ -139,8 +148,9 @@ class RemoteBackend(Backend):
 
         def call() -> tuple[str, int, float]:
             try:
-                r = self.client._call("Lease", pb.LeaseRequest(keys=list(keys), ttl_seconds=ttl),
-                                      timeout)  # fmt: skip
+                r = self.client._call(
+                    "Lease", pb.LeaseRequest(keys=list(keys), ttl_seconds=ttl), timeout
+                )
             except RemoteError as exc:
                 if exc.code != "RESOURCE_EXHAUSTED":
                     raise
@@ -159,7 +169,9 @@ class RemoteBackend(Backend):
             return False
         return self._run(
             "release",
-            lambda: self.client._call("Release", pb.ReleaseRequest(lease_id=lease_id), timeout).released,
+            lambda: (
+                self.client._call("Release", pb.ReleaseRequest(lease_id=lease_id), timeout).released
+            ),
             False,
         )
 
@@ -167,8 +179,9 @@ class RemoteBackend(Backend):
         """How many leases the daemon holds (None when unreachable)."""
         from store.wire.proto import kvstore_pb2 as pb
 
-        return self._run("release", lambda: self.client._call("Release", pb.ReleaseRequest()).active,
-                         None)  # fmt: skip
+        return self._run(
+            "release", lambda: self.client._call("Release", pb.ReleaseRequest()).active, None
+        )
 
     def usage(self) -> Usage:
         """The daemon's occupancy summed over its tiers (None when unreachable)."""

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from store.config_load import ConfigError, coerce, flatten, parse_size, read_yaml
+from store.wire.constants import DEFAULT_URL, TRANSPORTS
 
 __all__ = ["ConfigError", "StoreConfig", "parse_size"]
 
 TIERS = ("gpu", "cpu", "disk", "gds", "redis", "remote")
-REMOTE_TRANSPORTS = ("auto", "shm", "stream", "grpc", "ucx")
+REMOTE_TRANSPORTS = TRANSPORTS  # the client's bulk paths (store/wire/constants.py)
 WRITE_POLICIES = ("write_through", "write_back")
 EVICTION_POLICIES = ("s3fifo", "lru")
 MAX_LEASE_TTL = 600.0  # seconds: the ceiling of max_lease_ttl; a lease is a hand-off, not storage
@@ -121,7 +122,7 @@ class RedisConfig(TierConfig):
 class RemoteConfig(TierConfig):
     """A kvstore daemon (``kvstore serve``); ``kvstore://host:port`` in ``tiers`` sets ``url``."""
 
-    url: str = "kvstore://127.0.0.1:50051"
+    url: str = DEFAULT_URL
     token_file: str | None = None  # file holding the daemon's bearer token
     transport: str = "auto"  # auto (shm on the same host, else stream), shm, stream, grpc, ucx
     timeout: float = 5.0

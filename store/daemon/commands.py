@@ -8,8 +8,15 @@ import os
 from typing import Any
 
 from store.config import ConfigError, StoreConfig, all_keys, env_var, from_flat, parse_size
-
-DEFAULT_URL = "kvstore://127.0.0.1:50051"
+from store.wire.constants import (
+    DEFAULT_PORT,
+    DEFAULT_URL,
+    HELLO_TIMEOUT,
+    MAX_BATCH,
+    MAX_CHUNK_BYTES,
+    MAX_CONNECTIONS,
+    MAX_REQUEST_BYTES,
+)
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,7 +26,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default="127.0.0.1",
         help="address to listen on (0.0.0.0: all; beyond loopback needs a token or --insecure)",
     )
-    p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (0: any free port)")
     p.add_argument("--stream-port", type=int, default=0, help="bulk-data port (0: any free port)")
     p.add_argument(
         "--ucx",
@@ -49,19 +56,30 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow listening beyond loopback with no token (anyone reaching it may write)",
     )
-    p.add_argument("--max-batch", type=int, default=4096, help="keys or chunks per request")
-    p.add_argument("--max-chunk-size", default="64MiB", help="largest chunk payload accepted")
-    p.add_argument("--max-request-size", default="256MiB", help="largest put request (payload)")
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="keys or chunks per request")
+    p.add_argument(
+        "--max-chunk-size",
+        default=f"{MAX_CHUNK_BYTES >> 20}MiB",
+        help="largest chunk payload accepted",
+    )
+    p.add_argument(
+        "--max-request-size",
+        default=f"{MAX_REQUEST_BYTES >> 20}MiB",
+        help="largest put request (payload)",
+    )
     p.add_argument(
         "--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests"
     )
     p.add_argument(
-        "--max-connections", type=int, default=1024, help="open stream connections at most"
+        "--max-connections",
+        type=int,
+        default=MAX_CONNECTIONS,
+        help="open stream connections at most",
     )
     p.add_argument(
         "--handshake-timeout",
         type=float,
-        default=5.0,
+        default=HELLO_TIMEOUT,
         help="seconds a stream connection may take to send hello",
     )
     p.add_argument(
@@ -88,8 +106,12 @@ def daemon_config(args: argparse.Namespace, overrides: dict[str, str]) -> StoreC
     values.update({k: os.environ[env_var(k)] for k in all_keys() if env_var(k) in os.environ})
     tiers = values.get("tiers", ["cpu"])
     tiers = [t.strip() for t in tiers.split(",")] if isinstance(tiers, str) else list(tiers)
-    flags = {"cpu.size": args.cpu_size, "disk.path": args.disk_path, "disk.size": args.disk_size,
-             "redis.url": args.redis_url}  # fmt: skip
+    flags = {
+        "cpu.size": args.cpu_size,
+        "disk.path": args.disk_path,
+        "disk.size": args.disk_size,
+        "redis.url": args.redis_url,
+    }
     for key, value in flags.items():
         if value is not None:
             values[key] = value
@@ -128,12 +150,26 @@ def serve_options(args: argparse.Namespace) -> Any:
         except UcxUnavailable as exc:
             raise ConfigError(f"--ucx: {exc}") from None
     try:
-        limits = Limits(args.max_batch, parse_size(args.max_chunk_size, "--max-chunk-size"),
-                        parse_size(args.max_request_size, "--max-request-size"))  # fmt: skip
-        return ServeOptions(args.host, args.port, args.stream_port, metrics_port, token, limits,
-                            args.drain_timeout, args.ucx, tokens, args.insecure,
-                            args.metrics_host, args.max_connections,
-                            args.handshake_timeout)  # fmt: skip
+        limits = Limits(
+            args.max_batch,
+            parse_size(args.max_chunk_size, "--max-chunk-size"),
+            parse_size(args.max_request_size, "--max-request-size"),
+        )
+        return ServeOptions(
+            args.host,
+            args.port,
+            args.stream_port,
+            metrics_port,
+            token,
+            limits,
+            args.drain_timeout,
+            args.ucx,
+            tokens,
+            args.insecure,
+            args.metrics_host,
+            args.max_connections,
+            args.handshake_timeout,
+        )
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -163,27 +199,49 @@ def client_of(args: argparse.Namespace) -> Any:
 def print_stats(reply: Any, url: str, as_json: bool) -> None:
     """The daemon's per-tier figures as a table (or JSON)."""
     rows = [
-        {"tier": t.tier, "items": t.items, "used": t.bytes_used, "capacity": t.bytes_capacity,
-         "hits": t.hits, "misses": t.misses, "read": t.bytes_read, "written": t.bytes_written,
-         "evictions": t.evictions, "checksum_failures": t.checksum_failures,
-         "put_failures": t.put_failures}
+        {
+            "tier": t.tier,
+            "items": t.items,
+            "used": t.bytes_used,
+            "capacity": t.bytes_capacity,
+            "hits": t.hits,
+            "misses": t.misses,
+            "read": t.bytes_read,
+            "written": t.bytes_written,
+            "evictions": t.evictions,
+            "checksum_failures": t.checksum_failures,
+            "put_failures": t.put_failures,
+        }
         for t in reply.tiers
-    ]  # fmt: skip
+    ]
     if as_json:
-        print(json.dumps({"url": url, "uptime_seconds": reply.uptime_seconds,
-                          "requests": reply.requests, "in_flight": reply.in_flight, "tiers": rows}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "url": url,
+                    "uptime_seconds": reply.uptime_seconds,
+                    "requests": reply.requests,
+                    "in_flight": reply.in_flight,
+                    "tiers": rows,
+                }
+            )
+        )
         return
     print(
         f"{url}  up {reply.uptime_seconds:.0f}s  requests {reply.requests}  in flight {reply.in_flight}"
     )
-    print(f"{'tier':8} {'items':>8} {'used':>10} {'capacity':>10} {'hits':>9} {'misses':>9} "
-          f"{'hit%':>6} {'read':>10} {'written':>10} {'evicted':>8} {'bad':>5} {'putfail':>7}")  # fmt: skip
+    print(
+        f"{'tier':8} {'items':>8} {'used':>10} {'capacity':>10} {'hits':>9} {'misses':>9} "
+        f"{'hit%':>6} {'read':>10} {'written':>10} {'evicted':>8} {'bad':>5} {'putfail':>7}"
+    )
     for r in rows:
         asked = r["hits"] + r["misses"]
         hit = f"{100 * r['hits'] / asked:5.1f}%" if asked else f"{'-':>6}"
-        print(f"{r['tier']:8} {_count(r['items']):>8} {_bytes(r['used']):>10} {_bytes(r['capacity']):>10} "
-              f"{r['hits']:>9} {r['misses']:>9} {hit:>6} {_bytes(r['read']):>10} {_bytes(r['written']):>10} "
-              f"{r['evictions']:>8} {r['checksum_failures']:>5} {r['put_failures']:>7}")  # fmt: skip
+        print(
+            f"{r['tier']:8} {_count(r['items']):>8} {_bytes(r['used']):>10} {_bytes(r['capacity']):>10} "
+            f"{r['hits']:>9} {r['misses']:>9} {hit:>6} {_bytes(r['read']):>10} {_bytes(r['written']):>10} "
+            f"{r['evictions']:>8} {r['checksum_failures']:>5} {r['put_failures']:>7}"
+        )
 
 
 def _count(n: int) -> str:

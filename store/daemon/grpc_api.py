@@ -20,18 +20,17 @@ from typing import Any
 
 import grpc
 
-from kvcore.chunk import encode_prefix
 from store.daemon.activity import Activity, Draining
 from store.daemon.auth import OPEN, Authenticator, Grant, PermissionDenied, Visible
 from store.daemon.grpc_guard import MessageGuard, refusal, small_message_bytes
 from store.daemon.lease import LeaseLimits, LeaseRefused, LeaseTable, payload_bytes
 from store.daemon.service import BadRequest, StoreService
+from store.wire.constants import CLIENT_HEADER
 from store.wire.proto import kvstore_pb2 as pb
 from store.wire.proto import kvstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 VERSION = "1"
-CLIENT_HEADER = "x-kvstore-client"
 
 
 SERVICE_PREFIX = "/kvstore.v1.KVStore/"
@@ -90,8 +89,11 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         self.stream_port = stream_port
         self.stream_serving: Callable[[], bool] = lambda: True  # serve.py: StreamServer.serving
         self.auth = auth or Authenticator()  # BearerAuth has refused unknown tokens
-        self.leases = LeaseTable(service.store.pin, service.store.unpin,
-                                 limits=LeaseLimits.from_config(service.store.config))  # fmt: skip
+        self.leases = LeaseTable(
+            service.store.pin,
+            service.store.unpin,
+            limits=LeaseLimits.from_config(service.store.config),
+        )
 
     @contextmanager
     def _request(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
@@ -148,11 +150,14 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 seen = grant.visible(self.service.check_keys(keys))
             else:
                 seen = Visible(keys, None, len(keys))
-            for part in self.service.get_parts(seen.keys, request.fingerprint or None):
+            keys = self.service.check_keys(seen.keys)
+            encode = self.service.prefixes.encode
+            # the one get path (get_path.py), its payloads copied into messages
+            for part in self.service.gets.parts(keys, request.fingerprint or None):
                 for p in part:
                     payload = bytes(p.payload)
                     self.activity.bytes.labels("out", "grpc").inc(len(payload))
-                    chunk = pb.Chunk(header=encode_prefix(p.header), payload=payload)
+                    chunk = pb.Chunk(header=encode(p.header), payload=payload)
                     yield pb.GetReply(index=seen.at(p.index), chunk=chunk)
 
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteReply:
@@ -178,20 +183,27 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             grant.check_own(keys, "Lease")
             # Capped per client (its token, else the name it sends, else its address) and
             # in all.
-            client = (grant.holder or dict(context.invocation_metadata() or ()).get(CLIENT_HEADER)
-                      or context.peer())  # fmt: skip
+            client = (
+                grant.holder
+                or dict(context.invocation_metadata() or ()).get(CLIENT_HEADER)
+                or context.peer()
+            )
             try:
                 lease_id, count, expires = self.leases.lease(
-                    keys, request.ttl_seconds, lambda: len(self.service.lookup(keys)),
-                    client, lambda ks: payload_bytes(self.service.sizes.get, ks),
-                )  # fmt: skip
+                    keys,
+                    request.ttl_seconds,
+                    lambda: len(self.service.lookup(keys)),
+                    client,
+                    lambda ks: payload_bytes(self.service.sizes.get, ks),
+                )
             except ValueError as exc:
                 raise BadRequest(str(exc)) from None
             except LeaseRefused as exc:  # over a cap: the decode node recomputes
                 self.activity.errors.labels("Lease", "RESOURCE_EXHAUSTED").inc()
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-            return pb.LeaseReply(lease_id=lease_id, count=count, expires_at=expires,
-                                 active=self.leases.active)  # fmt: skip
+            return pb.LeaseReply(
+                lease_id=lease_id, count=count, expires_at=expires, active=self.leases.active
+            )
 
     def Release(self, request: pb.ReleaseRequest, context: grpc.ServicerContext) -> pb.ReleaseReply:
         with self._request("Release", context):
@@ -224,11 +236,18 @@ def _tier_stats(name: str, s: Any) -> pb.TierStats:
         return -1 if v is None else v
 
     return pb.TierStats(
-        tier=name, hits=s.hits, misses=s.misses, bytes_read=s.bytes_read,
-        bytes_written=s.bytes_written, put_failures=s.put_failures,
-        checksum_failures=s.checksum_failures, evictions=s.evictions, items=known(s.items),
-        bytes_used=known(s.bytes_used), bytes_capacity=known(s.bytes_capacity),
-    )  # fmt: skip
+        tier=name,
+        hits=s.hits,
+        misses=s.misses,
+        bytes_read=s.bytes_read,
+        bytes_written=s.bytes_written,
+        put_failures=s.put_failures,
+        checksum_failures=s.checksum_failures,
+        evictions=s.evictions,
+        items=known(s.items),
+        bytes_used=known(s.bytes_used),
+        bytes_capacity=known(s.bytes_capacity),
+    )
 
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:

@@ -25,6 +25,7 @@ from store.daemon.grpc_api import KVStoreServicer, start_grpc
 from store.daemon.service import Limits, StoreService
 from store.daemon.stream_server import StreamServer
 from store.tiered import TieredStore
+from store.wire.constants import DEFAULT_PORT, HELLO_TIMEOUT, MAX_CONNECTIONS
 from store.wire.same_host import SameHost
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ class ServeOptions:
     """Where and how the daemon listens. Port 0 picks a free port (tests)."""
 
     host: str = "127.0.0.1"
-    port: int = 50051
+    port: int = DEFAULT_PORT
     stream_port: int = 0  # 0: any free port; clients learn it from Health
     metrics_port: int | None = 9400  # None: no /metrics
     token: str | None = None  # a read-write token (--auth-token-file)
@@ -45,13 +46,13 @@ class ServeOptions:
     tokens: tuple[TokenEntry, ...] = ()  # scoped / salt-bound tokens (--auth-tokens, auth.py)
     insecure: bool = False  # may listen beyond loopback without any token
     metrics_host: str | None = None  # None: ``host``
-    max_connections: int = 1024  # open stream connections; one more is turned away
-    handshake_timeout: float = 5.0  # seconds a stream connection may take to say hello
+    max_connections: int = MAX_CONNECTIONS  # open stream connections; one more is turned away
+    handshake_timeout: float = HELLO_TIMEOUT  # seconds a stream connection may take to say hello
 
     def __post_init__(self) -> None:
-        for name in ("port", "stream_port"):
-            if not 0 <= getattr(self, name) <= 65535:
-                raise ValueError(f"{name} must be 0-65535, got {getattr(self, name)}")
+        for name, value in (("port", self.port), ("stream_port", self.stream_port)):
+            if not 0 <= value <= 65535:
+                raise ValueError(f"{name} must be 0-65535, got {value}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be 0-65535, got {self.metrics_port}")
         if isinstance(self.max_connections, bool) or not (
@@ -95,9 +96,14 @@ class Daemon:
         auth = options.authenticator()
         _raise_fd_limit(options.max_connections)
         self.streams = StreamServer(
-            self.service, self.activity, auth, ucx=options.ucx, same_host=self.same_host,
-            max_connections=options.max_connections, handshake_timeout=options.handshake_timeout,
-        )  # fmt: skip
+            self.service,
+            self.activity,
+            auth,
+            ucx=options.ucx,
+            same_host=self.same_host,
+            max_connections=options.max_connections,
+            handshake_timeout=options.handshake_timeout,
+        )
         self.stream_port = self.streams.start(options.host, options.stream_port)
         # Any message a put may carry reaches the checks (INVALID_ARGUMENT with a reason);
         # only one larger than a whole request is cut off by gRPC (RESOURCE_EXHAUSTED).
@@ -150,8 +156,13 @@ def _raise_fd_limit(max_connections: int) -> None:
         except (ValueError, OSError):
             pass
     if soft != resource.RLIM_INFINITY and soft < want:
-        log.warning("open files are limited to %d (ulimit -n), fewer than --max-connections "
-                    "%d needs (%d): connections past it wait", soft, max_connections, want)  # fmt: skip
+        log.warning(
+            "open files are limited to %d (ulimit -n), fewer than --max-connections "
+            "%d needs (%d): connections past it wait",
+            soft,
+            max_connections,
+            want,
+        )
 
 
 def _open_door(store: TieredStore) -> SameHost | None:

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from store.wire.messages import Error
 from store.wire.stream import MAX_META_BYTES, FrameLimits, send_frame, tune
 
 log = logging.getLogger(__name__)
@@ -37,9 +38,21 @@ HELLO_LIMITS = FrameLimits(max_bytes=16 << 10, max_list=256, max_map=32, max_con
 
 _STARVED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # accept(2): errors of a connection that died in the backlog; the next one may be fine
-_PEER_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EAGAIN,
-                        errno.ENETDOWN, errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET,
-                        errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH})  # fmt: skip
+_PEER_GONE = frozenset(
+    {
+        errno.ECONNABORTED,
+        errno.EPROTO,
+        errno.EPERM,
+        errno.EAGAIN,
+        errno.ENETDOWN,
+        errno.ENOPROTOOPT,
+        errno.EHOSTDOWN,
+        errno.ENONET,
+        errno.EHOSTUNREACH,
+        errno.EOPNOTSUPP,
+        errno.ENETUNREACH,
+    }
+)
 
 
 def request_limits(max_batch: int) -> FrameLimits:
@@ -71,8 +84,9 @@ class StreamGate:
         """Accept on ``listener`` in the background; ``serve(conn, peer)`` runs on a new
         thread per admitted connection (and must call ``leave(conn)`` when done)."""
         self.serving = True
-        threading.Thread(target=self._accept, args=(listener, serve),
-                         name="kvstore-stream-accept", daemon=True).start()  # fmt: skip
+        threading.Thread(
+            target=self._accept, args=(listener, serve), name="kvstore-stream-accept", daemon=True
+        ).start()
         threading.Thread(target=self._watch, name="kvstore-stream-hello", daemon=True).start()
 
     def close(self) -> None:
@@ -113,13 +127,20 @@ class StreamGate:
                     if exc.errno in _PEER_GONE:
                         continue
                     if exc.errno not in _STARVED:
-                        log.error("stream port: accept failed for good (%s): it serves no "
-                                  "new connections, and Health says not_serving", exc)  # fmt: skip
+                        log.error(
+                            "stream port: accept failed for good (%s): it serves no "
+                            "new connections, and Health says not_serving",
+                            exc,
+                        )
                         return
                     if not starved:
-                        log.warning("stream port: accept failed (%s): out of file descriptors "
-                                    "or memory; retrying every %.1f s (raise ulimit -n, or "
-                                    "lower --max-connections)", exc, ACCEPT_BACKOFF)  # fmt: skip
+                        log.warning(
+                            "stream port: accept failed (%s): out of file descriptors "
+                            "or memory; retrying every %.1f s (raise ulimit -n, or "
+                            "lower --max-connections)",
+                            exc,
+                            ACCEPT_BACKOFF,
+                        )
                     starved = True
                     time.sleep(ACCEPT_BACKOFF)
                     continue
@@ -139,13 +160,17 @@ class StreamGate:
             return
         if not self._admit(conn):
             self._turned_away("cap")
-            _turn_away(conn, f"the daemon serves its maximum of {self.max_connections} "
-                             "connections (--max-connections); try again later")  # fmt: skip
+            _turn_away(
+                conn,
+                f"the daemon serves its maximum of {self.max_connections} "
+                "connections (--max-connections); try again later",
+            )
             return
         name = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         try:
-            threading.Thread(target=serve, args=(conn, name), name="kvstore-stream",
-                             daemon=True).start()  # fmt: skip
+            threading.Thread(
+                target=serve, args=(conn, name), name="kvstore-stream", daemon=True
+            ).start()
         except RuntimeError:  # no thread to be had: like EMFILE, wait a little
             self.leave(conn)
             conn.close()
@@ -172,7 +197,7 @@ def _turn_away(conn: socket.socket, message: str) -> None:
     close is a FIN after the frame and not a reset that could discard it."""
     try:
         conn.setblocking(False)
-        send_frame(conn, {"error": "RESOURCE_EXHAUSTED", "message": message})
+        send_frame(conn, Error("RESOURCE_EXHAUSTED", message).to_wire())
         conn.shutdown(socket.SHUT_WR)
         conn.recv(1 << 16)
     except OSError:

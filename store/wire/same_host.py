@@ -112,8 +112,9 @@ class SameHost:
             if busy:  # a crowd at the door: turn the newcomer away, not the next client
                 conn.close()
                 continue
-            threading.Thread(target=self._visit, args=(conn,), daemon=True,
-                             name="kvstore-same-host-visit").start()  # fmt: skip
+            threading.Thread(
+                target=self._visit, args=(conn,), daemon=True, name="kvstore-same-host-visit"
+            ).start()
 
     def _visit(self, conn: socket.socket) -> None:
         """One redemption, within VISIT_SECONDS in all (a slow or silent visitor holds

@@ -109,7 +109,9 @@ class RegionFile:
         try:
             size = os.fstat(fd).st_size
             if not NONCE_BYTES <= size <= max_size:
-                raise RegionError(f"region {name} is {size} bytes; allowed {NONCE_BYTES}-{max_size}")
+                raise RegionError(
+                    f"region {name} is {size} bytes; allowed {NONCE_BYTES}-{max_size}"
+                )
             return cls(name, fd, size)
         except BaseException:
             os.close(fd)
@@ -137,8 +139,9 @@ class RegionFile:
 
 
 def _views(buffers: Sequence[Any]) -> list[memoryview]:
-    views = (b if type(b) is memoryview and b.format == "B" else memoryview(b).cast("B")
-             for b in buffers)  # fmt: skip
+    views = (
+        b if type(b) is memoryview and b.format == "B" else memoryview(b).cast("B") for b in buffers
+    )
     return [v for v in views if v.nbytes]
 
 

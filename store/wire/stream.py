@@ -69,9 +69,13 @@ class FrameLimits:
             return container
 
         return msgpack.unpackb(
-            raw, max_array_len=self.max_list, max_map_len=self.max_map, max_ext_len=0,
-            list_hook=count, object_hook=count,
-        )  # fmt: skip
+            raw,
+            max_array_len=self.max_list,
+            max_map_len=self.max_map,
+            max_ext_len=0,
+            list_hook=count,
+            object_hook=count,
+        )
 
 
 class RemoteError(Exception):

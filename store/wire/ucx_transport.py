@@ -199,15 +199,17 @@ class UcxSocket:
 def client_upgrade(sock: Any, timeout: float, connect_timeout: float) -> UcxSocket:
     """Move the stream connection ``sock`` (after ``hello``) onto UCX; the returned
     socket owns ``sock`` and closes it with itself. RemoteError if the daemon has no UCX."""
+    from store.wire.messages import Ucx, UcxReply
     from store.wire.stream import check_reply, recv_frame, send_frame
 
     worker = new_worker()
-    send_frame(sock, {"op": "ucx", "address": bytes(worker.address)})
-    reply = check_reply(recv_frame(sock))
-    ucx = UcxSocket(worker, connect_to(worker, reply["address"]), connect_timeout, sock)
+    send_frame(sock, Ucx(bytes(worker.address)).to_wire())
+    reply = UcxReply.from_wire(check_reply(recv_frame(sock)))
+    assert reply.address is not None
+    ucx = UcxSocket(worker, connect_to(worker, reply.address), connect_timeout, sock)
     try:
-        ready = check_reply(recv_frame(ucx))  # type: ignore[arg-type]
-        if not ready.get("ucx"):
+        ready = UcxReply.from_wire(check_reply(recv_frame(ucx)))  # type: ignore[arg-type]
+        if ready.address is not None:
             raise ConnectionError("daemon did not confirm the UCX connection")
     except BaseException:
         ucx.close()
@@ -221,9 +223,9 @@ def daemon_accept(
 ) -> tuple[UcxSocket, bytes]:
     """The daemon's side of ``{"op": "ucx"}``: a connected UcxSocket and the address to
     send back on the stream socket (ValueError for an unusable client address)."""
-    address = meta.get("address")
-    if not isinstance(address, (bytes, bytearray)) or not address:
-        raise ValueError("ucx needs the client's worker address (bytes)")
+    from store.wire.messages import Ucx
+
+    address = Ucx.from_wire(meta).address  # BadRequest, a ValueError
     worker = new_worker()
     try:
         endpoint = connect_to(worker, address)
