@@ -1,13 +1,16 @@
 """The benchmark workload: a fixed-seed mix of prompt and output lengths.
 
-Standard library only, so any interpreter can load it (the vLLM runner gets the
-workload as JSON instead, and never imports project code).
+Standard library only (and ``harness.py`` beside it, which is too), so any interpreter
+can load it (the vLLM runner gets the workload as JSON instead, and never imports
+project code).
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass
+
+from harness import percentile
 
 
 @dataclass(frozen=True)
@@ -42,17 +45,6 @@ def to_json(workload: list[Request]) -> list[dict]:
 
 def from_json(items: list[dict]) -> list[Request]:
     return [Request(list(d["prompt_token_ids"]), int(d["max_tokens"])) for d in items]
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default method), q in [0, 100]."""
-    if not values:
-        return float("nan")
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def summarize(

@@ -27,8 +27,6 @@ import asyncio
 import json
 import os
 import random
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,50 +35,32 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _workload import percentile  # noqa: E402
+from harness import (  # noqa: E402
+    DAEMON_READY,
+    ENGINE_READY,
+    Child,
+    free_port,
+    metric_sum,
+    percentile,
+    scrape_metrics,
+)
+
+STARTUP_S = 300
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start(argv: list[str], log: Path, threads: int | None = None) -> Child:
+    env = {"PYTHONPATH": str(ROOT)}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads
+    return Child(argv, log=log, env=env)
 
 
-class Proc:
-    def __init__(self, argv: list[str], log: Path, threads: int | None = None) -> None:
-        self.log = open(log, "w")
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-        if threads:
-            env["OMP_NUM_THREADS"] = str(threads)  # torch's intra-op threads
-        self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=env)  # fmt: skip
-
-    def wait_line(self, needle: str, timeout: float = 300) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.proc.args} exited: {Path(self.log.name).read_text()[-2000:]}")
-            for line in Path(self.log.name).read_text().splitlines():
-                if needle in line:
-                    return line
-            time.sleep(0.3)
-        raise RuntimeError(f"{self.proc.args} did not start")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
-
-
-def engine(model: str, port: int, logdir: Path, name: str, *extra: str,
-           threads: int | None = None) -> Proc:  # fmt: skip
-    p = Proc([sys.executable, "-m", "engine.cli", "serve", "--model", model, "--port", str(port),
-              *extra], logdir / f"{name}.log", threads)  # fmt: skip
-    p.wait_line("engine serve: http")
+def engine(
+    model: str, port: int, logdir: Path, name: str, *extra: str, threads: int | None = None
+) -> Child:
+    argv = [sys.executable, "-m", "engine.cli", "serve", "--model", model, "--port", str(port)]
+    p = start([*argv, *extra], logdir / f"{name}.log", threads)
+    p.wait_for_line(ENGINE_READY, STARTUP_S, name)
     return p
 
 
@@ -139,9 +119,13 @@ def summarize(results: list[dict]) -> dict:
         rs = [r for r in results if kind == "all" or r["kind"] == kind]
         ttft = [r["ttft"] for r in rs]
         itl = [r["itl"] for r in rs if r["itl"] is not None]
-        out[kind] = {"n": len(rs), "ttft_p50": percentile(ttft, 50), "ttft_p90": percentile(ttft, 90),
-                     "itl_p50": percentile(itl, 50) if itl else None,
-                     "itl_p90": percentile(itl, 90) if itl else None}  # fmt: skip
+        out[kind] = {
+            "n": len(rs),
+            "ttft_p50": percentile(ttft, 50),
+            "ttft_p90": percentile(ttft, 90),
+            "itl_p50": percentile(itl, 50, empty=None),
+            "itl_p90": percentile(itl, 90, empty=None),
+        }
     out["loaded_tokens"] = sum(r["loaded"] for r in results)
     out["wall_s"] = max(r["e2e"] + 0 for r in results)
     return out
@@ -153,18 +137,15 @@ def warm(url: str, model: str) -> None:
 
 def daemon_transfers(metrics_port: int) -> dict:
     """The daemon's payload bytes in/out and its time serving puts/gets (Prometheus)."""
-    import re
-    import urllib.request
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    out = {"bytes_in": 0.0, "bytes_out": 0.0, "put_s": 0.0, "get_s": 0.0}
-    for m in re.finditer(r'^(kvstore_daemon_\w+)\{([^}]*)\} (\S+)$', text, re.M):
-        name, labels, v = m.group(1), dict(re.findall(r'(\w+)="([^"]*)"', m.group(2))), float(m.group(3))
-        if name == "kvstore_daemon_payload_bytes_total":
-            out["bytes_" + labels.get("direction", "")] = out.get("bytes_" + labels.get("direction", ""), 0) + v
-        elif name == "kvstore_daemon_request_seconds_sum" and labels.get("method") in ("Put", "Get"):
-            out[labels["method"].lower() + "_s"] += v
-    return out
+    samples = scrape_metrics(f"http://127.0.0.1:{metrics_port}")
+    moved = "kvstore_daemon_payload_bytes_total"
+    served = "kvstore_daemon_request_seconds_sum"
+    return {
+        "bytes_in": metric_sum(samples, moved, direction="in"),
+        "bytes_out": metric_sum(samples, moved, direction="out"),
+        "put_s": metric_sum(samples, served, method="Put"),
+        "get_s": metric_sum(samples, served, method="Get"),
+    }
 
 
 def transport_bench(url: str, chunk_bytes: int, chunks: int, repeats: int = 3) -> dict:
@@ -236,7 +217,7 @@ def main() -> None:
     try:
         p = engine(a.model, free_port(), a.logdir, "colocated")
         procs.append(p)
-        url = f"http://127.0.0.1:{p.proc.args[p.proc.args.index('--port') + 1]}"
+        url = f"http://127.0.0.1:{p.args[p.args.index('--port') + 1]}"
         warm(url, a.model)
         t = time.perf_counter()
         results["colocated"] = summarize(asyncio.run(drive(url, a.model, reqs, a.interval)))
@@ -244,20 +225,19 @@ def main() -> None:
         p.stop()
         procs.remove(p)
 
-        d = Proc([sys.executable, "-m", "store.cli", "serve", "--port", "0", "--metrics-port", "0",
-                  "--cpu-size", a.cpu_size], a.logdir / "daemon.log")  # fmt: skip
+        serve = [sys.executable, "-m", "store.cli", "serve", "--port", "0", "--metrics-port", "0"]
+        d = start([*serve, "--cpu-size", a.cpu_size], a.logdir / "daemon.log")
         procs.append(d)
-        line = d.wait_line("grpc ")
-        kv_url = "kvstore://127.0.0.1:" + line.split("grpc ")[1].split()[0].rsplit(":", 1)[1]
-        metrics_port = int(line.split("metrics ")[1].split()[0])
+        ready = d.wait_for_line(DAEMON_READY, STARTUP_S, "kvstore serve")
+        kv_url, metrics_port = f"kvstore://127.0.0.1:{ready.group(2)}", int(ready.group(4))
         pp, dp, rp = free_port(), free_port(), free_port()
         procs.append(engine(a.model, pp, a.logdir, "producer", "--kvstore", kv_url, "--kv-role",
                             "producer", threads=a.pd_threads))  # fmt: skip
         procs.append(engine(a.model, dp, a.logdir, "consumer", "--kvstore", kv_url, "--kv-role",
                             "consumer", threads=a.pd_threads))  # fmt: skip
-        r = Proc([sys.executable, "-m", "router.cli", "serve", "--port", str(rp), "--prefill",
-                  f"http://127.0.0.1:{pp}", "--decode", f"http://127.0.0.1:{dp}"],
-                 a.logdir / "router.log")  # fmt: skip
+        route = ["--prefill", f"http://127.0.0.1:{pp}", "--decode", f"http://127.0.0.1:{dp}"]
+        r = start([sys.executable, "-m", "router.cli", "serve", "--port", str(rp), *route],
+                  a.logdir / "router.log")
         procs.append(r)
         url = f"http://127.0.0.1:{rp}"
         deadline = time.monotonic() + 60

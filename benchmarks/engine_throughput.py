@@ -71,7 +71,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 
-from _workload import Request, make_workload, percentile, summarize, to_json  # noqa: E402
+from _workload import Request, make_workload, summarize, to_json  # noqa: E402
+from harness import percentile  # noqa: E402
 
 DEFAULT_VLLM_VENV = REPO / ".venv-vllm"
 ENGINE_LIMITS = {"max_num_seqs": 64, "max_num_batched_tokens": 2048, "kv_cache_memory": "2GiB"}

@@ -53,8 +53,6 @@ import os
 import random
 import re
 import shlex
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,9 +61,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from harness import ENGINE_READY, Child, metric_sum, parse_metrics, percentile, totals_by_name
 
-ROOT = Path(__file__).resolve().parents[1]
-READY = re.compile(r"engine serve: http://(\S+):(\d+)")
 WORDS = ("cache block token prefix engine server stream latency memory paged kernel "
          "request router tier disk redis layer attention decode prefill batch").split()  # fmt: skip
 MAX_TOKENS = (8, 16, 32, 64, 64, 128, 128, 256)
@@ -75,45 +72,24 @@ REQUEST_TIMEOUT = 300.0
 # -- the server ---------------------------------------------------------------------------
 @dataclass
 class Server:
-    proc: subprocess.Popen
+    proc: Child
     port: int
-    log_path: str
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def log_tail(self, n: int = 4000) -> str:
-        return Path(self.log_path).read_text(errors="replace")[-n:]
-
-    def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-                return -9
-        return self.proc.returncode
+        return self.proc.output()[-n:]
 
 
 def start_server(model: str, extra: list[str], timeout: float = 300) -> Server:
+    """``engine serve --model MODEL --port 0 EXTRA``, its log in a temporary file."""
     fd, log_path = tempfile.mkstemp(prefix="engine-serve-", suffix=".log")
-    argv = [sys.executable, "-m", "engine.cli", "serve", "--model", model, "--port", "0", *extra]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(argv, stdout=fd, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     os.close(fd)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        m = READY.search(Path(log_path).read_text(errors="replace"))
-        if m:
-            return Server(proc, int(m.group(2)), log_path)
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"engine serve did not start: {Path(log_path).read_text()[-3000:]}")
+    argv = [sys.executable, "-m", "engine.cli", "serve", "--model", model, "--port", "0", *extra]
+    proc = Child(argv, log=log_path)
+    return Server(proc, int(proc.wait_for_line(ENGINE_READY, timeout, "engine serve").group(2)))
 
 
 def rss_bytes(pid: int) -> int:
@@ -128,24 +104,13 @@ def rss_bytes(pid: int) -> int:
         raise RuntimeError("no VmRSS") from None
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """Series name -> value summed over label sets; ``aborts``: requests finished as
-    ``abort`` (``engine_requests_total{finish_reason="abort"}``)."""
-    out: dict[str, float] = {"aborts": 0.0}
-    for line in text.splitlines():
-        m = re.fullmatch(r"(\w+)(?:\{(.*)\})? (\S+)", line)
-        if m:
-            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
-            if m.group(1) == "engine_requests_total" and 'finish_reason="abort"' in (
-                m.group(2) or ""
-            ):
-                out["aborts"] += float(m.group(3))
-    return out
-
-
 async def scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    """Sample name -> value summed over label sets; ``aborts``: requests finished as
+    ``abort`` (``engine_requests_total{finish_reason="abort"}``)."""
     async with session.get(url + "/metrics", timeout=aiohttp.ClientTimeout(total=30)) as r:
-        return parse_metrics(await r.text())
+        samples = parse_metrics(await r.text())
+    aborts = metric_sum(samples, "engine_requests_total", finish_reason="abort")
+    return {**totals_by_name(samples), "aborts": aborts}
 
 
 # -- the workload -------------------------------------------------------------------------
@@ -365,16 +330,6 @@ async def client_loop(i: int, url: str, model: str, budget: Budget, results: lis
 
 
 # -- the run ------------------------------------------------------------------------------
-def pct(xs: list[float], p: float) -> float | None:
-    if not xs:
-        return None
-    s = sorted(xs)
-    k = (len(s) - 1) * p / 100
-    lo = int(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
 def slope(points: list[tuple[float, float]]) -> float | None:
     """Least-squares slope of (t, y)."""
     if len(points) < 3:
@@ -498,9 +453,9 @@ def summarize(args: argparse.Namespace, run: dict[str, Any], exit_code: int,
         "requests_per_s": round(len(completed) / wall, 2) if wall else None,
         "prompt_tokens": prompt_tokens, "cached_prompt_tokens": cached,
         "cached_ratio": round(cached / prompt_tokens, 3) if prompt_tokens else None,
-        "ttft_s": {p: _r(pct(ttfts, p)) for p in (50, 90, 99)},
-        "itl_s": {p: _r(pct(gaps, p)) for p in (50, 90, 99)},
-        "tpot_s": {p: _r(pct(tpots, p)) for p in (50, 90)},
+        "ttft_s": {p: _pct(ttfts, p) for p in (50, 90, 99)},
+        "itl_s": {p: _pct(gaps, p) for p in (50, 90, 99)},
+        "tpot_s": {p: _pct(tpots, p) for p in (50, 90)},
         "max_running": max((s["running"] for s in samples), default=0),
         "max_waiting": max((s["waiting"] for s in samples), default=0),
         "min_free_blocks": min((s["free_blocks"] for s in samples), default=None),
@@ -549,7 +504,9 @@ def summarize(args: argparse.Namespace, run: dict[str, Any], exit_code: int,
     return out
 
 
-def _r(x: float | None) -> float | None:
+def _pct(xs: list[float], p: float) -> float | None:
+    """The ``p``-th percentile rounded for the report (None without values)."""
+    x = percentile(xs, p, empty=None)
     return None if x is None else round(x, 4)
 
 
@@ -623,9 +580,9 @@ def main(argv: list[str] | None = None) -> int:
         run = asyncio.run(load(args, server))
     except BaseException:
         print(server.log_tail(), file=sys.stderr)
-        server.stop()
+        server.proc.stop(60)
         raise
-    exit_code = server.stop()
+    exit_code = server.proc.stop(60)
     summary = summarize(args, run, exit_code, server.log_tail(10**9))
     print_table(summary)
     if not summary["ok"]:
@@ -633,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(summary, indent=1))
-    os.unlink(server.log_path)
+    os.unlink(server.proc.log_path)
     return 0 if summary["ok"] else 1
 
 

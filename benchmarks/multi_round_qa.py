@@ -39,6 +39,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from harness import percentile  # noqa: E402
+
 from benchmarks.ttft import kv_bytes_per_token  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.presets import PRESETS  # noqa: E402
@@ -83,7 +85,7 @@ def run_mode(args: argparse.Namespace, kv: dict | None) -> dict:
     return {
         "ttft_round1_mean": statistics.mean(ttfts[0]),
         "ttft_later_mean": statistics.mean(later) if later else None,
-        "ttft_later_p90": statistics.quantiles(later, n=10)[-1] if len(later) > 1 else None,
+        "ttft_later_p90": percentile(later, 90) if len(later) > 1 else None,
         "output_tokens_per_s": generated / wall,
         "wall_s": wall,
         "prompt_tokens": prompt_tokens,

@@ -23,9 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 from collections import OrderedDict
@@ -36,10 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _workload import percentile  # noqa: E402
+from harness import Child, free_port, percentile  # noqa: E402
 from routing_sim import TraceRequest, load_trace, simulate, single_engine_hit_ratio  # noqa: E402
 
 TRACE = ROOT.parent / "shared" / "data" / "mooncake_conversation_trace.jsonl"
+STARTUP_S = 180.0
 
 
 def run_simulation(a: argparse.Namespace) -> dict:
@@ -83,27 +81,6 @@ def conversations(
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 180.0) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"{url} did not come up")
-
-
 async def one_request(
     session, url: str, req: TraceRequest, max_tokens: int
 ) -> tuple[float, int, int]:
@@ -142,40 +119,26 @@ async def replay(
 def run_policy(
     a: argparse.Namespace, policy: str, engines: int, kv_mem: str, convs, logs: Path
 ) -> dict:
-    procs, urls, events = [], [], []
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs: list[Child] = []
+    urls, events = [], []
+    env = {"PYTHONPATH": str(ROOT)}
     try:
         for i in range(engines):
             port, zport = free_port(), free_port()
             cmd = [sys.executable, str(ROOT / "benchmarks" / "routing_worker.py"), "--port", str(port),
                    "--kv-events", f"tcp://*:{zport}", "--model", a.model, "--kv-cache-memory", kv_mem]  # fmt: skip
-            procs.append(
-                subprocess.Popen(
-                    cmd,
-                    env=env,
-                    stdout=open(logs / f"{policy}-w{i}.log", "w"),
-                    stderr=subprocess.STDOUT,
-                )
-            )
+            procs.append(Child(cmd, log=logs / f"{policy}-w{i}.log", env=env))
             urls.append(f"http://127.0.0.1:{port}")
             events.append(f"tcp://127.0.0.1:{zport}")
         for url, p in zip(urls, procs, strict=True):
-            wait_http(url + "/health", p)
+            p.wait_for_http(url + "/health", STARTUP_S)
         rport = free_port()
         cmd = [sys.executable, "-m", "router.cli", "serve", "--port", str(rport), "--policy", policy,
                "--backend", *urls, "--kv-events", *events, "--model-block-size", str(a.block_size),
                "--load-alpha", str(a.load_alpha), "--load-cap", str(a.load_cap)]  # fmt: skip
-        procs.append(
-            subprocess.Popen(
-                cmd,
-                cwd=ROOT,
-                env=env,
-                stdout=open(logs / f"{policy}-router.log", "w"),
-                stderr=subprocess.STDOUT,
-            )
-        )
+        procs.append(Child(cmd, log=logs / f"{policy}-router.log", env=env))
         router = f"http://127.0.0.1:{rport}"
-        wait_http(router + "/health", procs[-1])
+        procs[-1].wait_for_http(router + "/health", STARTUP_S)
         warm = [TraceRequest(0, [7 + i] * 64, 1, []) for i in range(engines)]
         for url, w in zip(urls, warm, strict=True):  # first-call costs out of the figures
             asyncio.run(replay(url, [[w]], 1, 1))
@@ -184,9 +147,7 @@ def run_policy(
         wall = time.perf_counter() - t0
     finally:
         for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(30)
+            p.stop()
     ttfts = [r[0] for r in res]
     prompt, cached = sum(r[1] for r in res), sum(r[2] for r in res)
     if a.verbose:

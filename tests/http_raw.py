@@ -3,29 +3,25 @@ library would tidy up first."""
 
 from __future__ import annotations
 
-import http.client
 import json
 from typing import Any
 
+from benchmarks.harness import http_request
 
-def request(port: int, method: str, path: str, body: bytes | None = None,
-            headers: dict[str, str | None] | None = None, timeout: float = 60) -> tuple[int, Any]:  # fmt: skip
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str | None] | None = None,
+    timeout: float = 60,
+) -> tuple[int, Any]:
     """(status, the body as JSON, or as text when it is not JSON). A header given as
     None is left out."""
     sent = {"Content-Type": "application/json", **(headers or {})}
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        chunked = sent.get("Transfer-Encoding") == "chunked"
-        conn.request(method, path, body, {k: v for k, v in sent.items() if v is not None},
-                     encode_chunked=chunked)  # fmt: skip
-        resp = conn.getresponse()
-        data = resp.read()
-    finally:
-        conn.close()
-    try:
-        return resp.status, json.loads(data)
-    except ValueError:
-        return resp.status, data.decode(errors="replace")
+    reply = http_request(f"http://127.0.0.1:{port}{path}", method, body, sent, timeout)
+    return reply.status, reply.json_or_text()
 
 
 def post(port: int, path: str, body: bytes | dict, **kw: Any) -> tuple[int, Any]:

@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 from aiohttp import web
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.harness import ROOT, Child, http_request
 
 
 class Upstream:
@@ -148,37 +144,14 @@ class RouterProcess:
     ) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
         cmd = [sys.executable, "-m", "router.cli", "serve", "--port", str(port), *args]
-        self.log = open(log_path, "w")
-        env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env
-        )
-        self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"kvrouter exited with {self.proc.returncode}: {Path(self.log.name).read_text()}"
-                )
-            try:
-                urllib.request.urlopen(self.url + "/health", timeout=1)
-                return
-            except urllib.error.HTTPError:
-                return  # it answers (503: no healthy backend yet)
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("kvrouter did not start")
+        self.proc = Child(cmd, log=log_path, env={**(env or {}), "PYTHONPATH": str(ROOT)})
+        # any answer will do: 503 until a backend is healthy
+        self.proc.wait_for_http(self.url + "/health", 30, any_status=True)
 
     def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+        self.proc.stop(10)
 
 
 def post(
@@ -187,18 +160,19 @@ def post(
     """POST JSON; (status, parsed body, headers). A body that is not JSON comes back as
     ``{"not_json": text}`` so that a test fails on its assertion, not in here."""
     data = raw if raw is not None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
+    reply = http_request(url, "POST", data, _headers(token, "application/json"), timeout=30)
     try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, _json_or_text(r.read()), dict(r.headers)
-    except urllib.error.HTTPError as e:
-        return e.code, _json_or_text(e.read()), dict(e.headers)
-
-
-def _json_or_text(data: bytes):
-    try:
-        return json.loads(data)
+        return reply.status, reply.json(), reply.headers
     except ValueError:
-        return {"not_json": data.decode(errors="replace")}
+        return reply.status, {"not_json": reply.text}, reply.headers
+
+
+def get(url: str, token: str | None = None) -> tuple[int, str]:
+    """GET; (status, body text)."""
+    reply = http_request(url, headers=_headers(token), timeout=10)
+    return reply.status, reply.text
+
+
+def _headers(token: str | None, content_type: str | None = None) -> dict[str, str | None]:
+    auth = f"Bearer {token}" if token else None
+    return {"Content-Type": content_type, "Authorization": auth}

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import time
-import urllib.request
 from contextlib import contextmanager
 
 import grpc
 import numpy as np
 import pytest
-from daemon_proc import FP, chunk, same, start_daemon
+from daemon_proc import FP, chunk, same, scrape, start_daemon
 
 from backends.remote import RemoteBackend
+from benchmarks.harness import wait_until
 from store.cli import main
 from store.client import KVStoreClient
 from store.config import from_flat
@@ -89,17 +88,7 @@ def test_kill_9_means_misses_not_hangs_and_a_restart_keeps_disk_hits(tmp_path):
 
 def _in_flight(metrics_port: int) -> float:
     """The daemon's ``kvstore_daemon_in_flight`` gauge, read from its /metrics."""
-    url = f"http://127.0.0.1:{metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as r:
-        text = r.read().decode()
-    return float(re.search(r"^kvstore_daemon_in_flight (\S+)$", text, re.M).group(1))
-
-
-def _wait_for(what: str, check, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
+    return scrape(metrics_port)[("kvstore_daemon_in_flight", ())]
 
 
 def test_sigterm_lets_an_in_flight_put_finish_then_exits_0(tmp_path):
@@ -121,11 +110,11 @@ def test_sigterm_lets_an_in_flight_put_finish_then_exits_0(tmp_path):
         assert recv_frame(sock)["ok"]
         send_frame(sock, {"op": "put", "chunks": put_groups(chunks, [p.nbytes for p in payloads])})
         send_buffers(sock, [*payloads[:3], payloads[3][:4096]])  # 3 MiB and a bit of 8
-        _wait_for("the put to be in flight", lambda: _in_flight(d.metrics_port) == 1)
+        wait_until(lambda: _in_flight(d.metrics_port) == 1, what="the put to be in flight")
 
         d.proc.send_signal(signal.SIGTERM)
         with KVStoreClient(d.url, timeout=10, transport="stream") as late:
-            _wait_for("draining", lambda: late.health().status == "draining")
+            wait_until(lambda: late.health().status == "draining", what="draining")
             with pytest.raises(RemoteError) as exc:
                 late.lookup([chunks[0].key])
             assert exc.value.code == "UNAVAILABLE"
@@ -213,7 +202,7 @@ def test_a_frozen_daemon_costs_a_deadline_not_a_hang_then_serves_again():
                 assert got == miss and elapsed < TIMEOUT / 2
             assert not tier.available()
 
-        _wait_for("the back-off to end", tier.available, 5)
+        wait_until(tier.available, 5, "the back-off to end")
         assert time.monotonic() - before >= 1.0  # not before retry_after
         assert tier.contains([c0.key]) == 1 and same(tier.get([c0.key])[0], c0)
         assert tier.put([c1]) == [True]
@@ -245,12 +234,12 @@ def test_the_back_off_doubles_up_to_its_cap():
                 failed = time.monotonic()
                 found, elapsed = _timed(lambda: tier.contains([c0.key]))
                 assert found == 0 and elapsed < 0.25 and not tier.available()
-                _wait_for("the back-off to end", tier.available, 5)
+                wait_until(tier.available, 5, "the back-off to end")
                 back = time.monotonic()
                 # The back-off starts when the deadline fires, at least 0.3 s after start.
                 assert back - start >= 0.3 + want - 0.05, (want, back - start)  # never early
                 assert back - failed < want + 1.0, (want, back - failed)  # nor much later
-        _wait_for("the back-off to end", tier.available, 5)
+        wait_until(tier.available, 5, "the back-off to end")
         assert tier.contains([c0.key]) == 1
     finally:
         tier.close()

@@ -19,9 +19,9 @@ from daemon_probe import (
     output,
     stream_port,
 )
-from daemon_proc import READY, DaemonProc, chunk, same, scrape, start_daemon
-from procs import spawn_until_ready
+from daemon_proc import DaemonProc, chunk, same, scrape, start_daemon
 
+from benchmarks.harness import DAEMON_READY, Child
 from store.client import KVStoreClient
 from store.wire.stream import RemoteError, check_reply
 
@@ -171,7 +171,8 @@ def test_the_stream_port_outlives_running_out_of_file_descriptors(token_file):
     argv = ["bash", "-c", 'ulimit -n 48 && exec "$@"', "kvstore", sys.executable, "-m",
             "store.cli", "serve", "--port", "0", "--metrics-port", "0", "--cpu-size", "32MiB",
             "--auth-token-file", token_file, "--handshake-timeout", "60"]  # fmt: skip
-    proc, m = spawn_until_ready(argv, READY, "kvstore serve", 60)
+    proc = Child(argv)
+    m = proc.wait_for_line(DAEMON_READY, 60, "kvstore serve")
     d = DaemonProc(proc, int(m.group(2)), int(m.group(4)))
     conns: list[socket.socket] = []
     try:

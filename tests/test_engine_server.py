@@ -251,7 +251,8 @@ def test_concurrent_requests_batch_and_match_their_serial_answers(server, client
 def test_kv_events_are_published_for_the_router():
     zmq = pytest.importorskip("zmq")
     import msgpack
-    from conftest import free_port
+
+    from benchmarks.harness import free_port
 
     port = free_port()
     srv = start_engine("--model", "tiny", "--kv-events-endpoint", f"tcp://*:{port}")

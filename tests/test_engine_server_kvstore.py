@@ -16,6 +16,7 @@ import pytest
 from daemon_proc import start_daemon
 from engine_server_proc import start_engine
 
+from benchmarks.harness import wait_until
 from engine import LLM, SamplingParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
@@ -33,13 +34,6 @@ def long_prompt(tag: str) -> str:
 def daemon_items(url: str) -> int:
     with KVStoreClient(url) as c:
         return sum(max(t.items, 0) for t in c.stats().tiers)
-
-
-def wait_for(cond, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +77,11 @@ def test_cache_salt_isolates_tenants_through_the_daemon(shared):
     text_a, cached_a, _, n_tokens = ask(ca, prompt, "tenant-a")
     assert cached_a == 0
     chunks = n_tokens // CHUNK
-    wait_for(lambda: daemon_items(daemon.url) >= base + chunks)  # A's chunks are in
+    wait_until(lambda: daemon_items(daemon.url) >= base + chunks, 20)  # A's chunks are in
     text_b, cached_b, kv_b, _ = ask(cb, prompt, "tenant-b")
     assert (text_b, cached_b, kv_b["sources"]) == (text_a, 0, {})
     # B stored tenant-b's chunks under their own keys, beside tenant-a's
-    wait_for(lambda: daemon_items(daemon.url) >= base + 2 * chunks)
+    wait_until(lambda: daemon_items(daemon.url) >= base + 2 * chunks, 20)
     # B's own cache holds only tenant-b blocks, so a tenant-a hit can only come from A's
     text_t, cached_t, kv_t, _ = ask(cb, prompt, "tenant-a")
     assert text_t == text_a
@@ -101,7 +95,7 @@ def test_two_engines_share_kv_through_the_daemon_and_survive_its_death(shared):
     base = daemon_items(daemon.url)  # what earlier tests of the module stored
     text_a, cached_a, _, n_tokens = ask(ca, prompt)
     assert cached_a == 0
-    wait_for(lambda: daemon_items(daemon.url) >= base + n_tokens // CHUNK)
+    wait_until(lambda: daemon_items(daemon.url) >= base + n_tokens // CHUNK, 20)
     text_b, cached_b, kv_b, _ = ask(cb, prompt)
     assert text_b == text_a
     assert cached_b >= CHUNK and kv_b["sources"].get("remote") == cached_b
@@ -136,7 +130,7 @@ def test_kv_role_producer_only_saves_and_consumer_only_loads(role, saves, loads)
         first = _run(engine, prompt)
         store = engine.connector.store
         if saves:
-            wait_for(lambda: store.stats()["cpu"].items == 5)
+            wait_until(lambda: store.stats()["cpu"].items == 5, 20)
         else:
             time.sleep(0.3)
             assert store.stats()["cpu"].items == 0
@@ -163,7 +157,7 @@ def test_a_consumer_loads_what_a_producer_saved(tmp_path):
     try:
         first = _run(producer, prompt)
         store = producer.connector.store
-        wait_for(lambda: store.stats()["disk"].items == 5)
+        wait_until(lambda: store.stats()["disk"].items == 5, 20)
         assert _run(producer, prompt).metrics.kv_sources.get("disk", 0) == 0  # never loads
     finally:
         producer.close()
@@ -198,7 +192,7 @@ def test_engine_serve_takes_a_store_config_file(tmp_path):
             return sum(1 for p in (tmp_path / "disk").rglob("*") if p.is_file()
                        and not p.name.startswith("."))  # fmt: skip
 
-        wait_for(lambda: files() >= saved // CHUNK, 20)
+        wait_until(lambda: files() >= saved // CHUNK, 20)
     finally:
         assert first.stop() == 0
     second = start_engine(*args)

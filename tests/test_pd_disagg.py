@@ -9,6 +9,7 @@ import pytest
 from daemon_proc import PinCounts, start_daemon
 
 from backends.remote import RemoteBackend
+from benchmarks.harness import wait_until
 from connector.disagg import check_params
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
@@ -19,13 +20,6 @@ from store.daemon.lease import LeaseTable
 
 CHUNK = 32
 PROMPT = [(7 * i + 3) % 250 + 5 for i in range(5 * CHUNK + 3)]  # 5 whole chunks + 3
-
-
-def wait_for(cond, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def run(engine: LLMEngine, prompt, max_tokens: int, kv=None):
@@ -80,7 +74,7 @@ def test_producer_hands_kv_to_consumer_with_the_answer_of_one_engine(pd):
     out = run(consumer, prompt, 8, params)
     assert out.token_ids == want
     assert out.metrics.kv_sources.get("remote", 0) == 5 * CHUNK  # loaded, not recomputed
-    wait_for(lambda: remote.active_leases() == 0)  # released when the consumer finished
+    wait_until(lambda: remote.active_leases() == 0)  # released when the consumer finished
     assert not consumer.requests and not producer.requests
 
 
@@ -115,7 +109,7 @@ def test_the_offline_api_runs_both_legs_and_finishes_the_hand_off(pd):
         )
         assert [o.token_ids for o in got] == want
         assert all(o.metrics.kv_sources.get("remote", 0) == 5 * CHUNK for o in got)
-        wait_for(lambda: remote.active_leases() == 0)
+        wait_until(lambda: remote.active_leases() == 0)
         with pytest.raises(InvalidRequestError, match="kv_transfer_params"):
             dec.generate(prompts, kv_transfer_params=[None])
 
@@ -127,7 +121,7 @@ def test_expired_lease_and_evicted_kv_means_recompute(pd):
     params = run(producer, prompt, 1, {"do_remote_decode": True, "lease_ttl": 0.2})
     params = params.kv_transfer_params
     assert params["num_tokens"] == 5 * CHUNK
-    wait_for(lambda: remote.active_leases() == 0)  # the daemon's reaper ended it
+    wait_until(lambda: remote.active_leases() == 0)  # the daemon's reaper ended it
     assert remote.delete(params["keys"]) == 5  # unpinned, so evictable: evict it
     out = run(consumer, prompt, 6, params)
     assert out.token_ids == want
@@ -193,7 +187,7 @@ def test_lease_table_pins_until_release_or_expiry():
         assert n == 2 and exp > time.time() and pins == {"k1": 1, "k2": 1, "k3": 0}
         b, _, _ = table.lease(["k1"], 0.05, lambda: 1)
         assert pins["k1"] == 2 and table.active == 2
-        wait_for(lambda: table.active == 1)
+        wait_until(lambda: table.active == 1)
         assert pins["k1"] == 1
         assert table.release(a) and not table.release(a)
         assert set(pins.values()) == {0} and table.active == 0

@@ -6,24 +6,12 @@ from __future__ import annotations
 
 import json
 import socket
-import urllib.request
 
-from router_upstream import post
+from router_upstream import get, post
 
 from router.cli import main
 
 UNAUTHORIZED = {"type": "invalid_request_error", "param": None, "code": "invalid_api_key"}
-
-
-def get(url: str, token: str | None = None) -> tuple[int, str]:
-    req = urllib.request.Request(url)
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
 
 
 def raw_request(port: int, auth: bytes) -> int:

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
-from conftest import free_port
-from router_upstream import ROOT, RouterProcess, post
+from router_upstream import RouterProcess, post
+
+from benchmarks.harness import ROOT, Child, free_port, wait_until
 
 pytest.importorskip("engine.server.serve", reason="engine serve has not landed")
 
@@ -20,7 +20,9 @@ PROMPTS = ["the cat sat on the mat and then", "once upon a time " * 5, "x", "hel
 
 
 class EngineProcess:
-    def __init__(self, *args: str, log=None) -> None:
+    """``engine serve --model tiny`` on a free port (started here, ``wait`` for it)."""
+
+    def __init__(self, *args: str, log=os.devnull) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
@@ -34,29 +36,14 @@ class EngineProcess:
             str(self.port),
             *args,
         ]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT
-        )
+        self.proc = Child(cmd, log=log, env={"PYTHONPATH": str(ROOT)})
 
     def wait(self, timeout: float = 120) -> EngineProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"engine serve exited with {self.proc.returncode}"
-            try:
-                urllib.request.urlopen(self.url + "/health", timeout=2)
-                return self
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError("engine serve did not come up")
+        self.proc.wait_for_http(self.url + "/health", timeout)
+        return self
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        self.proc.stop(20)
 
 
 @pytest.fixture
@@ -146,10 +133,8 @@ def test_prefill_decode_through_a_shared_kvstore(cleanup, tmp_path, n_prefill, n
         from backends.remote import RemoteBackend
 
         leases = RemoteBackend(daemon.url)
-        deadline = time.monotonic() + 10  # the decode node released its lease
-        while leases.active_leases() != 0:
-            assert time.monotonic() < deadline, "a lease was not released"
-            time.sleep(0.1)
+        # the decode node released its lease
+        wait_until(lambda: leases.active_leases() == 0, 10, "the lease to be released")
         leases.close()
         for e in prefill:  # no prefill node left: the decode nodes do everything
             e.stop()

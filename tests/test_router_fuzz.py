@@ -147,7 +147,7 @@ def test_fuzzed_bodies_never_break_the_router(ups, start_router):
     a, b = ups.start("a"), ups.start("b")
     r = start_router("--backend", a.url, b.url, "--policy", "prefix_aware",
                      "--tokenizer", "tiny", "--api-key", KEY, "--max-body-bytes", "65536")  # fmt: skip
-    log = Path(r.log.name)
+    log = Path(r.log_path)
     cases = bodies(random.Random(SEED))
     t0 = time.monotonic()
     problems = asyncio.run(send_all(r.url, cases))

@@ -14,9 +14,9 @@ import urllib.request
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
-from conftest import free_port
 from router_upstream import RouterProcess, Upstream, Upstreams, post
 
+from benchmarks.harness import free_port
 from kvcore.keys import block_hashes
 from router.app import HASHER, create_app
 from router.config import RouterConfig

@@ -5,31 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import urllib.request
 
 import aiohttp
 import pytest
 import zmq
-from router_upstream import RouterProcess, post
+from router_upstream import RouterProcess, get, post
+
+from benchmarks.harness import wait_until
 
 
 def complete(router: RouterProcess, body: dict | None = None, **kw):
     return post(router.url + "/v1/completions", body or {"model": "tiny", "prompt": "hi"}, **kw)
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-def wait_for(cond, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def test_round_robin_alternates(ups, start_router):
@@ -66,7 +52,7 @@ def test_unhealthy_backends_take_no_requests(ups, start_router):
     assert [complete(r)[1]["backend"] for _ in range(4)] == ["b"] * 4
     assert a.requests == []
     a.healthy = True
-    wait_for(lambda: json.loads(get(r.url + "/health")[1])["backends"][a.url]["healthy"])
+    wait_until(lambda: json.loads(get(r.url + "/health")[1])["backends"][a.url]["healthy"])
     assert {complete(r)[1]["backend"] for _ in range(2)} == {"a", "b"}
 
 
