@@ -64,24 +64,42 @@ def engine(
     return p
 
 
-def workload(n: int, long_prompt: int, long_out: int, short_prompt: int, short_out: int,
-             vocab: int, seed: int = 0) -> list[dict]:  # fmt: skip
+def workload(
+    n: int,
+    long_prompt: int,
+    long_out: int,
+    short_prompt: int,
+    short_out: int,
+    vocab: int,
+    seed: int = 0,
+) -> list[dict]:
     """``n`` requests alternating long-prompt/short-answer and short-prompt/long-answer."""
     rng = random.Random(seed)
     reqs = []
     for i in range(n):
         kind = "long_prompt" if i % 2 == 0 else "long_decode"
         plen, out = (long_prompt, long_out) if kind == "long_prompt" else (short_prompt, short_out)
-        reqs.append({"kind": kind, "prompt": [rng.randrange(100, vocab) for _ in range(plen)],
-                     "max_tokens": out})  # fmt: skip
+        reqs.append(
+            {
+                "kind": kind,
+                "prompt": [rng.randrange(100, vocab) for _ in range(plen)],
+                "max_tokens": out,
+            }
+        )
     return reqs
 
 
 async def one(session, url: str, model: str, req: dict, delay: float) -> dict:
     await asyncio.sleep(delay)
-    body = {"model": model, "prompt": req["prompt"], "max_tokens": req["max_tokens"],
-            "temperature": 0.0, "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "model": model,
+        "prompt": req["prompt"],
+        "max_tokens": req["max_tokens"],
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     first = last_t = None
     usage, kv = None, {}
@@ -100,17 +118,23 @@ async def one(session, url: str, model: str, req: dict, delay: float) -> dict:
             if msg.get("usage"):
                 usage, kv = msg["usage"], msg.get("kv", {})
     n = usage["completion_tokens"]
-    return {"kind": req["kind"], "ttft": first - t0,
-            "itl": (last_t - first) / (n - 1) if n > 1 else None, "e2e": last_t - t0,
-            "tokens": n, "loaded": kv.get("sources", {}).get("remote", 0)}  # fmt: skip
+    return {
+        "kind": req["kind"],
+        "ttft": first - t0,
+        "itl": (last_t - first) / (n - 1) if n > 1 else None,
+        "e2e": last_t - t0,
+        "tokens": n,
+        "loaded": kv.get("sources", {}).get("remote", 0),
+    }
 
 
 async def drive(url: str, model: str, reqs: list[dict], interval: float) -> list[dict]:
     import aiohttp
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as s:
-        return await asyncio.gather(*(one(s, url, model, r, i * interval)
-                                      for i, r in enumerate(reqs)))  # fmt: skip
+        return await asyncio.gather(
+            *(one(s, url, model, r, i * interval) for i, r in enumerate(reqs))
+        )
 
 
 def summarize(results: list[dict]) -> dict:
@@ -163,7 +187,10 @@ def transport_bench(url: str, chunk_bytes: int, chunks: int, repeats: int = 3) -
     rng = np.random.default_rng(0)
     data = [rng.integers(0, 256, chunk_bytes, dtype=np.uint8) for _ in range(chunks)]
     outs = [np.empty(chunk_bytes, dtype=np.uint8) for _ in range(chunks)]
-    keys = [hashlib.sha256(f"disagg-bench-{os.getpid()}-{i}".encode()).hexdigest() for i in range(chunks)]
+    keys = [
+        hashlib.sha256(f"disagg-bench-{os.getpid()}-{i}".encode()).hexdigest()
+        for i in range(chunks)
+    ]
     cs = [make_chunk(k, b"\0" * 32, d, 1) for k, d in zip(keys, data, strict=True)]
     peer, best = RawPeer(), {}
     total = chunk_bytes * chunks
@@ -189,7 +216,9 @@ def transport_bench(url: str, chunk_bytes: int, chunks: int, repeats: int = 3) -
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default="bench")
     ap.add_argument("--requests", type=int, default=12)
     ap.add_argument("--long-prompt", type=int, default=1536)
@@ -198,9 +227,13 @@ def main() -> None:
     ap.add_argument("--short-out", type=int, default=96)
     ap.add_argument("--interval", type=float, default=0.5, help="seconds between arrivals")
     ap.add_argument("--cpu-size", default="2GiB", help="the daemon's cpu tier")
-    ap.add_argument("--pd-threads", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-                    help="torch threads of the prefill and of the decode engine (the colocated "
-                         "engine keeps torch's default: every core); default: half the cores each")  # fmt: skip
+    ap.add_argument(
+        "--pd-threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) // 2),
+        help="torch threads of the prefill and of the decode engine (the colocated "
+        "engine keeps torch's default: every core); default: half the cores each",
+    )
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--logdir", type=Path, default=ROOT / "bench-results" / "disagg-logs")
     a = ap.parse_args()
@@ -212,7 +245,9 @@ def main() -> None:
     mc = open_model(a.model).config
     chunk_tokens = StoreConfig.load().chunk_size
     bytes_per_token = mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * 4  # float32 on CPU
-    reqs = workload(a.requests, a.long_prompt, a.long_out, a.short_prompt, a.short_out, mc.vocab_size)
+    reqs = workload(
+        a.requests, a.long_prompt, a.long_out, a.short_prompt, a.short_out, mc.vocab_size
+    )
     results, procs = {}, []
     try:
         p = engine(a.model, free_port(), a.logdir, "colocated")
@@ -231,13 +266,37 @@ def main() -> None:
         ready = d.wait_for_line(DAEMON_READY, STARTUP_S, "kvstore serve")
         kv_url, metrics_port = f"kvstore://127.0.0.1:{ready.group(2)}", int(ready.group(4))
         pp, dp, rp = free_port(), free_port(), free_port()
-        procs.append(engine(a.model, pp, a.logdir, "producer", "--kvstore", kv_url, "--kv-role",
-                            "producer", threads=a.pd_threads))  # fmt: skip
-        procs.append(engine(a.model, dp, a.logdir, "consumer", "--kvstore", kv_url, "--kv-role",
-                            "consumer", threads=a.pd_threads))  # fmt: skip
+        procs.append(
+            engine(
+                a.model,
+                pp,
+                a.logdir,
+                "producer",
+                "--kvstore",
+                kv_url,
+                "--kv-role",
+                "producer",
+                threads=a.pd_threads,
+            )
+        )
+        procs.append(
+            engine(
+                a.model,
+                dp,
+                a.logdir,
+                "consumer",
+                "--kvstore",
+                kv_url,
+                "--kv-role",
+                "consumer",
+                threads=a.pd_threads,
+            )
+        )
         route = ["--prefill", f"http://127.0.0.1:{pp}", "--decode", f"http://127.0.0.1:{dp}"]
-        r = start([sys.executable, "-m", "router.cli", "serve", "--port", str(rp), *route],
-                  a.logdir / "router.log")
+        r = start(
+            [sys.executable, "-m", "router.cli", "serve", "--port", str(rp), *route],
+            a.logdir / "router.log",
+        )
         procs.append(r)
         url = f"http://127.0.0.1:{rp}"
         deadline = time.monotonic() + 60
@@ -261,12 +320,16 @@ def main() -> None:
 
     co, pd, tr = results["colocated"], results["1p1d"], results["transport"]
     results["config"] = {k: v for k, v in vars(a).items() if k not in ("json", "logdir")} | {
-        "chunk_tokens": chunk_tokens, "chunk_bytes": chunk_tokens * bytes_per_token,
-        "cores": os.cpu_count()}  # fmt: skip
+        "chunk_tokens": chunk_tokens,
+        "chunk_bytes": chunk_tokens * bytes_per_token,
+        "cores": os.cpu_count(),
+    }
     results["kv_loaded_bytes"] = pd["loaded_tokens"] * bytes_per_token
-    print(f"{a.requests} requests ({a.long_prompt}-token prompts x {a.long_out} tokens, "
-          f"{a.short_prompt}-token prompts x {a.short_out} tokens, one every {a.interval}s), "
-          f"model {a.model}, {os.cpu_count()} cores")  # fmt: skip
+    print(
+        f"{a.requests} requests ({a.long_prompt}-token prompts x {a.long_out} tokens, "
+        f"{a.short_prompt}-token prompts x {a.short_out} tokens, one every {a.interval}s), "
+        f"model {a.model}, {os.cpu_count()} cores"
+    )
     print(f"{'metric':<28}{'colocated':>11}{'1P1D':>11}{'1P1D/colo':>11}")
 
     def row(name: str, kind: str, key: str, scale: float = 1000.0) -> None:
@@ -280,22 +343,32 @@ def main() -> None:
         row(f"TTFT p90 ms ({kind})", kind, "ttft_p90")
         row(f"ITL p50 ms ({kind})", kind, "itl_p50")
         row(f"ITL p90 ms ({kind})", kind, "itl_p90")
-    print(f"{'wall s':<28}{co['wall_s']:>10.1f} {pd['wall_s']:>10.1f} {pd['wall_s'] / co['wall_s']:>10.2f}x")
-    print(f"decode node loaded {pd['loaded_tokens']} prompt tokens from the daemon "
-          f"({results['kv_loaded_bytes'] / 1e6:.0f} MB)")  # fmt: skip
+    print(
+        f"{'wall s':<28}{co['wall_s']:>10.1f} {pd['wall_s']:>10.1f} {pd['wall_s'] / co['wall_s']:>10.2f}x"
+    )
+    print(
+        f"decode node loaded {pd['loaded_tokens']} prompt tokens from the daemon "
+        f"({results['kv_loaded_bytes'] / 1e6:.0f} MB)"
+    )
     ep = results["engine_path"]
     ep_put = ep["bytes_in"] / ep["put_s"] / 1e9 if ep["put_s"] else float("nan")
     ep_get = ep["bytes_out"] / ep["get_s"] / 1e9 if ep["get_s"] else float("nan")
     results["engine_path"] |= {"put_gbps": ep_put, "get_gbps": ep_get}
-    print(f"1P1D run, daemon side: {ep['bytes_in'] / 1e6:.0f} MB saved in {ep['put_s']:.3f} s of puts "
-          f"= {ep_put:.2f} GB/s ({ep_put / tr['raw_put']:.2f}x raw socket), {ep['bytes_out'] / 1e6:.0f} MB "
-          f"loaded in {ep['get_s']:.3f} s of gets = {ep_get:.2f} GB/s ({ep_get / tr['raw_get']:.2f}x raw)")  # fmt: skip
-    print(f"transport, same daemon, {tr['bytes'] / 1e6:.0f} MB in {chunk_tokens * bytes_per_token / 1e6:.1f} MB "
-          f"chunks (GB/s; ratio to the raw socket stream):")  # fmt: skip
+    print(
+        f"1P1D run, daemon side: {ep['bytes_in'] / 1e6:.0f} MB saved in {ep['put_s']:.3f} s of puts "
+        f"= {ep_put:.2f} GB/s ({ep_put / tr['raw_put']:.2f}x raw socket), {ep['bytes_out'] / 1e6:.0f} MB "
+        f"loaded in {ep['get_s']:.3f} s of gets = {ep_get:.2f} GB/s ({ep_get / tr['raw_get']:.2f}x raw)"
+    )
+    print(
+        f"transport, same daemon, {tr['bytes'] / 1e6:.0f} MB in {chunk_tokens * bytes_per_token / 1e6:.1f} MB "
+        f"chunks (GB/s; ratio to the raw socket stream):"
+    )
     for op in ("put", "get"):
         raw = tr[f"raw_{op}"]
-        print(f"  {op}: raw socket {raw:.2f}, stream {tr[f'stream_{op}']:.2f} "
-              f"({tr[f'stream_{op}'] / raw:.2f}x), shm {tr[f'shm_{op}']:.2f} ({tr[f'shm_{op}'] / raw:.2f}x)")
+        print(
+            f"  {op}: raw socket {raw:.2f}, stream {tr[f'stream_{op}']:.2f} "
+            f"({tr[f'stream_{op}'] / raw:.2f}x), shm {tr[f'shm_{op}']:.2f} ({tr[f'shm_{op}'] / raw:.2f}x)"
+        )
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(results, indent=2))

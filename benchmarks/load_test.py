@@ -63,8 +63,10 @@ from typing import Any
 import aiohttp
 from harness import ENGINE_READY, Child, metric_sum, parse_metrics, percentile, totals_by_name
 
-WORDS = ("cache block token prefix engine server stream latency memory paged kernel "
-         "request router tier disk redis layer attention decode prefill batch").split()  # fmt: skip
+WORDS = (
+    "cache block token prefix engine server stream latency memory paged kernel "
+    "request router tier disk redis layer attention decode prefill batch"
+).split()
 MAX_TOKENS = (8, 16, 32, 64, 64, 128, 128, 256)
 REQUEST_TIMEOUT = 300.0
 
@@ -148,8 +150,15 @@ def make_job(rng: random.Random, disconnect_fraction: float) -> Job:
     disconnect = None
     if rng.random() < disconnect_fraction:
         disconnect = rng.randrange(0, max(2, max_tokens // 2))
-    return Job("chat" if rng.random() < 0.5 else "completions", prompt, max_tokens,
-               rng.choice((0.0, 0.8)), rng.random() < 0.8, disconnect, shared)  # fmt: skip
+    return Job(
+        "chat" if rng.random() < 0.5 else "completions",
+        prompt,
+        max_tokens,
+        rng.choice((0.0, 0.8)),
+        rng.random() < 0.8,
+        disconnect,
+        shared,
+    )
 
 
 @dataclass
@@ -172,12 +181,19 @@ class Result:
 
 
 def _body(job: Job, model: str) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, "max_tokens": job.max_tokens, "stream": True,
-                            "temperature": job.temperature, "ignore_eos": job.ignore_eos,
-                            "stream_options": {"include_usage": True}}  # fmt: skip
+    body: dict[str, Any] = {
+        "model": model,
+        "max_tokens": job.max_tokens,
+        "stream": True,
+        "temperature": job.temperature,
+        "ignore_eos": job.ignore_eos,
+        "stream_options": {"include_usage": True},
+    }
     if job.endpoint == "chat":
-        body["messages"] = [{"role": "system", "content": "You are a load test."},
-                            {"role": "user", "content": job.prompt}]  # fmt: skip
+        body["messages"] = [
+            {"role": "system", "content": "You are a load test."},
+            {"role": "user", "content": job.prompt},
+        ]
     else:
         body["prompt"] = job.prompt
     return body
@@ -202,8 +218,9 @@ def _take_chunk(res: Result, chunk: dict[str, Any], now: float, chat: bool) -> N
         res.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
 
 
-async def run_aiohttp(session: aiohttp.ClientSession, url: str, model: str, job: Job,
-                      res: Result) -> None:  # fmt: skip
+async def run_aiohttp(
+    session: aiohttp.ClientSession, url: str, model: str, job: Job, res: Result
+) -> None:
     chat = job.endpoint == "chat"
     path = "/v1/chat/completions" if chat else "/v1/completions"
     resp = await session.post(url + path, json=_body(job, model))
@@ -294,16 +311,24 @@ class Budget:
         return True
 
 
-async def client_loop(i: int, url: str, model: str, budget: Budget, results: list[Result],
-                      disconnect_fraction: float, seed: int) -> None:  # fmt: skip
+async def client_loop(
+    i: int,
+    url: str,
+    model: str,
+    budget: Budget,
+    results: list[Result],
+    disconnect_fraction: float,
+    seed: int,
+) -> None:
     rng = random.Random(seed * 1000 + i)
     kind = "openai" if i % 4 == 3 else "aiohttp"
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
     if kind == "openai":
         import openai
 
-        oa = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0,
-                                timeout=REQUEST_TIMEOUT)  # fmt: skip
+        oa = openai.AsyncOpenAI(
+            base_url=url + "/v1", api_key="none", max_retries=0, timeout=REQUEST_TIMEOUT
+        )
     session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=2))
     try:
         await asyncio.sleep(rng.random() * 2)  # stagger the start
@@ -368,16 +393,24 @@ async def load(args: argparse.Namespace, server: Server) -> dict[str, Any]:
             while not stop.is_set():
                 try:
                     m = await scrape(session, url)
-                    samples.append({"t": round(time.monotonic() - t0, 2), "rss": rss_bytes(pid),
-                                    "running": m.get("engine_requests_running", 0),
-                                    "waiting": m.get("engine_requests_waiting", 0),
-                                    "free_blocks": m.get("engine_kv_blocks_free", 0),
-                                    "done": len(results)})  # fmt: skip
+                    samples.append(
+                        {
+                            "t": round(time.monotonic() - t0, 2),
+                            "rss": rss_bytes(pid),
+                            "running": m.get("engine_requests_running", 0),
+                            "waiting": m.get("engine_requests_waiting", 0),
+                            "free_blocks": m.get("engine_kv_blocks_free", 0),
+                            "done": len(results),
+                        }
+                    )
                     if args.verbose:
                         s = samples[-1]
-                        print(f"  t={s['t']:6.1f}s rss={s['rss'] / 2**20:7.1f} MiB "
-                              f"running={s['running']:.0f} waiting={s['waiting']:.0f} "
-                              f"free={s['free_blocks']:.0f} done={s['done']}", flush=True)  # fmt: skip
+                        print(
+                            f"  t={s['t']:6.1f}s rss={s['rss'] / 2**20:7.1f} MiB "
+                            f"running={s['running']:.0f} waiting={s['waiting']:.0f} "
+                            f"free={s['free_blocks']:.0f} done={s['done']}",
+                            flush=True,
+                        )
                 except Exception as e:  # noqa: BLE001 - a missed sample is noted, not fatal
                     samples.append({"t": round(time.monotonic() - t0, 2), "error": repr(e)})
                 try:
@@ -386,11 +419,14 @@ async def load(args: argparse.Namespace, server: Server) -> dict[str, Any]:
                     pass
 
         sampling = asyncio.create_task(sampler())
-        await asyncio.gather(*(
-            client_loop(i, url, args.served_model, budget, results, args.disconnect_fraction,
-                        args.seed)
-            for i in range(args.clients)
-        ))  # fmt: skip
+        await asyncio.gather(
+            *(
+                client_loop(
+                    i, url, args.served_model, budget, results, args.disconnect_fraction, args.seed
+                )
+                for i in range(args.clients)
+            )
+        )
         t_end = time.monotonic()
         rss_end = rss_bytes(pid)
         stop.set()
@@ -400,9 +436,18 @@ async def load(args: argparse.Namespace, server: Server) -> dict[str, Any]:
         rss_idle = rss_bytes(pid)
         async with session.get(url + "/health") as r:
             health = r.status
-    return {"before": before, "after": after, "t0": t0, "t_end": t_end, "samples": samples,
-            "results": results, "rss_start": rss_start, "rss_end": rss_end, "rss_idle": rss_idle,
-            "health": health}  # fmt: skip
+    return {
+        "before": before,
+        "after": after,
+        "t0": t0,
+        "t_end": t_end,
+        "samples": samples,
+        "results": results,
+        "rss_start": rss_start,
+        "rss_end": rss_end,
+        "rss_idle": rss_idle,
+        "health": health,
+    }
 
 
 def log_errors(log: str) -> list[str]:
@@ -411,8 +456,9 @@ def log_errors(log: str) -> list[str]:
     return [line for line in log.splitlines() if pattern.search(line)]
 
 
-def summarize(args: argparse.Namespace, run: dict[str, Any], exit_code: int,
-              server_log: str) -> dict[str, Any]:  # fmt: skip
+def summarize(
+    args: argparse.Namespace, run: dict[str, Any], exit_code: int, server_log: str
+) -> dict[str, Any]:
     results: list[Result] = run["results"]
     t0, t_end = run["t0"], run["t_end"]
     wall = t_end - t0
@@ -421,11 +467,17 @@ def summarize(args: argparse.Namespace, run: dict[str, Any], exit_code: int,
     disconnected = [r for r in results if r.disconnected and not r.error]
     tokens = sum(r.completion_tokens or 0 for r in completed)
     ttfts = [r.ttft for r in results if r.ttft is not None and not r.error]
-    gaps = [b - a for r in results if not r.error
-            for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False)]  # fmt: skip
-    tpots = [(r.chunk_times[-1] - r.chunk_times[0]) / (r.completion_tokens - 1)
-             for r in completed if r.completion_tokens and r.completion_tokens > 1
-             and len(r.chunk_times) > 1]  # fmt: skip
+    gaps = [
+        b - a
+        for r in results
+        if not r.error
+        for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False)
+    ]
+    tpots = [
+        (r.chunk_times[-1] - r.chunk_times[0]) / (r.completion_tokens - 1)
+        for r in completed
+        if r.completion_tokens and r.completion_tokens > 1 and len(r.chunk_times) > 1
+    ]
     samples = [s for s in run["samples"] if "rss" in s]
     warm = [s for s in samples if s["t"] >= args.warmup]
     rss_warm = warm[0]["rss"] if warm else None
@@ -434,24 +486,34 @@ def summarize(args: argparse.Namespace, run: dict[str, Any], exit_code: int,
     steady_s = (steady[-1][0] - steady[0][0]) if len(steady) > 1 else 0.0
     before, after = run["before"], run["after"]
     srv_errors = after.get("engine_request_errors_total", 0) - before.get(
-        "engine_request_errors_total", 0)  # fmt: skip
+        "engine_request_errors_total", 0
+    )
     leaked = after.get("engine_kv_blocks_total", 0) - after.get("engine_kv_blocks_free", 0)
     prompt_tokens = sum(r.prompt_tokens or 0 for r in completed)
     cached = sum(r.cached_tokens or 0 for r in completed)
     mib = 2**20
     out = {
-        "model": args.model, "clients": args.clients, "duration_s": args.duration,
-        "max_requests": args.max_requests, "server_args": args.server_args,
+        "model": args.model,
+        "clients": args.clients,
+        "duration_s": args.duration,
+        "max_requests": args.max_requests,
+        "server_args": args.server_args,
         "load_phase_s": round(wall, 1),
-        "requests": len(results), "completed": len(completed),
-        "disconnected_on_purpose": len(disconnected), "errors": len(errors),
+        "requests": len(results),
+        "completed": len(completed),
+        "disconnected_on_purpose": len(disconnected),
+        "errors": len(errors),
         "error_samples": [f"{r.kind}/{r.endpoint}: {r.error}" for r in errors[:10]],
         "server_error_count": srv_errors,
-        "by_endpoint": {e: sum(1 for r in completed if r.endpoint == e) for e in ("completions", "chat")},
+        "by_endpoint": {
+            e: sum(1 for r in completed if r.endpoint == e) for e in ("completions", "chat")
+        },
         "by_client": {k: sum(1 for r in completed if r.kind == k) for k in ("aiohttp", "openai")},
-        "output_tokens": tokens, "output_tokens_per_s": round(tokens / wall, 1) if wall else None,
+        "output_tokens": tokens,
+        "output_tokens_per_s": round(tokens / wall, 1) if wall else None,
         "requests_per_s": round(len(completed) / wall, 2) if wall else None,
-        "prompt_tokens": prompt_tokens, "cached_prompt_tokens": cached,
+        "prompt_tokens": prompt_tokens,
+        "cached_prompt_tokens": cached,
         "cached_ratio": round(cached / prompt_tokens, 3) if prompt_tokens else None,
         "ttft_s": {p: _pct(ttfts, p) for p in (50, 90, 99)},
         "itl_s": {p: _pct(gaps, p) for p in (50, 90, 99)},
@@ -459,10 +521,12 @@ def summarize(args: argparse.Namespace, run: dict[str, Any], exit_code: int,
         "max_running": max((s["running"] for s in samples), default=0),
         "max_waiting": max((s["waiting"] for s in samples), default=0),
         "min_free_blocks": min((s["free_blocks"] for s in samples), default=None),
-        "rss_mib": {"start": round(run["rss_start"] / mib, 1),
-                    "after_warmup": round(rss_warm / mib, 1) if rss_warm else None,
-                    "end_of_load": round(run["rss_end"] / mib, 1),
-                    "after_idle": round(run["rss_idle"] / mib, 1)},
+        "rss_mib": {
+            "start": round(run["rss_start"] / mib, 1),
+            "after_warmup": round(rss_warm / mib, 1) if rss_warm else None,
+            "end_of_load": round(run["rss_end"] / mib, 1),
+            "after_idle": round(run["rss_idle"] / mib, 1),
+        },
         "rss_slope_mib_per_min": round(rss_slope * 60, 3) if rss_slope is not None else None,
         "rss_steady_growth_mib": round(rss_slope * steady_s, 1) if rss_slope is not None else None,
         "steady_phase_s": round(steady_s, 1),
@@ -473,12 +537,14 @@ def summarize(args: argparse.Namespace, run: dict[str, Any], exit_code: int,
         "server_aborts": after["aborts"] - before["aborts"],
         "server_requests": after.get("engine_requests_total", 0)
         - before.get("engine_requests_total", 0),
-        "health_after": run["health"], "server_exit_code": exit_code,
+        "health_after": run["health"],
+        "server_exit_code": exit_code,
         "server_log_errors": len(log_errors(server_log)),
         "server_log_error_samples": log_errors(server_log)[:5],
-        "loadavg_1m_at_end": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
+        "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
+        "cpus": os.cpu_count(),
         "samples": run["samples"],
-    }  # fmt: skip
+    }
     problems = []
     if errors or srv_errors:
         problems.append(f"{len(errors)} client errors, {srv_errors:.0f} server errors")
@@ -487,8 +553,10 @@ def summarize(args: argparse.Namespace, run: dict[str, Any], exit_code: int,
     elif leaked or before.get("engine_kv_blocks_free") != before.get("engine_kv_blocks_total"):
         problems.append(f"{leaked:.0f} blocks not back in the pool")
     if out["server_requests"] != len(results):
-        problems.append(f"the server counted {out['server_requests']:.0f} requests, "
-                        f"the clients sent {len(results)}")  # fmt: skip
+        problems.append(
+            f"the server counted {out['server_requests']:.0f} requests, "
+            f"the clients sent {len(results)}"
+        )
     if out["server_log_errors"]:
         problems.append(f"{out['server_log_errors']} error lines in the server's log")
     if run["health"] != 200 or exit_code != 0:
@@ -498,7 +566,9 @@ def summarize(args: argparse.Namespace, run: dict[str, Any], exit_code: int,
         if growth is None:
             problems.append("too few RSS samples after the warm-up to check --max-rss-growth")
         elif growth > args.max_rss_growth:
-            problems.append(f"RSS grew {growth} MiB over the steady phase (> {args.max_rss_growth})")
+            problems.append(
+                f"RSS grew {growth} MiB over the steady phase (> {args.max_rss_growth})"
+            )
     out["problems"] = problems
     out["ok"] = not problems
     return out
@@ -517,31 +587,63 @@ def _ms(x: float | None) -> str:
 def print_table(s: dict[str, Any]) -> None:
     rss = s["rss_mib"]
     rows = [
-        ("model / clients", f"{s['model']} / {s['clients']} ({s['server_args'] or 'default flags'})"),
-        ("load phase", f"{s['load_phase_s']} s (bound {s['duration_s']} s, {s['max_requests']} requests)"),
-        ("requests", f"{s['requests']}: {s['completed']} completed, "
-                     f"{s['disconnected_on_purpose']} disconnected on purpose"),
-        ("  completed by endpoint", f"completions {s['by_endpoint']['completions']}, chat {s['by_endpoint']['chat']}"),
-        ("  completed by client", f"aiohttp {s['by_client']['aiohttp']}, openai {s['by_client']['openai']}"),
+        (
+            "model / clients",
+            f"{s['model']} / {s['clients']} ({s['server_args'] or 'default flags'})",
+        ),
+        (
+            "load phase",
+            f"{s['load_phase_s']} s (bound {s['duration_s']} s, {s['max_requests']} requests)",
+        ),
+        (
+            "requests",
+            f"{s['requests']}: {s['completed']} completed, "
+            f"{s['disconnected_on_purpose']} disconnected on purpose",
+        ),
+        (
+            "  completed by endpoint",
+            f"completions {s['by_endpoint']['completions']}, chat {s['by_endpoint']['chat']}",
+        ),
+        (
+            "  completed by client",
+            f"aiohttp {s['by_client']['aiohttp']}, openai {s['by_client']['openai']}",
+        ),
         ("errors", f"{s['errors']} (server counted {s['server_error_count']:.0f})"),
         ("requests/s", s["requests_per_s"]),
         ("output tokens/s", f"{s['output_tokens_per_s']} ({s['output_tokens']} tokens)"),
-        ("prompt tokens cached", f"{s['cached_prompt_tokens']} of {s['prompt_tokens']} ({s['cached_ratio']})"),
+        (
+            "prompt tokens cached",
+            f"{s['cached_prompt_tokens']} of {s['prompt_tokens']} ({s['cached_ratio']})",
+        ),
         ("TTFT p50 / p90 / p99", " / ".join(_ms(s["ttft_s"][p]) for p in (50, 90, 99))),
         ("ITL (chunk gap) p50 / p90 / p99", " / ".join(_ms(s["itl_s"][p]) for p in (50, 90, 99))),
         ("TPOT p50 / p90", " / ".join(_ms(s["tpot_s"][p]) for p in (50, 90))),
         ("max running / waiting", f"{s['max_running']:.0f} / {s['max_waiting']:.0f}"),
-        ("RSS start / warm / end / idle", f"{rss['start']} / {rss['after_warmup']} / "
-                                          f"{rss['end_of_load']} / {rss['after_idle']} MiB"),
-        ("RSS slope (steady phase)", f"{s['rss_slope_mib_per_min']} MiB/min over "
-                                     f"{s['steady_phase_s']} s ({s['rss_steady_growth_mib']} MiB)"),
-        ("free blocks before / after", f"{s['free_blocks_before']:.0f} / {s['free_blocks_after']:.0f} "
-                                       f"of {s['blocks_total']:.0f} (min during {s['min_free_blocks']:.0f})"),
-        ("server: requests / aborts counted", f"{s['server_requests']:.0f} / {s['server_aborts']:.0f}"),
-        ("health / server exit / log errors", f"{s['health_after']} / {s['server_exit_code']} / "
-                                              f"{s['server_log_errors']}"),
+        (
+            "RSS start / warm / end / idle",
+            f"{rss['start']} / {rss['after_warmup']} / "
+            f"{rss['end_of_load']} / {rss['after_idle']} MiB",
+        ),
+        (
+            "RSS slope (steady phase)",
+            f"{s['rss_slope_mib_per_min']} MiB/min over "
+            f"{s['steady_phase_s']} s ({s['rss_steady_growth_mib']} MiB)",
+        ),
+        (
+            "free blocks before / after",
+            f"{s['free_blocks_before']:.0f} / {s['free_blocks_after']:.0f} "
+            f"of {s['blocks_total']:.0f} (min during {s['min_free_blocks']:.0f})",
+        ),
+        (
+            "server: requests / aborts counted",
+            f"{s['server_requests']:.0f} / {s['server_aborts']:.0f}",
+        ),
+        (
+            "health / server exit / log errors",
+            f"{s['health_after']} / {s['server_exit_code']} / {s['server_log_errors']}",
+        ),
         ("load average (1 min) / CPUs", f"{s['loadavg_1m_at_end']} / {s['cpus']}"),
-    ]  # fmt: skip
+    ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -563,8 +665,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--disconnect-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-args", default="", help="extra engine serve flags, one string")
-    p.add_argument("--max-rss-growth", type=float, default=None,
-                   help="fail if RSS grows more than this many MiB over the steady phase")  # fmt: skip
+    p.add_argument(
+        "--max-rss-growth",
+        type=float,
+        default=None,
+        help="fail if RSS grows more than this many MiB over the steady phase",
+    )
     p.add_argument("--json", default=None, help="write the summary (and samples) here")
     p.add_argument("-v", "--verbose", action="store_true", help="print each sample")
     args = p.parse_args(argv)
@@ -574,8 +680,11 @@ def main(argv: list[str] | None = None) -> int:
         args.served_model = extra[extra.index("--served-model-name") + 1]
 
     server = start_server(args.model, extra)
-    print(f"engine serve pid {server.proc.pid} on {server.url}; {args.clients} clients for "
-          f"{args.duration:.0f} s (at most {args.max_requests} requests)", flush=True)  # fmt: skip
+    print(
+        f"engine serve pid {server.proc.pid} on {server.url}; {args.clients} clients for "
+        f"{args.duration:.0f} s (at most {args.max_requests} requests)",
+        flush=True,
+    )
     try:
         run = asyncio.run(load(args, server))
     except BaseException:

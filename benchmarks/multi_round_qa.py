@@ -58,8 +58,14 @@ def run_mode(args: argparse.Namespace, kv: dict | None) -> dict:
     extra = {}
     if kv is not None:
         extra = {"kv_connector": "tiered", "kv_config": kv, "kv_save_decoded": args.save_decoded}
-    llm = LLM(args.model, kv_cache_memory=args.engine_kv * per_token, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=2048, device=args.device, **extra)  # fmt: skip
+    llm = LLM(
+        args.model,
+        kv_cache_memory=args.engine_kv * per_token,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=2048,
+        device=args.device,
+        **extra,
+    )
     rng = random.Random(args.seed)
     system = tokens(rng, args.system, mc.vocab_size)
     histories: list[list[int]] = [[] for _ in range(args.users)]
@@ -101,8 +107,10 @@ def working_set_bytes(args: argparse.Namespace) -> int:
 
 
 def table(res: dict) -> str:
-    lines = [f"{'mode':<9} {'ttft r1 s':>9} {'ttft later s':>12} {'p90 s':>7} {'out tok/s':>9} "
-             f"{'engine %':>8} {'store %':>7}"]  # fmt: skip
+    lines = [
+        f"{'mode':<9} {'ttft r1 s':>9} {'ttft later s':>12} {'p90 s':>7} {'out tok/s':>9} "
+        f"{'engine %':>8} {'store %':>7}"
+    ]
     for mode, r in res["modes"].items():
         src, total = r["kv_sources"], r["prompt_tokens"]
         store = sum(v for k, v in src.items() if k != "engine")

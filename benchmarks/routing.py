@@ -49,17 +49,26 @@ def run_simulation(a: argparse.Namespace) -> dict:
             reqs, pol, a.instances, a.capacity, a.block_size, a.prefill_ms_per_token, a.tpot_ms
         )
         rows[pol] = asdict(r) | {"vs_single": r.hit_ratio / single}
-    print(f"SIMULATION: {len(reqs)} requests, {a.instances} instances x {a.capacity} blocks of "
-          f"{a.block_size} tokens, {a.tokens_per_hash} tokens per trace hash id")  # fmt: skip
+    print(
+        f"SIMULATION: {len(reqs)} requests, {a.instances} instances x {a.capacity} blocks of "
+        f"{a.block_size} tokens, {a.tokens_per_hash} tokens per trace hash id"
+    )
     print(
         f"{'policy':<14}{'hit ratio':>10}{'vs single':>11}{'TTFT p50':>10}{'p90':>8}{'p99':>8}  requests/instance"
     )
     print(f"{'single engine':<14}{single:>10.3f}{1.0:>11.2f}")
     for pol, r in rows.items():
-        print(f"{pol:<14}{r['hit_ratio']:>10.3f}{r['vs_single']:>11.2f}{r['ttft_p50_s']:>10.3f}"
-              f"{r['ttft_p90_s']:>8.3f}{r['ttft_p99_s']:>8.3f}  {r['per_instance_requests']}")  # fmt: skip
-    return {"mode": "simulation", "requests": len(reqs), "single_hit_ratio": single, "policies": rows,
-            "params": {k: str(v) for k, v in vars(a).items() if k != "func"}}  # fmt: skip
+        print(
+            f"{pol:<14}{r['hit_ratio']:>10.3f}{r['vs_single']:>11.2f}{r['ttft_p50_s']:>10.3f}"
+            f"{r['ttft_p90_s']:>8.3f}{r['ttft_p99_s']:>8.3f}  {r['per_instance_requests']}"
+        )
+    return {
+        "mode": "simulation",
+        "requests": len(reqs),
+        "single_hit_ratio": single,
+        "policies": rows,
+        "params": {k: str(v) for k, v in vars(a).items() if k != "func"},
+    }
 
 
 def conversations(
@@ -125,17 +134,44 @@ def run_policy(
     try:
         for i in range(engines):
             port, zport = free_port(), free_port()
-            cmd = [sys.executable, str(ROOT / "benchmarks" / "routing_worker.py"), "--port", str(port),
-                   "--kv-events", f"tcp://*:{zport}", "--model", a.model, "--kv-cache-memory", kv_mem]  # fmt: skip
+            cmd = [
+                sys.executable,
+                str(ROOT / "benchmarks" / "routing_worker.py"),
+                "--port",
+                str(port),
+                "--kv-events",
+                f"tcp://*:{zport}",
+                "--model",
+                a.model,
+                "--kv-cache-memory",
+                kv_mem,
+            ]
             procs.append(Child(cmd, log=logs / f"{policy}-w{i}.log", env=env))
             urls.append(f"http://127.0.0.1:{port}")
             events.append(f"tcp://127.0.0.1:{zport}")
         for url, p in zip(urls, procs, strict=True):
             p.wait_for_http(url + "/health", STARTUP_S)
         rport = free_port()
-        cmd = [sys.executable, "-m", "router.cli", "serve", "--port", str(rport), "--policy", policy,
-               "--backend", *urls, "--kv-events", *events, "--model-block-size", str(a.block_size),
-               "--load-alpha", str(a.load_alpha), "--load-cap", str(a.load_cap)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "router.cli",
+            "serve",
+            "--port",
+            str(rport),
+            "--policy",
+            policy,
+            "--backend",
+            *urls,
+            "--kv-events",
+            *events,
+            "--model-block-size",
+            str(a.block_size),
+            "--load-alpha",
+            str(a.load_alpha),
+            "--load-cap",
+            str(a.load_cap),
+        ]
         procs.append(Child(cmd, log=logs / f"{policy}-router.log", env=env))
         router = f"http://127.0.0.1:{rport}"
         procs[-1].wait_for_http(router + "/health", STARTUP_S)
@@ -153,9 +189,16 @@ def run_policy(
     if a.verbose:
         for r in res:
             print(f"  {policy}: ttft {r[0]:.3f}s prompt {r[1]} cached {r[2]}")
-    return {"policy": policy, "engines": engines, "requests": len(res), "wall_s": wall,
-            "hit_ratio": cached / prompt, "ttft_p50_s": percentile(ttfts, 50),
-            "ttft_p90_s": percentile(ttfts, 90), "ttft_p99_s": percentile(ttfts, 99)}  # fmt: skip
+    return {
+        "policy": policy,
+        "engines": engines,
+        "requests": len(res),
+        "wall_s": wall,
+        "hit_ratio": cached / prompt,
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p90_s": percentile(ttfts, 90),
+        "ttft_p99_s": percentile(ttfts, 99),
+    }
 
 
 def run_real(a: argparse.Namespace) -> dict:
@@ -175,16 +218,24 @@ def run_real(a: argparse.Namespace) -> dict:
         out[name] = run_policy(a, "round_robin" if name == "single" else name, n, mem, convs, logs)
         out[name]["policy"] = name
     n_req = sum(len(c) for c in convs)
-    print(f"REAL ENGINES: {a.engines} x {a.model} (kv {a.kv_cache_memory} each), {len(convs)} conversations, "
-          f"{n_req} requests, concurrency {a.concurrency}, {a.tokens_per_hash} tokens per hash id")  # fmt: skip
+    print(
+        f"REAL ENGINES: {a.engines} x {a.model} (kv {a.kv_cache_memory} each), {len(convs)} conversations, "
+        f"{n_req} requests, concurrency {a.concurrency}, {a.tokens_per_hash} tokens per hash id"
+    )
     print(f"{'policy':<14}{'hit ratio':>10}{'TTFT p50':>10}{'p90':>8}{'p99':>8}{'wall s':>8}")
     for name, r in out.items():
-        print(f"{name:<14}{r['hit_ratio']:>10.3f}{r['ttft_p50_s']:>10.3f}{r['ttft_p90_s']:>8.3f}"
-              f"{r['ttft_p99_s']:>8.3f}{r['wall_s']:>8.1f}")  # fmt: skip
+        print(
+            f"{name:<14}{r['hit_ratio']:>10.3f}{r['ttft_p50_s']:>10.3f}{r['ttft_p90_s']:>8.3f}"
+            f"{r['ttft_p99_s']:>8.3f}{r['wall_s']:>8.1f}"
+        )
     ratio = out["round_robin"]["ttft_p50_s"] / out["prefix_aware"]["ttft_p50_s"]
     print(f"round_robin TTFT p50 / prefix_aware TTFT p50 = {ratio:.2f}")
-    return {"mode": "real", "runs": out, "ttft_p50_ratio": ratio,
-            "params": {k: str(v) for k, v in vars(a).items() if k != "func"}}  # fmt: skip
+    return {
+        "mode": "real",
+        "runs": out,
+        "ttft_p50_ratio": ratio,
+        "params": {k: str(v) for k, v in vars(a).items() if k != "func"},
+    }
 
 
 def main() -> None:

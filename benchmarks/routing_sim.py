@@ -118,9 +118,15 @@ class SimResult:
 
 
 def simulate(
-    reqs: list[TraceRequest], policy: str, instances: int, capacity: int, block_size: int,
-    prefill_ms_per_token: float = 0.5, tpot_ms: float = 20.0, **policy_kw,
-) -> SimResult:  # fmt: skip
+    reqs: list[TraceRequest],
+    policy: str,
+    instances: int,
+    capacity: int,
+    block_size: int,
+    prefill_ms_per_token: float = 0.5,
+    tpot_ms: float = 20.0,
+    **policy_kw,
+) -> SimResult:
     index = KVIndex()
     backends = [Backend(f"sim://{i}") for i in range(instances)]
     caches = [LRUPrefixCache(capacity, block_size) for _ in backends]

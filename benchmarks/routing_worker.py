@@ -106,10 +106,20 @@ async def completions(request: web.Request) -> web.StreamResponse:
 def _answer(out) -> dict:
     m = out.metrics
     return {
-        "choices": [{"index": 0, "text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason}],
-        "usage": {"prompt_tokens": m.num_prompt_tokens, "completion_tokens": len(out.token_ids),
-                  "prompt_tokens_details": {"cached_tokens": m.num_cached_tokens}},
-    }  # fmt: skip
+        "choices": [
+            {
+                "index": 0,
+                "text": out.text,
+                "token_ids": out.token_ids,
+                "finish_reason": out.finish_reason,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": m.num_prompt_tokens,
+            "completion_tokens": len(out.token_ids),
+            "prompt_tokens_details": {"cached_tokens": m.num_cached_tokens},
+        },
+    }
 
 
 async def health(request: web.Request) -> web.Response:

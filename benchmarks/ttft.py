@@ -67,7 +67,9 @@ def prompt(length: int, seed: int | None = None) -> list[int]:
 def kv_bytes_per_token(model: str, device: str) -> int:
     """KV bytes per token of ``model`` in the dtype the engine runs it in on ``device``."""
     mc = PRESETS[model]
-    dtype = EngineConfig(model=model, device=device).torch_dtype(mc.torch_dtype, torch.device(device))
+    dtype = EngineConfig(model=model, device=device).torch_dtype(
+        mc.torch_dtype, torch.device(device)
+    )
     return mc.num_layers * 2 * mc.num_kv_heads * mc.head_dim * dtype.itemsize
 
 
@@ -105,8 +107,14 @@ def private_redis(workdir: str) -> tuple[Child | None, str | None]:
 
 
 def engine_kwargs(max_len: int, device: str) -> dict:
-    return dict(enable_prefix_caching=False, kv_cache_memory="1GiB", max_num_seqs=4,
-                max_num_batched_tokens=2048, max_model_len=max_len + 16, device=device)  # fmt: skip
+    return dict(
+        enable_prefix_caching=False,
+        kv_cache_memory="1GiB",
+        max_num_seqs=4,
+        max_num_batched_tokens=2048,
+        max_model_len=max_len + 16,
+        device=device,
+    )
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -115,9 +123,15 @@ def run(args: argparse.Namespace) -> dict:
     per_token = kv_bytes_per_token(MODEL, args.device)
     need = per_token * max(lengths) * 2
     kw = engine_kwargs(max(lengths), args.device)
-    results: dict = {"model": MODEL, "device": args.device, "chunk_size": CHUNK,
-                     "kv_bytes_per_token": per_token, "lengths": lengths, "off": {},
-                     "tiers": {}}  # fmt: skip
+    results: dict = {
+        "model": MODEL,
+        "device": args.device,
+        "chunk_size": CHUNK,
+        "kv_bytes_per_token": per_token,
+        "lengths": lengths,
+        "off": {},
+        "tiers": {},
+    }
     off = LLM(MODEL, **kw)
     ttft(off, prompt(64))  # warm-up: first-call allocations
     for n in lengths:
@@ -143,10 +157,19 @@ def run(args: argparse.Namespace) -> dict:
                 steps.append(step)
             loaded = srcs.get(tier, 0)
             limit = loaded * per_token / (gbps * 1e9) + min(steps)
-            rows[n] = {"cold": cold, "warm": min(warm), "decode_step": min(steps),
-                       "loaded_tokens": loaded, "load_limit": limit, "get_gbps": gbps}  # fmt: skip
-            print(f"{tier:<7} {n:>6} tokens  cold {cold:.3f}s  warm {min(warm):.3f}s  "
-                  f"limit {limit:.3f}s  ({loaded} tokens loaded at {gbps:.2f} GB/s)", flush=True)  # fmt: skip
+            rows[n] = {
+                "cold": cold,
+                "warm": min(warm),
+                "decode_step": min(steps),
+                "loaded_tokens": loaded,
+                "load_limit": limit,
+                "get_gbps": gbps,
+            }
+            print(
+                f"{tier:<7} {n:>6} tokens  cold {cold:.3f}s  warm {min(warm):.3f}s  "
+                f"limit {limit:.3f}s  ({loaded} tokens loaded at {gbps:.2f} GB/s)",
+                flush=True,
+            )
         results["tiers"][tier] = rows
         if args.overhead_pairs:
             results.setdefault("overhead", {})[tier] = overhead(args, off, llm)
@@ -185,18 +208,26 @@ def overhead(args: argparse.Namespace, off: LLM, on: LLM) -> dict:
     for n in lengths:
         r = pairs(lambda llm, sd, n=n: ttft(llm, prompt(n, sd))[0])
         out["ttft"][n] = {"median": r[len(r) // 2], "ratios": r}
-        print(f"overhead ttft {n:>6} tokens: on/off median {r[len(r) // 2]:.3f} "
-              f"({', '.join(f'{x:.3f}' for x in r)})", flush=True)  # fmt: skip
+        print(
+            f"overhead ttft {n:>6} tokens: on/off median {r[len(r) // 2]:.3f} "
+            f"({', '.join(f'{x:.3f}' for x in r)})",
+            flush=True,
+        )
     r = pairs(lambda llm, sd: 1.0 / batch_tok_s(llm, sd, args.overhead_batch))
     out["throughput"] = {"median": 1.0 / r[len(r) // 2], "ratios": [1.0 / x for x in r]}
-    print(f"overhead throughput ({args.overhead_batch} requests): on/off median "
-          f"{out['throughput']['median']:.3f}", flush=True)  # fmt: skip
+    print(
+        f"overhead throughput ({args.overhead_batch} requests): on/off median "
+        f"{out['throughput']['median']:.3f}",
+        flush=True,
+    )
     return out
 
 
 def table(res: dict) -> str:
-    lines = [f"{'tier':<6} {'tokens':>6} {'off s':>8} {'cold s':>8} {'warm s':>8} "
-             f"{'cold/warm':>9} {'limit s':>8} {'warm/limit':>10} {'on/off':>7}"]  # fmt: skip
+    lines = [
+        f"{'tier':<6} {'tokens':>6} {'off s':>8} {'cold s':>8} {'warm s':>8} "
+        f"{'cold/warm':>9} {'limit s':>8} {'warm/limit':>10} {'on/off':>7}"
+    ]
     for tier, rows in res["tiers"].items():
         for n, r in rows.items():
             off = res["off"][n]
@@ -237,8 +268,10 @@ def main() -> None:
     print(table(res))
     for tier, o in res.get("overhead", {}).items():
         cells = ", ".join(f"TTFT {n}: {v['median']:.3f}" for n, v in o["ttft"].items())
-        print(f"connector on / off, nothing to hit, {tier}: {cells}, "
-              f"throughput {o['throughput']['median']:.3f} (median of {o['pairs']} pairs)")
+        print(
+            f"connector on / off, nothing to hit, {tier}: {cells}, "
+            f"throughput {o['throughput']['median']:.3f} (median of {o['pairs']} pairs)"
+        )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(res, indent=2))
     print(f"wrote {args.json}")

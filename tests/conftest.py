@@ -59,13 +59,25 @@ def start_cluster(make_dir: Callable[[str], str]) -> tuple[list[Child], list[int
     ports: list[int] = []
     try:
         for i in range(3):
-            proc, port = start_redis(binary, make_dir(f"cluster{i}"), "--cluster-enabled", "yes",
-                                      "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000")  # fmt: skip
+            proc, port = start_redis(
+                binary,
+                make_dir(f"cluster{i}"),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "2000",
+            )
             procs.append(proc)
             ports.append(port)
         addrs = [f"127.0.0.1:{port}" for port in ports]
-        subprocess.run([cli, "--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes"],
-                       check=True, capture_output=True, timeout=30)  # fmt: skip
+        subprocess.run(
+            [cli, "--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
         _wait_cluster_ok(cli, ports)
     except BaseException:
         for proc in procs:
@@ -98,8 +110,12 @@ def private_redis_cluster(tmp_path) -> Iterator[tuple[list[Child], str]]:
 
 def _wait_cluster_ok(cli: str, ports: list[int]) -> None:
     def cluster_ok() -> bool:
-        states = [subprocess.run([cli, "-p", str(p), "cluster", "info"], capture_output=True, text=True).stdout
-                  for p in ports]  # fmt: skip
+        states = [
+            subprocess.run(
+                [cli, "-p", str(p), "cluster", "info"], capture_output=True, text=True
+            ).stdout
+            for p in ports
+        ]
         return all("cluster_state:ok" in s for s in states)
 
     wait_until(cluster_ok, 20, "the redis cluster's cluster_state:ok", interval=0.1)

@@ -47,8 +47,15 @@ def reference(model: str, ps: list[list[int]]) -> list[list[int]]:
 
 def store_config(tiers: str, tmp: Path, **extra) -> dict:
     """A small store of ``tiers`` (comma-separated) for the tests."""
-    cfg = {"tiers": tiers, "chunk_size": CHUNK, "cpu.size": "16MiB", "cpu.page_size": "16KiB",
-           "disk.path": str(tmp / "disk"), "disk.size": "64MiB", "disk.fsync": False}  # fmt: skip
+    cfg = {
+        "tiers": tiers,
+        "chunk_size": CHUNK,
+        "cpu.size": "16MiB",
+        "cpu.page_size": "16KiB",
+        "disk.path": str(tmp / "disk"),
+        "disk.size": "64MiB",
+        "disk.fsync": False,
+    }
     cfg.update(extra)
     return cfg
 

@@ -40,8 +40,19 @@ class DaemonProc:
 
 def start_daemon(*args: str, port: int = 0, timeout: float = 60) -> DaemonProc:
     """``kvstore serve --port PORT --metrics-port 0 ARGS``, once it prints its ready line."""
-    argv = [sys.executable, "-m", "store.cli", "serve", "--port", str(port),
-            "--metrics-port", "0", "--drain-timeout", "5", *args]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "store.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--metrics-port",
+        "0",
+        "--drain-timeout",
+        "5",
+        *args,
+    ]
     proc = Child(argv)
     m = proc.wait_for_line(DAEMON_READY, timeout, "kvstore serve")
     metrics = None if m.group(4) == "-" else int(m.group(4))

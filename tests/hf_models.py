@@ -10,9 +10,16 @@ from engine.tokenizer import byte_level_tokenizer
 
 VOCAB = 384
 COMMON = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-    eos_token_id=1, bos_token_id=0, pad_token_id=2,
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=112,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    eos_token_id=1,
+    bos_token_id=0,
+    pad_token_id=2,
 )
 
 
@@ -21,9 +28,16 @@ def hf_config(arch: str):
 
     if arch == "llama":  # head_dim != hidden / heads, Llama-3 rope scaling, untied
         return tf.LlamaConfig(
-            **COMMON, head_dim=32, tie_word_embeddings=False,
-            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+            **COMMON,
+            head_dim=32,
+            tie_word_embeddings=False,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
             rope_theta=50000.0,
         )
     if arch == "qwen2":  # q/k/v bias, tied embeddings
@@ -64,8 +78,9 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     )
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
             generation_config=gen_cfg,
         )
     assert out.shape[1] == len(prompt) + max_new_tokens, "HF stopped early"
-    return out[0, len(prompt):].tolist()
+    return out[0, len(prompt) :].tolist()

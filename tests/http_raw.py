@@ -31,7 +31,11 @@ def post(port: int, path: str, body: bytes | dict, **kw: Any) -> tuple[int, Any]
 
 def is_error_body(reply: Any) -> bool:
     """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
-    return (isinstance(reply, dict) and set(reply) == {"error"}
-            and isinstance(reply["error"], dict)
-            and set(reply["error"]) == {"message", "type", "param", "code"}
-            and isinstance(reply["error"]["message"], str) and bool(reply["error"]["message"]))  # fmt: skip
+    return (
+        isinstance(reply, dict)
+        and set(reply) == {"error"}
+        and isinstance(reply["error"], dict)
+        and set(reply["error"]) == {"message", "type", "param", "code"}
+        and isinstance(reply["error"]["message"], str)
+        and bool(reply["error"]["message"])
+    )

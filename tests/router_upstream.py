@@ -81,16 +81,28 @@ class Upstream:
             }
             return web.json_response(err, status=400)
         if body.get("prompt") == "poison":  # an input that makes the engine fail
-            return web.json_response({"error": {"message": "engine failed", "type": "server_error",
-                                                "param": None, "code": None}}, status=500)  # fmt: skip
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "engine failed",
+                        "type": "server_error",
+                        "param": None,
+                        "code": None,
+                    }
+                },
+                status=500,
+            )
         if body.get("prompt") == "crash":  # an input that kills the engine mid-request
             request.transport.close()
             return web.Response()
         answer = {"backend": self.name, "choices": [{"index": 0, "text": f"from {self.name}"}]}
         kv = body.get("kv_transfer_params") or {}
         if kv.get("do_remote_decode"):
-            answer["kv_transfer_params"] = {"do_remote_prefill": True, "remote_engine_id": self.name,
-                                            "remote_block_ids": [1, 2]}  # fmt: skip
+            answer["kv_transfer_params"] = {
+                "do_remote_prefill": True,
+                "remote_engine_id": self.name,
+                "remote_block_ids": [1, 2],
+            }
         if not body.get("stream"):
             return web.json_response(answer)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})

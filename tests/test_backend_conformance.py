@@ -29,8 +29,11 @@ def backend(request, tmp_path) -> Backend:
     elif name == "disk":
         b = create_backend("disk", path=str(tmp_path / "disk"), capacity=1 << 20)
     else:
-        url = request.getfixturevalue({"redis": "redis_url", "valkey": "valkey_url",
-                                       "redis-cluster": "redis_cluster_url"}[name])  # fmt: skip
+        url = request.getfixturevalue(
+            {"redis": "redis_url", "valkey": "valkey_url", "redis-cluster": "redis_cluster_url"}[
+                name
+            ]
+        )
         b = create_backend("redis", url=url, namespace=ns)
     yield b
     b.close()

@@ -26,8 +26,17 @@ def chunk(i: int, size: int = 20_000):
 
 
 def store_with_redis(url: str, tmp_path) -> TieredStore:
-    config = from_flat({"tiers": "cpu,redis", "cpu.size": 1 << 22, "cpu.page_size": 4096, "redis.url": url,
-                        "redis.timeout": 1.0, "redis.connect_timeout": 0.5, "redis.retry_after": 30})  # fmt: skip
+    config = from_flat(
+        {
+            "tiers": "cpu,redis",
+            "cpu.size": 1 << 22,
+            "cpu.page_size": 4096,
+            "redis.url": url,
+            "redis.timeout": 1.0,
+            "redis.connect_timeout": 0.5,
+            "redis.retry_after": 30,
+        }
+    )
     return TieredStore(config, FP)
 
 

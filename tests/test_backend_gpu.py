@@ -61,8 +61,15 @@ def test_gpu_tier_evicts_and_keeps_pinned_chunks():
 
 
 def test_store_promotes_from_cpu_to_gpu():
-    config = from_flat({"tiers": "gpu,cpu", "gpu.size": 1 << 20, "gpu.page_size": 4096,
-                        "cpu.size": 1 << 20, "cpu.page_size": 4096})  # fmt: skip
+    config = from_flat(
+        {
+            "tiers": "gpu,cpu",
+            "gpu.size": 1 << 20,
+            "gpu.page_size": 4096,
+            "cpu.size": 1 << 20,
+            "cpu.page_size": 4096,
+        }
+    )
     with TieredStore(config, FP) as store:
         chunks, kvs = kv_chunks(3)
         store.tiers[1].backend.put(chunks)
@@ -94,8 +101,15 @@ def test_gds_round_trip_into_device_buffers(tmp_path):
 
 def test_store_with_gds_tier_uses_kvikio(tmp_path):
     pytest.importorskip("kvikio", reason="pip install 'kvstore[gpu]'")
-    config = from_flat({"tiers": "cpu,gds", "cpu.size": 1 << 20, "cpu.page_size": 4096,
-                        "gds.path": str(tmp_path), "gds.size": 1 << 22})  # fmt: skip
+    config = from_flat(
+        {
+            "tiers": "cpu,gds",
+            "cpu.size": 1 << 20,
+            "cpu.page_size": 4096,
+            "gds.path": str(tmp_path),
+            "gds.size": 1 << 22,
+        }
+    )
     with TieredStore(config, FP) as store:
         assert store.tiers[1].backend.name == "gds"
         chunks, kvs = kv_chunks(2)

@@ -52,8 +52,13 @@ def test_replies_land_in_the_callers_buffers_in_order(piece):
     reader, sock = reader_fed(stream, piece)
     out_a = np.zeros(5000, np.uint8)
     out_b = np.full(400, 9, np.uint8)  # larger than the payload: the tail stays as it was
-    got = [reader.read_chunk(a.key, out_a), reader.read_chunk(a.key, None), reader.read_chunk(b.key, out_b),
-           reader.read_chunk(a.key, None), reader.read_chunk(a.key, None)]  # fmt: skip
+    got = [
+        reader.read_chunk(a.key, out_a),
+        reader.read_chunk(a.key, None),
+        reader.read_chunk(b.key, out_b),
+        reader.read_chunk(a.key, None),
+        reader.read_chunk(a.key, None),
+    ]
     assert isinstance(got[0], CheckedChunk) and got[0].header == a.header
     assert np.shares_memory(got[0].payload, out_a) and bytes(out_a) == bytes(a.payload)
     assert got[1] is None and got[3] is None
@@ -75,7 +80,7 @@ def test_damaged_values_are_errors_and_the_stream_stays_in_step():
             b"-WRONGTYPE not a string\r\n",
             bulk(encode(good)[:-1] + b"\x00"),
             bulk(encode(good)),
-        ]  # fmt: skip
+        ]
     )
     reader, sock = reader_fed(stream, 13)
     out = np.empty(5000, np.uint8)
@@ -93,7 +98,7 @@ def test_damaged_values_are_errors_and_the_stream_stays_in_step():
         (b"-LOADING Redis is loading the dataset in memory\r\n", "LOADING"),
         (b"$12x\r\n", "bulk length"),
         (b":1\r\n", "unexpected"),
-    ],  # fmt: skip
+    ],
 )
 def test_server_errors_and_a_garbled_stream_fail_the_read(stream, match):
     reader, sock = reader_fed(stream)

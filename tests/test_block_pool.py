@@ -77,7 +77,8 @@ def test_freed_blocks_stay_cached_and_tails_are_evicted_first():
     assert compute(kv, b) == [3, 4, 5, 2]
     assert len(kv.pool.cached) == 2 + 4  # block 2's hash was evicted, b's 4 blocks cached
     assert kv.pool.take_events()[-5:] == [
-        ("removed", a.block_hashes[2]), *[("stored", h) for h in b.block_hashes]
+        ("removed", a.block_hashes[2]),
+        *[("stored", h) for h in b.block_hashes],
     ]
     c = make_req("c", list(range(9)))  # still hits blocks 0 and 1
     assert kv.find_cached_prefix(c) == [kv.pool.blocks[0], kv.pool.blocks[1]]

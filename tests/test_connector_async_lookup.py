@@ -123,8 +123,9 @@ def test_a_lookup_in_back_off_is_answered_at_once_and_an_abort_drops_its_lookup(
     model, daemon, (a, _, d, _), (ref_a, _, ref_d, _) = case
     # A short RPC deadline: the frozen daemon fails the lookup, and the remote tier
     # then stays away (back-off) for 30 s.
-    cfg = remote_config(daemon, **{"remote.timeout": 0.5, "remote.connect_timeout": 0.5,
-                                   "remote.retry_after": 30.0})  # fmt: skip
+    cfg = remote_config(
+        daemon, **{"remote.timeout": 0.5, "remote.connect_timeout": 0.5, "remote.retry_after": 30.0}
+    )
     with tiered_llm(model, cfg, kv_load_timeout=5.0) as llm:
         eng = llm.engine
         with frozen(daemon):

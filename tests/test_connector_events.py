@@ -43,9 +43,16 @@ def blocks(events: list[tuple[str, str, list]], kind: str, medium: str) -> list:
 
 def small_cpu(tmp_path, tiers: str, **extra) -> dict:
     """A cpu tier of exactly one prompt's whole chunks, evicting in LRU order."""
-    return store_config(tiers, tmp_path, **{"cpu.size": WHOLE * CHUNK_BYTES,
-                                            "cpu.page_size": CHUNK_BYTES // 2,
-                                            "cpu.policy": "lru", **extra})  # fmt: skip
+    return store_config(
+        tiers,
+        tmp_path,
+        **{
+            "cpu.size": WHOLE * CHUNK_BYTES,
+            "cpu.page_size": CHUNK_BYTES // 2,
+            "cpu.policy": "lru",
+            **extra,
+        },
+    )
 
 
 def test_a_cpu_eviction_is_a_block_removed(case, tmp_path):

@@ -73,8 +73,9 @@ def test_redis_dying_mid_load_leaves_the_answer_unchanged(
 ):
     model, a, ref = case
     proc, url = redis_factory()
-    cfg = store_config("redis", tmp_path, **{"redis.url": url, "redis.timeout": 1.0,
-                                             "redis.connect_timeout": 0.5})  # fmt: skip
+    cfg = store_config(
+        "redis", tmp_path, **{"redis.url": url, "redis.timeout": 1.0, "redis.connect_timeout": 0.5}
+    )
     with tiered_llm(model, cfg) as llm:
         run(llm, a)
         store = llm.engine.connector.store

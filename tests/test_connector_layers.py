@@ -21,8 +21,9 @@ FP = ModelFingerprint("layers", "sha:0", "float32", LAYERS, KVH, D)
 
 def connector(timeout: float = 5.0) -> TieredConnector:
     cfg = {"tiers": "cpu", "chunk_size": CHUNK, "cpu.size": "1MiB", "cpu.page_size": "4KiB"}
-    ctx = ConnectorContext(FP, BS, LAYERS, KVH, D, torch.float32, torch.device("cpu"), cfg,
-                           load_timeout=timeout)  # fmt: skip
+    ctx = ConnectorContext(
+        FP, BS, LAYERS, KVH, D, torch.float32, torch.device("cpu"), cfg, load_timeout=timeout
+    )
     conn = TieredConnector(ctx)
     conn.register_kv_caches([torch.zeros(NUM_BLOCKS, 2, BS, KVH, D) for _ in range(LAYERS)])
     return conn
@@ -32,16 +33,19 @@ def stored_chunks(conn: TieredConnector, n: int) -> tuple[list[str], list[torch.
     """``n`` chunks of random KV put into the store; their keys and payloads."""
     hashes = block_hashes(list(range(CHUNK * n)), BS)
     keys = [r.key for r in chunk_refs(hashes, BS, CHUNK, FP)]
-    kvs = [torch.randn(LAYERS, 2, CHUNK, KVH, D, generator=torch.Generator().manual_seed(i))
-           for i in range(n)]  # fmt: skip
+    kvs = [
+        torch.randn(LAYERS, 2, CHUNK, KVH, D, generator=torch.Generator().manual_seed(i))
+        for i in range(n)
+    ]
     made = [conn.store.make_chunk(k, kv, CHUNK) for k, kv in zip(keys, kvs, strict=True)]
     assert conn.store.put(made) == n
     return keys, kvs
 
 
 def load_meta(keys: list[str], block_ids: list[int]) -> TieredConnectorMetadata:
-    spec = LoadSpec("r", keys, [i * CHUNK for i in range(len(keys))], 0, CHUNK * len(keys),
-                    block_ids)  # fmt: skip
+    spec = LoadSpec(
+        "r", keys, [i * CHUNK for i in range(len(keys))], 0, CHUNK * len(keys), block_ids
+    )
     return TieredConnectorMetadata(loads=[spec])
 
 

@@ -121,8 +121,14 @@ def test_engine_prefix_then_store_after_evictions(case, tmp_path):
     model, a, b, (ref_a, ref_b, _) = case
     evictor = prompts(seed=99)[0]
     block_bytes = 2 * 2 * 16 * 2 * 32 * 4  # layers * (k, v) * block * kv heads * head_dim * f32
-    with tiered_llm(model, store_config("cpu", tmp_path), enable_prefix_caching=True,
-                    kv_cache_memory=15 * block_bytes, max_num_seqs=1, enable_kv_events=True) as llm:  # fmt: skip
+    with tiered_llm(
+        model,
+        store_config("cpu", tmp_path),
+        enable_prefix_caching=True,
+        kv_cache_memory=15 * block_bytes,
+        max_num_seqs=1,
+        enable_kv_events=True,
+    ) as llm:
         run(llm, a)  # a: blocks 0-9
         assert run(llm, b).token_ids == ref_b  # b: a's blocks 0-5 plus 4 fresh ones
         llm.engine.take_kv_events()
@@ -164,8 +170,9 @@ def test_kv_sources_count_prompt_tokens_only(case, tmp_path):
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     ref = [o.token_ids for o in LLM(model, enable_prefix_caching=False).generate([a, b], params)]
     block_bytes = 2 * 2 * 16 * 2 * 32 * 4
-    with tiered_llm(model, store_config("cpu", tmp_path), kv_cache_memory=20 * block_bytes,
-                    kv_save_decoded=True) as llm:  # fmt: skip
+    with tiered_llm(
+        model, store_config("cpu", tmp_path), kv_cache_memory=20 * block_bytes, kv_save_decoded=True
+    ) as llm:
         out_a, out_b = llm.generate([a, b], params)
         assert [out_a.token_ids, out_b.token_ids] == ref and out_b.metrics.num_preemptions >= 1
         assert out_b.metrics.kv_sources == {"engine": 0, "cpu": PROMPT_LEN}
@@ -174,11 +181,31 @@ def test_kv_sources_count_prompt_tokens_only(case, tmp_path):
 def test_a_second_process_reuses_the_disk_tier(case, tmp_path):
     model = case[0]
     text = "the quick brown fox jumps over the lazy dog; " * 5
-    cmd = [sys.executable, "-m", "engine.cli", "generate", "--model", model, "--prompt", text,
-           "--max-tokens", "6", "--json", "--kv-connector", "tiered", "--kv-chunk-size", str(CHUNK),
-           "--kv-cpu-size", "16MiB", "--kv-disk-path", str(tmp_path / "disk")]  # fmt: skip
-    outs = [json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-            for _ in range(2)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        text,
+        "--max-tokens",
+        "6",
+        "--json",
+        "--kv-connector",
+        "tiered",
+        "--kv-chunk-size",
+        str(CHUNK),
+        "--kv-cpu-size",
+        "16MiB",
+        "--kv-disk-path",
+        str(tmp_path / "disk"),
+    ]
+    outs = [
+        json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        for _ in range(2)
+    ]
     first, second = (o["metrics"]["kv_sources"] for o in outs)
     assert first == {"engine": 0}
     assert second["engine"] == 0 and second["disk"] > 0 and "cpu" not in second
@@ -187,8 +214,9 @@ def test_a_second_process_reuses_the_disk_tier(case, tmp_path):
 
 def test_kv_events_name_their_medium(case, tmp_path):
     model, a, _, _ = case
-    with tiered_llm(model, store_config("cpu,disk", tmp_path), enable_prefix_caching=True,
-                    enable_kv_events=True) as llm:  # fmt: skip
+    with tiered_llm(
+        model, store_config("cpu,disk", tmp_path), enable_prefix_caching=True, enable_kv_events=True
+    ) as llm:
         req = llm.engine.add_request(a, greedy(), request_id="a")  # 156 tokens: 9 full blocks
         hashes = list(req.block_hashes)
         while llm.engine.has_unfinished():

@@ -26,8 +26,20 @@ TRANSPORTS = ["stream", "shm", "grpc"]
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     disk = tmp_path_factory.mktemp("daemon-disk")
-    d = start_daemon("--cpu-size", "64MiB", "--disk-path", str(disk), "--disk-size", "256MiB",
-                     "--max-batch", "64", "--max-chunk-size", "1MiB", "--set", "disk.fsync=false")  # fmt: skip
+    d = start_daemon(
+        "--cpu-size",
+        "64MiB",
+        "--disk-path",
+        str(disk),
+        "--disk-size",
+        "256MiB",
+        "--max-batch",
+        "64",
+        "--max-chunk-size",
+        "1MiB",
+        "--set",
+        "disk.fsync=false",
+    )
     yield d
     assert d.terminate() == 0
 
@@ -41,7 +53,11 @@ def client(daemon):
 def test_health_names_tiers_and_limits(client):
     h = client.health()
     assert (h.status, list(h.tiers), h.max_batch, h.max_chunk_bytes) == (
-        "serving", ["cpu", "disk"], 64, 1 << 20)  # fmt: skip
+        "serving",
+        ["cpu", "disk"],
+        64,
+        1 << 20,
+    )
     assert h.stream_port > 0
 
 
@@ -212,9 +228,16 @@ def test_a_key_must_match_its_fingerprint_and_block_hash(client):
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_malformed_keys_and_batches_over_the_limit(client, transport):
-    bad = (["not-hex"], ["A" * 64], [key(i) for i in range(65)], [""], [key(1) + "\n"],
-           [key(1)[:63], key(2) + "0"], [key(1) + "," + key(2)],
-           ["0" * 16 + "." + key(1) + "," + key(2)])  # fmt: skip
+    bad = (
+        ["not-hex"],
+        ["A" * 64],
+        [key(i) for i in range(65)],
+        [""],
+        [key(1) + "\n"],
+        [key(1)[:63], key(2) + "0"],
+        [key(1) + "," + key(2)],
+        ["0" * 16 + "." + key(1) + "," + key(2)],
+    )
     for keys in bad:
         with pytest.raises(RemoteError) as exc:
             client.get(keys, transport=transport)
@@ -250,8 +273,10 @@ def test_metrics_and_stats_table(daemon, client, capsys):
         assert (metric, (("tier", "cpu"),)) in after, metric
     assert grew("kvstore_tier_op_seconds_count", op="get", tier="cpu") >= 1
     for method in ("Put", "Get"):  # per client, method and transport
-        assert grew("kvstore_daemon_requests_total", client=name, method=method,
-                    transport="stream") == 1  # fmt: skip
+        assert (
+            grew("kvstore_daemon_requests_total", client=name, method=method, transport="stream")
+            == 1
+        )
     assert grew("kvstore_daemon_payload_bytes_total", direction="in", transport="stream") == 4096
     assert grew("kvstore_daemon_payload_bytes_total", direction="out", transport="stream") == 4096
     # The reply leaves inside the request's span, so the gauge may trail it by a moment.
@@ -283,8 +308,22 @@ def test_stats_of_a_dead_daemon_fails_quickly(capsys):
 
 def test_bench_against_the_daemon_writes_json(daemon, tmp_path):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--url", daemon.url, "--sizes", "64KiB", "--total", "512KiB",
-                 "--json", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "bench",
+                "--url",
+                daemon.url,
+                "--sizes",
+                "64KiB",
+                "--total",
+                "512KiB",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     import json
 
     (row,) = json.loads(out.read_text())["rows"]
@@ -307,9 +346,28 @@ LMCACHE_VENV = os.environ.get("KVSTORE_LMCACHE_VENV", ".venv-lmcache")
 )
 def test_bench_compares_with_lmcache_server(daemon, tmp_path):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--url", daemon.url, "--sizes", "64KiB", "--total", "512KiB",
-                 "--transports", "stream", "--repeats", "1", "--lmcache-venv", LMCACHE_VENV,
-                 "--json", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "bench",
+                "--url",
+                daemon.url,
+                "--sizes",
+                "64KiB",
+                "--total",
+                "512KiB",
+                "--transports",
+                "stream",
+                "--repeats",
+                "1",
+                "--lmcache-venv",
+                LMCACHE_VENV,
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     import json
 
     (row,) = json.loads(out.read_text())["rows"]

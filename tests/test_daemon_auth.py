@@ -47,8 +47,14 @@ def daemon(tmp_path_factory):
         f"  - {{token: {A_READ}, scope: read, cache_salt: {SALT_A}}}\n"
         f"  - {{token: {B_WRITE}, scope: write, cache_salt: {SALT_B}}}\n"
     )
-    proc = start_daemon("--cpu-size", "32MiB", "--auth-token-file", str(d / "admin"),
-                        "--auth-tokens", str(d / "tokens.yaml"))  # fmt: skip
+    proc = start_daemon(
+        "--cpu-size",
+        "32MiB",
+        "--auth-token-file",
+        str(d / "admin"),
+        "--auth-tokens",
+        str(d / "tokens.yaml"),
+    )
     yield proc
     assert proc.terminate() == 0
 
@@ -84,8 +90,11 @@ def test_a_read_token_cannot_put_but_can_get(daemon, transport):
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_salt_bound_token_writes_only_under_its_salt(daemon, transport):
-    mine, theirs, plain = (salted(2, SALT_A, transport), salted(2, SALT_B, transport),
-                           chunk(2, tag=f"plain-{transport}"))  # fmt: skip
+    mine, theirs, plain = (
+        salted(2, SALT_A, transport),
+        salted(2, SALT_B, transport),
+        chunk(2, tag=f"plain-{transport}"),
+    )
     with client(daemon, A_WRITE, transport) as a, client(daemon, ADMIN) as admin:
         for bad in (theirs, plain):  # another tenant's key, an unsalted key: nothing stored
             message = denied(lambda bad=bad: a.put([mine, bad], transport=transport))
@@ -139,9 +148,15 @@ def test_the_engine_reads_and_writes_through_salt_bound_tokens(daemon, tmp_path)
         path = tmp_path / f"token-{token}"
         path.write_text(token)
         kv = {"tiers": [daemon.url], "remote.token_file": str(path), "chunk_size": CHUNK}
-        return LLMEngine(EngineConfig(model="tiny", kv_cache_memory="4MiB",
-                                      enable_prefix_caching=False, kv_connector="tiered",
-                                      kv_config=kv))  # fmt: skip
+        return LLMEngine(
+            EngineConfig(
+                model="tiny",
+                kv_cache_memory="4MiB",
+                enable_prefix_caching=False,
+                kv_connector="tiered",
+                kv_config=kv,
+            )
+        )
 
     def run(e: LLMEngine):
         req = e.add_request(prompt, params, cache_salt=SALT_A)
@@ -157,7 +172,9 @@ def test_the_engine_reads_and_writes_through_salt_bound_tokens(daemon, tmp_path)
     def refused_puts() -> float:
         url = f"http://127.0.0.1:{daemon.metrics_port}/metrics"
         text = urllib.request.urlopen(url, timeout=10).read().decode()
-        found = re.search(r'request_errors_total\{code="PERMISSION_DENIED",method="Put"\} (\S+)', text)
+        found = re.search(
+            r'request_errors_total\{code="PERMISSION_DENIED",method="Put"\} (\S+)', text
+        )
         return float(found.group(1)) if found else 0.0
 
     base, refused, outs = items(), refused_puts(), {}
@@ -218,8 +235,10 @@ def test_a_bad_token_table_is_one_line_and_exit_2(body, message, tmp_path, capsy
 
 
 def test_tokens_resolve_to_their_grants():
-    auth = Authenticator([TokenEntry("w"), TokenEntry("r", "read"),
-                          TokenEntry("t", "write", SALT_A)])  # fmt: skip
+    auth = Authenticator(
+        [TokenEntry("w"), TokenEntry("r", "read"), TokenEntry("t", "write", SALT_A)]
+    )
+
     def rights(grant):
         return None if grant is None else (grant.scope, grant.salt_tag)
 

@@ -114,8 +114,15 @@ def _reattach(conn, at=None):
     """Attach a fresh region on ``conn``; the daemon's offer at its same-host door."""
     region = Region.create(4096)
     try:
-        send_frame(conn.sock, {"op": "attach", "name": region.name, "nonce": region.nonce,
-                               "at": cma.address(region.array) if at is None else at})  # fmt: skip
+        send_frame(
+            conn.sock,
+            {
+                "op": "attach",
+                "name": region.name,
+                "nonce": region.nonce,
+                "at": cma.address(region.array) if at is None else at,
+            },
+        )
         return region, check_reply(recv_frame(conn.sock))["door"]
     finally:
         region.unlink()
@@ -142,10 +149,17 @@ def test_reads_need_the_kernels_word_on_who_the_client_is(daemon):
         # Redeemed by another process (which has no such region mapped there): no reads,
         # though the address and nonce are right for this one.
         region, offer = _reattach(conn)
-        code = ("import json, sys; from store.wire.same_host import redeem; "
-                "print(redeem(json.loads(sys.argv[1]), 5.0)[0])")  # fmt: skip
-        out = subprocess.run([sys.executable, "-c", code, json.dumps(offer)], check=True,
-                             capture_output=True, text=True, cwd=ROOT).stdout  # fmt: skip
+        code = (
+            "import json, sys; from store.wire.same_host import redeem; "
+            "print(redeem(json.loads(sys.argv[1]), 5.0)[0])"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(offer)],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        ).stdout
         assert out.strip() == "True" and not _ask_cma(conn)
         region.close()
         # Redeemed by this process, but naming an address where the nonce is not: no reads.
@@ -184,6 +198,11 @@ with KVStoreClient(sys.argv[1], transport="shm") as c:
 
 
 def test_a_put_the_daemon_cannot_read_falls_back_to_the_region(daemon):
-    out = subprocess.run([sys.executable, "-c", FALLBACK, daemon.url], capture_output=True,
-                         text=True, cwd=ROOT, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", FALLBACK, daemon.url],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -25,7 +25,9 @@ def _capacities(c: KVStoreClient) -> dict[str, int]:
 
 
 def test_the_config_file_sets_tiers_and_sizes_and_a_flag_overrides_it(tmp_path):
-    config = _write(tmp_path / "kvstore.yaml", f"""\
+    config = _write(
+        tmp_path / "kvstore.yaml",
+        f"""\
 tiers: [cpu, disk]
 cpu:
   size: 24MiB
@@ -34,7 +36,8 @@ disk:
   path: {tmp_path / "disk"}
   size: 40MiB
   fsync: false
-""")  # fmt: skip
+""",
+    )
     d = start_daemon("--config", config)
     try:
         with KVStoreClient(d.url, timeout=10) as c:
@@ -112,8 +115,17 @@ def test_a_redis_only_daemon_keeps_chunks_in_redis(tmp_path, redis_factory):
 
 
 def _serve(*args: str) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "store.cli", "serve", "--port", "0", "--metrics-port", "off",
-            *args]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "store.cli",
+        "serve",
+        "--port",
+        "0",
+        "--metrics-port",
+        "off",
+        *args,
+    ]
     return subprocess.run(argv, capture_output=True, text=True, timeout=20)
 
 

@@ -35,8 +35,18 @@ STREAM_CASES = 2000
 def daemon(tmp_path_factory):
     path = tmp_path_factory.mktemp("token") / "token"
     path.write_text(TOKEN)
-    d = start_daemon("--cpu-size", "32MiB", "--auth-token-file", str(path), "--max-batch", "64",
-                     "--max-request-size", "4MiB", "--handshake-timeout", "5")  # fmt: skip
+    d = start_daemon(
+        "--cpu-size",
+        "32MiB",
+        "--auth-token-file",
+        str(path),
+        "--max-batch",
+        "64",
+        "--max-request-size",
+        "4MiB",
+        "--handshake-timeout",
+        "5",
+    )
     yield d
     output(d)
     assert d.terminate() == 0
@@ -85,11 +95,15 @@ def mutate(rng: random.Random, data: bytes, others: list[bytes]) -> bytes:
 def random_value(rng: random.Random, depth: int = 0) -> object:
     """A random msgpack value, sometimes nested."""
     kinds: list[Callable[[], object]] = [
-        lambda: None, lambda: rng.random() < 0.5, lambda: rng.randint(-(2**63), 2**64 - 1),
-        lambda: rng.randint(-2, 70), lambda: rng.random() * 1e300,
+        lambda: None,
+        lambda: rng.random() < 0.5,
+        lambda: rng.randint(-(2**63), 2**64 - 1),
+        lambda: rng.randint(-2, 70),
+        lambda: rng.random() * 1e300,
         lambda: "".join(chr(rng.randint(32, 0x2FF)) for _ in range(rng.randint(0, 70))),
-        lambda: rng.randbytes(rng.randint(0, 40)), lambda: key(rng.randint(0, 9), "fuzz"),
-    ]  # fmt: skip
+        lambda: rng.randbytes(rng.randint(0, 40)),
+        lambda: key(rng.randint(0, 9), "fuzz"),
+    ]
     if depth < 3:
         kinds.append(lambda: [random_value(rng, depth + 1) for _ in range(rng.randint(0, 5))])
         kinds.append(
@@ -105,8 +119,9 @@ def random_value(rng: random.Random, depth: int = 0) -> object:
 def _grpc_bases() -> dict[str, list[bytes]]:
     keys = [key(i, "fuzz-grpc") for i in range(4)]
     c = chunk(1, size=2048, tag="fuzz-grpc")
-    put = pb.PutRequest(fingerprint=FP, chunks=[pb.Chunk(header=encode_prefix(c.header),
-                                                         payload=bytes(c.payload))])  # fmt: skip
+    put = pb.PutRequest(
+        fingerprint=FP, chunks=[pb.Chunk(header=encode_prefix(c.header), payload=bytes(c.payload))]
+    )
     return {
         "Lookup": [pb.LookupRequest(keys=keys).SerializeToString()],
         "Put": [put.SerializeToString()],
@@ -151,10 +166,11 @@ def test_random_and_mutated_grpc_messages_get_documented_answers(daemon):
             method = rng.choice(list(bases))
             count = rng.randint(1, 3) if method == "Put" else 1
             messages = [
-                rng.randbytes(rng.randint(0, 300)) if rng.random() < 0.15
+                rng.randbytes(rng.randint(0, 300))
+                if rng.random() < 0.15
                 else mutate(rng, rng.choice(bases[method]), everything)
                 for _ in range(count)
-            ]  # fmt: skip
+            ]
             authed = rng.random() < 0.8
             code = _call(ch, method, messages, AUTH if authed else ())
             seen[code] = seen.get(code, 0) + 1
@@ -174,17 +190,27 @@ def _stream_bases() -> list[tuple[dict, bytes]]:
     return [
         ({"op": "hello", "token": TOKEN, "client": "fuzz"}, b""),
         ({"op": "get", "keys": keys, "fp": FP}, b""),
-        ({"op": "get", "keys": keys, "region": True, "offset": 64, "length": 4096, "pool": True},
-         b""),
+        (
+            {"op": "get", "keys": keys, "region": True, "offset": 64, "length": 4096, "pool": True},
+            b"",
+        ),
         ({"op": "put", "chunks": groups, "fp": FP}, bytes(c.payload)),
-        ({"op": "put", "chunks": put_groups([c], [1024], [0]), "region": True, "offset": 64,
-          "length": 4096}, b""),
+        (
+            {
+                "op": "put",
+                "chunks": put_groups([c], [1024], [0]),
+                "region": True,
+                "offset": 64,
+                "length": 4096,
+            },
+            b"",
+        ),
         ({"op": "put", "chunks": groups, "cma": [1 << 20]}, b""),
         ({"op": "attach", "name": name, "nonce": b"\x01" * 16, "at": 4096}, b""),
         ({"op": "cma"}, b""),
         ({"op": "release"}, b""),
         ({"op": "ucx", "address": b"\x00" * 32}, b""),
-    ]  # fmt: skip
+    ]
 
 
 def _fuzz_bytes(rng: random.Random, bases: list[tuple[dict, bytes]]) -> bytes:
@@ -210,8 +236,13 @@ def test_random_and_mutated_stream_frames_get_documented_answers(daemon):
     rng = random.Random(SEED)
     bases = _stream_bases()
     port = stream_port(daemon, TOKEN)
-    codes = {"INVALID_ARGUMENT", "UNAUTHENTICATED", "FAILED_PRECONDITION", "PERMISSION_DENIED",
-             "RESOURCE_EXHAUSTED"}  # fmt: skip
+    codes = {
+        "INVALID_ARGUMENT",
+        "UNAUTHENTICATED",
+        "FAILED_PRECONDITION",
+        "PERMISSION_DENIED",
+        "RESOURCE_EXHAUSTED",
+    }
     errors = 0
     deadline = time.monotonic() + BUDGET_S
     for i in range(STREAM_CASES):

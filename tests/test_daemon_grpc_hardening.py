@@ -21,8 +21,9 @@ METHODS = ("Lookup", "Put", "Get", "Delete", "Stats", "Health", "Lease", "Releas
 def daemon(tmp_path_factory):
     path = tmp_path_factory.mktemp("token") / "token"
     path.write_text(TOKEN)
-    d = start_daemon("--cpu-size", "32MiB", "--auth-token-file", str(path),
-                     "--max-request-size", "64MiB")  # fmt: skip
+    d = start_daemon(
+        "--cpu-size", "32MiB", "--auth-token-file", str(path), "--max-request-size", "64MiB"
+    )
     yield d
     assert "Traceback" not in output(d)
     assert d.terminate() == 0

@@ -31,8 +31,12 @@ def test_a_token_is_required_when_configured(tmp_path):
         c = chunk(1, tag="auth")
         for wrong in (None, "nope"):
             with KVStoreClient(d.url, token=wrong) as anon:
-                for call in (lambda: anon.lookup([c.key]), lambda: anon.put([c], transport="grpc"),
-                             lambda: anon.put([c], transport="stream"), lambda: anon.stats()):  # fmt: skip
+                for call in (
+                    lambda: anon.lookup([c.key]),
+                    lambda: anon.put([c], transport="grpc"),
+                    lambda: anon.put([c], transport="stream"),
+                    lambda: anon.stats(),
+                ):
                     with pytest.raises(RemoteError) as exc:
                         call()
                     assert exc.value.code == "UNAUTHENTICATED"
@@ -55,8 +59,16 @@ def test_a_token_is_required_when_configured(tmp_path):
 def test_kill_9_means_misses_not_hangs_and_a_restart_keeps_disk_hits(tmp_path):
     disk = str(tmp_path / "disk")
     d = start_daemon("--cpu-size", "16MiB", "--disk-path", disk, "--set", "disk.fsync=false")
-    config = from_flat({"tiers": ["cpu", d.url], "cpu.size": "1MiB", "cpu.page_size": "4KiB",
-                        "remote.timeout": 2.0, "remote.retry_after": 0.2, "workers": 1})  # fmt: skip
+    config = from_flat(
+        {
+            "tiers": ["cpu", d.url],
+            "cpu.size": "1MiB",
+            "cpu.page_size": "4KiB",
+            "remote.timeout": 2.0,
+            "remote.retry_after": 0.2,
+            "workers": 1,
+        }
+    )
     kv = np.ones((1, 2, 16, 4, 32), np.float16)  # 8 KiB
     keys = [chunk(i, tag="kill").key for i in range(4)]
     with TieredStore(config, FP) as store:
@@ -176,8 +188,10 @@ TIMEOUT = 0.5  # the deadline given to clients of a frozen daemon: the default i
 def test_a_frozen_daemon_costs_a_deadline_not_a_hang_then_serves_again():
     d = start_daemon("--cpu-size", "16MiB")
     c0, c1 = chunk(0, tag="frozen"), chunk(1, tag="frozen")
-    clients = {t: KVStoreClient(d.url, timeout=TIMEOUT, connect_timeout=TIMEOUT, transport=t)
-               for t in ("stream", "grpc", "auto")}  # fmt: skip
+    clients = {
+        t: KVStoreClient(d.url, timeout=TIMEOUT, connect_timeout=TIMEOUT, transport=t)
+        for t in ("stream", "grpc", "auto")
+    }
     tier = RemoteBackend(d.url, timeout=TIMEOUT, connect_timeout=TIMEOUT, retry_after=1.0)
     try:
         for c in clients.values():  # connections up, stream port known, regions attached
@@ -195,9 +209,11 @@ def test_a_frozen_daemon_costs_a_deadline_not_a_hang_then_serves_again():
             got, elapsed = _timed(lambda: tier.get([c0.key]))
             assert got == [None] and elapsed < 3
             # Backing off: no call reaches the daemon, so no deadline is waited for.
-            for call, miss in ((lambda: tier.contains([c0.key]), 0),
-                               (lambda: tier.get([c0.key]), [None]),
-                               (lambda: tier.put([c1]), [False])):  # fmt: skip
+            for call, miss in (
+                (lambda: tier.contains([c0.key]), 0),
+                (lambda: tier.get([c0.key]), [None]),
+                (lambda: tier.put([c1]), [False]),
+            ):
                 got, elapsed = _timed(call)
                 assert got == miss and elapsed < TIMEOUT / 2
             assert not tier.available()
@@ -223,8 +239,9 @@ def test_the_back_off_doubles_up_to_its_cap():
     doubling the third 0.1 s."""
     d = start_daemon("--cpu-size", "16MiB")
     c0 = chunk(0, tag="backoff")
-    tier = RemoteBackend(d.url, timeout=0.3, connect_timeout=0.3, retry_after=0.1,
-                         max_retry_after=0.4)  # fmt: skip
+    tier = RemoteBackend(
+        d.url, timeout=0.3, connect_timeout=0.3, retry_after=0.1, max_retry_after=0.4
+    )
     try:
         assert tier.put([c0]) == [True]
         with _frozen(d):
@@ -268,9 +285,11 @@ def test_bad_cli_input_is_one_line_and_exit_2(argv, message, capsys):
 def test_bad_config_values_name_the_key():
     from store.config import ConfigError
 
-    for flat, message in (({"remote.url": "redis://x"}, "remote.url"),
-                          ({"remote.transport": "carrier"}, "remote.transport"),
-                          ({"remote.timeout": "0"}, "remote.timeout")):  # fmt: skip
+    for flat, message in (
+        ({"remote.url": "redis://x"}, "remote.url"),
+        ({"remote.transport": "carrier"}, "remote.transport"),
+        ({"remote.timeout": "0"}, "remote.timeout"),
+    ):
         with pytest.raises(ConfigError, match=message):
             from_flat(flat)
     assert same is not None

@@ -21,8 +21,16 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def client():
-    args = ("--cpu-size", "64MiB", "--max-batch", "16", "--max-chunk-size", "1MiB",
-            "--max-request-size", "4MiB")  # fmt: skip
+    args = (
+        "--cpu-size",
+        "64MiB",
+        "--max-batch",
+        "16",
+        "--max-chunk-size",
+        "1MiB",
+        "--max-request-size",
+        "4MiB",
+    )
     with daemon_client(*args) as c:
         yield c
 
@@ -61,9 +69,11 @@ def _get_done(sock):
 
 
 def test_bytes_that_are_not_a_frame_are_answered_then_the_stream_closes(client):
-    for garbage in (b"\x05\x00\x00\x00\xc1\xc1\xc1\xc1\xc1",  # not msgpack
-                    b"\x01\x00\x00\x00\x07",  # msgpack, but not a map
-                    b"\xff\xff\xff\x7f"):  # longer than any frame may be  # fmt: skip
+    for garbage in (
+        b"\x05\x00\x00\x00\xc1\xc1\xc1\xc1\xc1",  # not msgpack
+        b"\x01\x00\x00\x00\x07",  # msgpack, but not a map
+        b"\xff\xff\xff\x7f",
+    ):  # longer than any frame may be
         conn = client._take("stream")  # authenticated: past hello
         try:
             conn.sock.sendall(garbage)

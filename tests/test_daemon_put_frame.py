@@ -86,9 +86,16 @@ def test_every_column_is_checked_and_a_refused_put_stores_nothing(client):
     def wrong_checksum(g):
         g[0][XXH3S][1] ^= 1
 
-    cases = (first_header_of_another_chunk, checksum_out_of_range, checksum_not_an_integer,
-             one_checksum_short, malformed_key, wrong_block_hash, some_block_hashes,
-             wrong_checksum)  # fmt: skip
+    cases = (
+        first_header_of_another_chunk,
+        checksum_out_of_range,
+        checksum_not_an_integer,
+        one_checksum_short,
+        malformed_key,
+        wrong_block_hash,
+        some_block_hashes,
+        wrong_checksum,
+    )
     with client._borrow("stream") as conn:  # one connection: each refusal keeps it in step
         for tamper in cases:
             g = groups()
@@ -105,7 +112,9 @@ def test_every_column_is_checked_and_a_refused_put_stores_nothing(client):
 def test_block_hashes_name_each_key(client):
     blocks = [bytes([i]) * 32 for i in range(3)]
     kv = np.zeros((1, 2, 4, 1, 1), np.uint8)
-    chunks = [make_chunk(chunk_key(FP, b), FP, kv + i, 4, dtype="uint8") for i, b in enumerate(blocks)]  # fmt: skip
+    chunks = [
+        make_chunk(chunk_key(FP, b), FP, kv + i, 4, dtype="uint8") for i, b in enumerate(blocks)
+    ]
     g = put_groups(chunks, _sizes(chunks))
     g[0][HASHES] = blocks
     with client._borrow("stream") as conn:

@@ -68,8 +68,16 @@ def test_a_region_shrunk_after_attach_fails_its_get_not_the_daemon(daemon, shrin
     try:
         fd = _attach_own_region(conn)
         os.ftruncate(fd, shrink_to)
-        send_frame(conn.sock, {"op": "get", "keys": [x.key for x in stored], "region": True,
-                               "offset": WINDOW_START, "length": SIZE - WINDOW_START})  # fmt: skip
+        send_frame(
+            conn.sock,
+            {
+                "op": "get",
+                "keys": [x.key for x in stored],
+                "region": True,
+                "offset": WINDOW_START,
+                "length": SIZE - WINDOW_START,
+            },
+        )
         with pytest.raises(RemoteError, match="region") as exc:
             while "part" in check_reply(recv_frame(conn.sock)):
                 pass
@@ -103,8 +111,16 @@ def test_a_region_shrunk_after_attach_fails_its_put_not_the_daemon(daemon):
         m.close()
         os.ftruncate(fd, WINDOW_START + 1000)  # the first payload is cut off mid-way
         groups = put_groups(chunks, [x.header.nbytes for x in chunks], offsets)
-        send_frame(conn.sock, {"op": "put", "chunks": groups, "region": True,
-                               "offset": WINDOW_START, "length": SIZE - WINDOW_START})  # fmt: skip
+        send_frame(
+            conn.sock,
+            {
+                "op": "put",
+                "chunks": groups,
+                "region": True,
+                "offset": WINDOW_START,
+                "length": SIZE - WINDOW_START,
+            },
+        )
         with pytest.raises(RemoteError, match="region") as exc:
             check_reply(recv_frame(conn.sock))
         assert exc.value.code == "INVALID_ARGUMENT"

@@ -114,10 +114,17 @@ def test_the_door_names_whoever_redeemed_the_ticket_even_without_a_pool():
     try:
         offer = door.offer()
         assert offer["size"] == 0
-        code = ("import json, sys; from store.wire.same_host import redeem; "
-                "print(redeem(json.loads(sys.argv[1]), 5.0))")  # fmt: skip
-        child = subprocess.run([sys.executable, "-c", code, json.dumps(offer)], check=True,
-                               capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+        code = (
+            "import json, sys; from store.wire.same_host import redeem; "
+            "print(redeem(json.loads(sys.argv[1]), 5.0))"
+        )
+        child = subprocess.run(
+            [sys.executable, "-c", code, json.dumps(offer)],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         assert child.stdout.strip() == "(True, None)"
         peer = door.peer(offer["ticket"])
         assert peer is not None and peer[0] not in (os.getpid(), 0)  # the child, not us
@@ -140,15 +147,26 @@ def test_shm_gets_read_the_shared_pool(small_daemon):
         outs = [np.empty(MiB, np.uint8) for _ in chunks]
         got = c.get([x.key for x in chunks], outs)
         assert all(same(g, x) for g, x in zip(got, chunks, strict=True))
-        assert all(np.shares_memory(np.asarray(g.payload), o) for g, o in zip(got, outs, strict=True))
+        assert all(
+            np.shares_memory(np.asarray(g.payload), o) for g, o in zip(got, outs, strict=True)
+        )
         assert c._idle and c._idle[0].pool is not None
         assert c.delete([x.key for x in chunks]) == 4
 
 
 def _lent_get(conn, keys):
     """Ask for ``keys`` through the pool and read the answer, without releasing."""
-    send_frame(conn.sock, {"op": "get", "keys": keys, "region": True, "offset": WINDOW_START,
-                           "length": conn.region.size - WINDOW_START, "pool": True})  # fmt: skip
+    send_frame(
+        conn.sock,
+        {
+            "op": "get",
+            "keys": keys,
+            "region": True,
+            "offset": WINDOW_START,
+            "length": conn.region.size - WINDOW_START,
+            "pool": True,
+        },
+    )
     rows = []
     while "part" in (meta := recv_frame(conn.sock)):
         rows += meta["part"]
@@ -160,8 +178,10 @@ def _lent_get(conn, keys):
 def test_lent_pages_stay_put_until_the_client_releases_them(small_daemon):
     first = [chunk(i, size=MiB, tag="lent") for i in range(4)]
     later = [chunk(i, size=MiB, tag="later") for i in range(8)]
-    with (KVStoreClient(small_daemon.url, transport="shm") as reader,
-          KVStoreClient(small_daemon.url, transport="stream") as writer):  # fmt: skip
+    with (
+        KVStoreClient(small_daemon.url, transport="shm") as reader,
+        KVStoreClient(small_daemon.url, transport="stream") as writer,
+    ):
         assert writer.put(first) == [True] * 4
         with reader._borrow("shm") as conn:
             runs = _lent_get(conn, [x.key for x in first])
@@ -231,17 +251,33 @@ def test_a_client_that_goes_away_without_releasing_frees_its_pins(small_daemon):
 
 
 def test_hits_below_the_cpu_tier_still_come_through_the_region(tmp_path):
-    d = start_daemon("--cpu-size", "4MiB", "--disk-path", str(tmp_path), "--disk-size", "64MiB",
-                     "--set", "disk.fsync=false")  # fmt: skip
+    d = start_daemon(
+        "--cpu-size",
+        "4MiB",
+        "--disk-path",
+        str(tmp_path),
+        "--disk-size",
+        "64MiB",
+        "--set",
+        "disk.fsync=false",
+    )
     try:
         chunks = [chunk(i, size=MiB, tag="mixed") for i in range(10)]
         with KVStoreClient(d.url, transport="shm") as c:
             assert c.put(chunks) == [True] * 10  # written through to disk; the last 4 in cpu
             with c._borrow("shm") as conn:
                 keys = [x.key for x in chunks[::-1]]  # cpu hits first: disk hits get promoted
-                send_frame(conn.sock, {"op": "get", "keys": keys,
-                                       "region": True, "offset": WINDOW_START,
-                                       "length": conn.region.size - WINDOW_START, "pool": True})  # fmt: skip
+                send_frame(
+                    conn.sock,
+                    {
+                        "op": "get",
+                        "keys": keys,
+                        "region": True,
+                        "offset": WINDOW_START,
+                        "length": conn.region.size - WINDOW_START,
+                        "pool": True,
+                    },
+                )
                 offsets = []
                 while "part" in (meta := recv_frame(conn.sock)):
                     offsets += [r[2] for r in meta["part"]]
@@ -303,8 +339,10 @@ def test_a_client_too_slow_to_release_gets_an_error_not_the_bytes(monkeypatch):
     from store.config import from_flat
     from store.daemon.serve import Daemon, ServeOptions
 
-    d = Daemon(from_flat({"tiers": ["cpu"], "cpu.size": "8MiB", "cpu.shared": True}),
-               ServeOptions(port=0, metrics_port=None))  # fmt: skip
+    d = Daemon(
+        from_flat({"tiers": ["cpu"], "cpu.size": "8MiB", "cpu.shared": True}),
+        ServeOptions(port=0, metrics_port=None),
+    )
     d.streams.release_timeout = 0.3
     try:
         x = chunk(1, size=MiB, tag="slow")
@@ -348,9 +386,17 @@ def test_one_get_lends_at_most_a_quarter_of_the_pool(small_daemon):
     with KVStoreClient(small_daemon.url, transport="shm") as c:
         assert c.put(chunks) == [True] * 6
         with c._borrow("shm") as conn:
-            send_frame(conn.sock, {"op": "get", "keys": [x.key for x in chunks], "region": True,
-                                   "offset": WINDOW_START, "pool": True,
-                                   "length": conn.region.size - WINDOW_START})  # fmt: skip
+            send_frame(
+                conn.sock,
+                {
+                    "op": "get",
+                    "keys": [x.key for x in chunks],
+                    "region": True,
+                    "offset": WINDOW_START,
+                    "pool": True,
+                    "length": conn.region.size - WINDOW_START,
+                },
+            )
             offsets = []
             while "part" in (meta := recv_frame(conn.sock)):
                 offsets += [r[2] for r in meta["part"]]

@@ -132,8 +132,16 @@ def test_a_frame_of_empty_maps_is_refused_before_it_is_built(daemon):
 
 
 def test_connections_past_the_cap_are_refused_and_served_again_once_one_closes(token_file):
-    d = start_daemon("--cpu-size", "32MiB", "--auth-token-file", token_file,
-                     "--max-connections", "4", "--handshake-timeout", "60")  # fmt: skip
+    d = start_daemon(
+        "--cpu-size",
+        "32MiB",
+        "--auth-token-file",
+        token_file,
+        "--max-connections",
+        "4",
+        "--handshake-timeout",
+        "60",
+    )
     try:
         port = stream_port(d, TOKEN)
         idle = [connect(port) for _ in range(4)]  # at the cap, before hello
@@ -168,9 +176,26 @@ def test_the_stream_port_outlives_running_out_of_file_descriptors(token_file):
     """Under ``ulimit -n 48`` (the daemon needs ~15), connections until ``accept`` fails
     with EMFILE. The accept thread used to exit there: the port stayed dead for good.
     Now it logs once, backs off, and serves again once descriptors are free."""
-    argv = ["bash", "-c", 'ulimit -n 48 && exec "$@"', "kvstore", sys.executable, "-m",
-            "store.cli", "serve", "--port", "0", "--metrics-port", "0", "--cpu-size", "32MiB",
-            "--auth-token-file", token_file, "--handshake-timeout", "60"]  # fmt: skip
+    argv = [
+        "bash",
+        "-c",
+        'ulimit -n 48 && exec "$@"',
+        "kvstore",
+        sys.executable,
+        "-m",
+        "store.cli",
+        "serve",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--cpu-size",
+        "32MiB",
+        "--auth-token-file",
+        token_file,
+        "--handshake-timeout",
+        "60",
+    ]
     proc = Child(argv)
     m = proc.wait_for_line(DAEMON_READY, 60, "kvstore serve")
     d = DaemonProc(proc, int(m.group(2)), int(m.group(4)))
@@ -229,9 +254,11 @@ def test_health_is_not_serving_once_the_stream_port_is_dead():
 def test_the_cap_and_deadline_are_checked_when_the_daemon_starts(token_file, capsys):
     from store.cli import main
 
-    for flag, value, message in (("--max-connections", "0", "max_connections"),
-                                 ("--handshake-timeout", "0", "handshake_timeout"),
-                                 ("--handshake-timeout", "nan", "handshake_timeout")):  # fmt: skip
+    for flag, value, message in (
+        ("--max-connections", "0", "max_connections"),
+        ("--handshake-timeout", "0", "handshake_timeout"),
+        ("--handshake-timeout", "nan", "handshake_timeout"),
+    ):
         with pytest.raises(SystemExit) as exc:
             main(["serve", "--port", "0", "--metrics-port", "off", flag, value])
         assert exc.value.code == 2

@@ -30,8 +30,14 @@ def test_text_in_text_out(llm):
 def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
     p = SamplingParams(temperature=1.0, max_tokens=12, seed=42)
     alone = llm.generate("abc", p)[0].token_ids
-    batched = llm.generate(["xyz", "abc", "hello"], [SamplingParams(temperature=1.0, max_tokens=12), p,
-                                                     SamplingParams(temperature=0.7, max_tokens=5)])
+    batched = llm.generate(
+        ["xyz", "abc", "hello"],
+        [
+            SamplingParams(temperature=1.0, max_tokens=12),
+            p,
+            SamplingParams(temperature=0.7, max_tokens=5),
+        ],
+    )
     assert batched[1].token_ids == alone
     other_seed = llm.generate("abc", SamplingParams(temperature=1.0, max_tokens=12, seed=43))[0]
     assert other_seed.token_ids != alone
@@ -40,7 +46,9 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(llm):
 def test_top_k_one_is_greedy(llm):
     greedy = llm.generate("abc", SamplingParams(temperature=0, max_tokens=10))[0].token_ids
     top1 = llm.generate("abc", SamplingParams(temperature=1.3, top_k=1, max_tokens=10, seed=3))[0]
-    tiny_p = llm.generate("abc", SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=10, seed=3))[0]
+    tiny_p = llm.generate(
+        "abc", SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=10, seed=3)
+    )[0]
     assert top1.token_ids == greedy and tiny_p.token_ids == greedy
 
 
@@ -60,7 +68,9 @@ def test_logprobs_of_chosen_tokens(llm):
 def test_stop_token_ids_and_strings(llm):
     free = llm.generate("abc", SamplingParams(temperature=0, max_tokens=10))[0]
     stop_tok = free.token_ids[3]
-    out = llm.generate("abc", SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_tok]))[0]
+    out = llm.generate(
+        "abc", SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_tok])
+    )[0]
     first = free.token_ids.index(stop_tok)
     assert out.finish_reason == "stop" and out.token_ids == free.token_ids[: first + 1]
     assert out.text == llm.tokenizer.decode(free.token_ids[:first])
@@ -76,7 +86,9 @@ def test_eos_stops_unless_ignored(tmp_path):
     llm.engine.eos_token_ids = frozenset({free.token_ids[2]})
     out = llm.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=10))[0]
     assert out.finish_reason == "stop" and out.token_ids == free.token_ids[:3]
-    ignored = llm.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+    ignored = llm.generate(
+        [5, 6, 7], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    )[0]
     assert ignored.token_ids == free.token_ids
 
 
@@ -178,8 +190,13 @@ def test_saved_preset_matches_hf_and_sharded_checkpoints_load(tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True,
-                          cwd=Path(__file__).parent.parent, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent.parent,
+        timeout=120,
+    )
 
 
 def test_cli_generate_json():
@@ -216,6 +233,9 @@ def test_presets_are_small_and_realistic():
 
 
 def _params(c) -> int:
-    per_layer = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads) + 3 * c.hidden_size * c.intermediate_size
+    per_layer = (
+        c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+        + 3 * c.hidden_size * c.intermediate_size
+    )
     emb = c.vocab_size * c.hidden_size * (1 if c.tie_word_embeddings else 2)
     return per_layer * c.num_layers + emb

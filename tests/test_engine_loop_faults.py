@@ -68,9 +68,10 @@ def test_a_request_that_fails_in_a_step_fails_alone(engine):
         alone = [await _answer(engine, p, GREEDY) for p in prompts]
         bad = ExplodingParams(temperature=0.5, max_tokens=8)
         results = await asyncio.gather(
-            *(_answer(engine, p, GREEDY) for p in prompts), _answer(engine, prompts[0], bad),
+            *(_answer(engine, p, GREEDY) for p in prompts),
+            _answer(engine, prompts[0], bad),
             return_exceptions=True,
-        )  # fmt: skip
+        )
         after = await _answer(engine, prompts[1], GREEDY)
         return alone, results, after
 
@@ -107,8 +108,9 @@ def test_a_step_failure_no_request_explains_fails_that_step_and_the_loop_goes_on
 
     async def scenario():
         failures.append(RuntimeError("injected device error"))
-        first = await asyncio.gather(*(_answer(engine, p, GREEDY) for p in prompts),
-                                     return_exceptions=True)  # fmt: skip
+        first = await asyncio.gather(
+            *(_answer(engine, p, GREEDY) for p in prompts), return_exceptions=True
+        )
         ok = await _answer(engine, prompts[0], GREEDY)
         alive_after_first = engine.alive
         failures.extend(RuntimeError("device lost") for _ in range(MAX_STEP_FAILURES))
@@ -129,7 +131,8 @@ def test_a_step_failure_no_request_explains_fails_that_step_and_the_loop_goes_on
     # every step fails, whoever runs: the engine itself is broken and the loop stops
     kinds = [type(r) for r in results]
     assert kinds == [RequestFailedError] * (MAX_STEP_FAILURES - 1) + [EngineDeadError] * (
-        len(results) - MAX_STEP_FAILURES + 1), kinds  # fmt: skip
+        len(results) - MAX_STEP_FAILURES + 1
+    ), kinds
     assert not engine.alive
 
 

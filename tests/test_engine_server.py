@@ -67,14 +67,21 @@ def test_chat_streamed_and_not_agree_and_use_the_plain_template(client):
     full = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0)
     assert full.object == "chat.completion"
     assert full.choices[0].message.role == "assistant"
-    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6,
-                                                 temperature=0, stream=True))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=msgs, max_tokens=6, temperature=0, stream=True
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text == full.choices[0].message.content
     assert chunks[-1].choices[0].finish_reason == "length"
-    plain = client.completions.create(model="tiny", prompt="system: Be brief.\nuser: Hi there\nassistant:",
-                                      max_tokens=6, temperature=0)  # fmt: skip
+    plain = client.completions.create(
+        model="tiny",
+        prompt="system: Be brief.\nuser: Hi there\nassistant:",
+        max_tokens=6,
+        temperature=0,
+    )
     assert plain.choices[0].text == full.choices[0].message.content
     assert plain.usage.prompt_tokens == full.usage.prompt_tokens
 
@@ -85,10 +92,15 @@ def test_stop_string_is_cut_in_streams_too(client):
     windows = (text[i : i + 2] for i in range(2, len(text) - 1))
     stop = next((w for w in windows if w.strip() and "\ufffd" not in w), None)
     assert stop is not None, f"no usable stop string in the tiny model's text {text!r}"
-    full = client.completions.create(model="tiny", prompt="stop test", max_tokens=12, temperature=0,
-                                     stop=[stop])  # fmt: skip
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="tiny", prompt="stop test", max_tokens=12, temperature=0, stop=[stop], stream=True))  # fmt: skip
+    full = client.completions.create(
+        model="tiny", prompt="stop test", max_tokens=12, temperature=0, stop=[stop]
+    )
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="tiny", prompt="stop test", max_tokens=12, temperature=0, stop=[stop], stream=True
+        )
+    )
     assert full.choices[0].finish_reason == "stop"
     assert full.choices[0].text == text[: text.index(stop)] == streamed
 
@@ -120,16 +132,28 @@ def test_bad_completion_requests_get_400_with_openai_error_body(server, body, pa
     assert reply["error"]["message"]
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"model": "tiny"}, "messages"),
-    ({"model": "tiny", "messages": []}, "messages"),
-    ({"model": "tiny", "messages": "hi"}, "messages"),
-    ({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "x" * 3 * MAX_LEN}]}, "messages"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0},
-     "max_completion_tokens"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"model": "tiny"}, "messages"),
+        ({"model": "tiny", "messages": []}, "messages"),
+        ({"model": "tiny", "messages": "hi"}, "messages"),
+        ({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": 3}]}, "messages[0].content"),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": "x" * 3 * MAX_LEN}]},
+            "messages",
+        ),
+        (
+            {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "x"}],
+                "max_completion_tokens": 0,
+            },
+            "max_completion_tokens",
+        ),
+    ],
+)
 def test_bad_chat_requests_get_400(server, body, param):
     status, reply = server.post("/v1/chat/completions", body)
     assert status == 400 and reply["error"]["param"] == param
@@ -162,9 +186,13 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(server, client):
     _wait_idle(server)
     aborted = server.metric("engine_requests_total", finish_reason="abort")
     stream = client.completions.create(
-        model="tiny", prompt=long_prompt("dis", 10), max_tokens=400, temperature=0, stream=True,
+        model="tiny",
+        prompt=long_prompt("dis", 10),
+        max_tokens=400,
+        temperature=0,
+        stream=True,
         extra_body={"ignore_eos": True},
-    )  # fmt: skip
+    )
     for i, _ in enumerate(stream):
         if i == 3:
             break
@@ -178,8 +206,15 @@ def test_a_client_that_disconnects_mid_stream_frees_its_blocks(server, client):
 def test_a_client_that_leaves_before_a_plain_reply_frees_its_blocks(server):
     _wait_idle(server)
     aborted = server.metric("engine_requests_total", finish_reason="abort")
-    body = json.dumps({"model": "tiny", "prompt": long_prompt("plain", 10), "max_tokens": 400,
-                       "temperature": 0, "ignore_eos": True}).encode()  # fmt: skip
+    body = json.dumps(
+        {
+            "model": "tiny",
+            "prompt": long_prompt("plain", 10),
+            "max_tokens": 400,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+    ).encode()
     head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
     with socket.create_connection(("127.0.0.1", server.port)) as s:
         s.sendall(head.encode() + body)
@@ -196,8 +231,9 @@ def test_a_repeated_long_prompt_reuses_kv_and_a_cache_salt_isolates_tenants(clie
 
     def ask(salt: str | None = None):
         extra = {"cache_salt": salt} if salt else None
-        return client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0,
-                                         extra_body=extra)  # fmt: skip
+        return client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=6, temperature=0, extra_body=extra
+        )
 
     first, again = ask(), ask()
     assert first.usage.prompt_tokens > 64
@@ -214,19 +250,32 @@ def test_a_repeated_long_prompt_reuses_kv_and_a_cache_salt_isolates_tenants(clie
 def test_streams_report_reuse_in_the_usage_chunk(client):
     prompt = long_prompt("streamreuse")
     client.completions.create(model="tiny", prompt=prompt, max_tokens=2, temperature=0)
-    chunks = list(client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": prompt}], max_tokens=2, temperature=0,
-        stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=2,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[-1].usage.prompt_tokens_details is not None
     assert chunks[-1].kv["cached_tokens"] == chunks[-1].usage.prompt_tokens_details.cached_tokens
 
 
 def test_serve_cli_errors_are_one_line_and_exit_2():
-    for argv in (["--model", "no-such-model"],
-                 ["--kvstore", "kvstore://127.0.0.1:1", "--kv-config", "x.yaml"],
-                 ["--kv-role", "producer"]):  # fmt: skip
-        r = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--port", "0", *argv],
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    for argv in (
+        ["--model", "no-such-model"],
+        ["--kvstore", "kvstore://127.0.0.1:1", "--kv-config", "x.yaml"],
+        ["--kv-role", "producer"],
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "engine.cli", "serve", "--port", "0", *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 2 and r.stderr.startswith("engine: error:"), r.stderr
 
 

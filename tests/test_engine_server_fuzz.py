@@ -29,11 +29,34 @@ PATHS = ("/v1/completions", "/v1/chat/completions")
 # Values each field must refuse. A case sets one of them, so every body is bad.
 BAD_VALUES: dict[str, list[Any]] = {
     "model": [None, "", "gpt-4", 7, ["tiny"], {"id": "tiny"}, True],
-    "prompt": [None, "", 7, 1.5, True, {}, [], [[1, 2], [3]], [1.5], [True], [-1], [10**6],
-               ["a", "b"], list(range(3, 3 + MAX_LEN)), "p" * (16 * MAX_LEN + 1)],
-    "messages": [None, "hi", [], [1], [{}], [{"role": "wizard", "content": "x"}],
-                 [{"role": "user", "content": 5}], [{"role": "user", "content": [{"type": "image_url"}]}],
-                 [{"role": "user", "content": "m" * (16 * MAX_LEN + 1)}]],
+    "prompt": [
+        None,
+        "",
+        7,
+        1.5,
+        True,
+        {},
+        [],
+        [[1, 2], [3]],
+        [1.5],
+        [True],
+        [-1],
+        [10**6],
+        ["a", "b"],
+        list(range(3, 3 + MAX_LEN)),
+        "p" * (16 * MAX_LEN + 1),
+    ],
+    "messages": [
+        None,
+        "hi",
+        [],
+        [1],
+        [{}],
+        [{"role": "wizard", "content": "x"}],
+        [{"role": "user", "content": 5}],
+        [{"role": "user", "content": [{"type": "image_url"}]}],
+        [{"role": "user", "content": "m" * (16 * MAX_LEN + 1)}],
+    ],
     "max_tokens": [0, -1, "5", 1.5, True, [], {}, 10**30, 2**63, MAX_LEN],
     "temperature": [-0.1, 2.0001, "1", [], True, 10**400],
     "top_p": [0, -1, 1.5, "x", False],
@@ -50,7 +73,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "best_of": [2, "2"],
     "ignore_eos": ["yes", 1, []],
     "kv_transfer_params": ["x", 1, [], True],
-}  # fmt: skip
+}
 CHAT_ONLY, COMPLETION_ONLY = {"messages"}, {"prompt", "echo", "best_of"}
 
 
@@ -61,11 +84,13 @@ def _random_json(rng: random.Random, depth: int = 0) -> Any:
     if kind == 1:
         return rng.random() < 0.5
     if kind == 2:
-        return rng.choice([0, -1, 1, 2**31, 2**64, -(2**70), 10**rng.randrange(1, 300)])
+        return rng.choice([0, -1, 1, 2**31, 2**64, -(2**70), 10 ** rng.randrange(1, 300)])
     if kind == 3:
         return rng.choice([0.0, -0.5, 1e-300, 1e300, 3.14])
     if kind in (4, 5):
-        return "".join(rng.choice("ab \n\"\\\u00e9\u4e2d\U0001f600") for _ in range(rng.randrange(6)))
+        return "".join(
+            rng.choice('ab \n"\\\u00e9\u4e2d\U0001f600') for _ in range(rng.randrange(6))
+        )
     if kind in (6, 7):
         return [_random_json(rng, depth + 1) for _ in range(rng.randrange(4))]
     return {f"k{i}": _random_json(rng, depth + 1) for i in range(rng.randrange(4))}
@@ -73,8 +98,12 @@ def _random_json(rng: random.Random, depth: int = 0) -> Any:
 
 def _base(path: str) -> dict[str, Any]:
     if path.endswith("chat/completions"):
-        return {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
-                "temperature": 0}  # fmt: skip
+        return {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 8,
+            "temperature": 0,
+        }
     return dict(GOOD)
 
 
@@ -108,8 +137,19 @@ def _garbage_case(rng: random.Random, path: str) -> tuple[bytes, str | None]:
         return good[:-1] + b', "x": ' + opener * depth + b"1" + closer * depth + b"}", None
     if kind == 4:
         field = rng.choice([b'"max_tokens"', b'"seed"', b'"temperature"', b'"top_k"'])
-        number = rng.choice([b"9" * rng.randrange(4301, 20000), b"1e999999", b"-1e999", b"NaN",
-                             b"Infinity", b"-Infinity", b"0x10", b"01", b"1."])  # fmt: skip
+        number = rng.choice(
+            [
+                b"9" * rng.randrange(4301, 20000),
+                b"1e999999",
+                b"-1e999",
+                b"NaN",
+                b"Infinity",
+                b"-Infinity",
+                b"0x10",
+                b"01",
+                b"1.",
+            ]
+        )
         return good[:-1] + b", " + field + b": " + number + b"}", None
     if kind == 5:  # invalid UTF-8 inside a string
         junk = rng.choice([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\x80"])
@@ -118,8 +158,15 @@ def _garbage_case(rng: random.Random, path: str) -> tuple[bytes, str | None]:
         esc = rng.choice([b"\\ud800", b"\\uDFFF", b"\\udbff", b"\\ud83d"])
         return good[:-1] + b', "stop": ["ab' + esc + b'"]}', None
     if kind == 7:
-        ctype = rng.choice(["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
-                            "application/xml", "image/png"])  # fmt: skip
+        ctype = rng.choice(
+            [
+                "text/plain",
+                "application/x-www-form-urlencoded",
+                "multipart/form-data",
+                "application/xml",
+                "image/png",
+            ]
+        )
         return good, ctype
     if kind == 8:
         return b"", None

@@ -34,8 +34,17 @@ def server():
 @pytest.fixture(scope="module")
 def keyed():
     # 1024 chars per token: a 1M-character prompt passes the text limit and is tokenized
-    srv = start_engine("--model", "tiny", "--max-model-len", "1024", "--max-chars-per-token",
-                       "1024", "--max-request-body", "4MiB", env={"KVSTORE_API_KEY": KEY})  # fmt: skip
+    srv = start_engine(
+        "--model",
+        "tiny",
+        "--max-model-len",
+        "1024",
+        "--max-chars-per-token",
+        "1024",
+        "--max-request-body",
+        "4MiB",
+        env={"KVSTORE_API_KEY": KEY},
+    )
     yield srv
     assert srv.stop() == 0
 
@@ -63,8 +72,9 @@ def test_a_seed_outside_64_bits_is_a_400_and_the_engine_goes_on(server):
         status, reply = post(server.port, "/v1/completions", {**GOOD, "seed": seed}, timeout=30)
         _error(reply, status, 400, "seed", "invalid_value")
     for seed in (2**63 - 1, -(2**63)):  # the edges are seeds
-        status, reply = post(server.port, "/v1/completions",
-                             {**GOOD, "temperature": 1.0, "seed": seed})  # fmt: skip
+        status, reply = post(
+            server.port, "/v1/completions", {**GOOD, "temperature": 1.0, "seed": seed}
+        )
         assert status == 200, reply
     assert _still_serving(server.port) == baseline
 
@@ -78,19 +88,32 @@ def test_a_tiny_temperature_does_not_poison_the_engine(server):
 
 BAD_BODIES = [
     ("deep-nesting", b"[" * 100_000 + b"]" * 100_000, "invalid_json"),
-    ("deep-nesting-in-field", b'{"model": "tiny", "prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
-     "invalid_json"),
-    ("5000-digit-int", b'{"model": "tiny", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}",
-     "invalid_json"),
+    (
+        "deep-nesting-in-field",
+        b'{"model": "tiny", "prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+        "invalid_json",
+    ),
+    (
+        "5000-digit-int",
+        b'{"model": "tiny", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}",
+        "invalid_json",
+    ),
     ("nan", b'{"model": "tiny", "prompt": "hi", "temperature": NaN}', "invalid_json"),
     ("infinity", b'{"model": "tiny", "prompt": "hi", "top_p": -Infinity}', "invalid_json"),
     ("lone-surrogate-prompt", b'{"model": "tiny", "prompt": "ab\\ud800cd"}', "invalid_unicode"),
-    ("lone-surrogate-salt", b'{"model": "tiny", "prompt": "' + b"x" * 64 + b'", "cache_salt": "\\udfff"}',
-     "invalid_unicode"),
-    ("lone-surrogate-stop", b'{"model": "tiny", "prompt": "hi", "stop": ["\\uDBFF"]}', "invalid_unicode"),
+    (
+        "lone-surrogate-salt",
+        b'{"model": "tiny", "prompt": "' + b"x" * 64 + b'", "cache_salt": "\\udfff"}',
+        "invalid_unicode",
+    ),
+    (
+        "lone-surrogate-stop",
+        b'{"model": "tiny", "prompt": "hi", "stop": ["\\uDBFF"]}',
+        "invalid_unicode",
+    ),
     ("bad-utf8", b'{"model": "tiny", "prompt": "\xff\xfe"}', "invalid_json"),
     ("truncated", json.dumps(GOOD).encode()[:-7], "invalid_json"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("body,code", [b[1:] for b in BAD_BODIES], ids=[b[0] for b in BAD_BODIES])
@@ -121,16 +144,28 @@ def test_an_oversized_body_is_413_before_it_is_read(server):
     err = _error(reply, status, 413, None, "request_too_large")
     assert str(limit) in err["message"]
     # chunked, with no Content-Length: stopped at the limit by aiohttp
-    status, reply = request(server.port, "POST", "/v1/completions", iter([big[:limit], big[limit:]]),
-                            headers={"Transfer-Encoding": "chunked"})  # fmt: skip
+    status, reply = request(
+        server.port,
+        "POST",
+        "/v1/completions",
+        iter([big[:limit], big[limit:]]),
+        headers={"Transfer-Encoding": "chunked"},
+    )
     _error(reply, status, 413, None, "request_too_large")
     _still_serving(server.port)
 
 
 def test_a_text_longer_than_the_context_can_hold_is_refused_untokenized(server):
-    for key, body in (("prompt", {**GOOD, "prompt": "y" * (16 * MAX_LEN + 1)}),
-                      ("messages", {"model": "tiny", "messages": [
-                          {"role": "user", "content": "z" * (8 * MAX_LEN + 1)}] * 2})):  # fmt: skip
+    for key, body in (
+        ("prompt", {**GOOD, "prompt": "y" * (16 * MAX_LEN + 1)}),
+        (
+            "messages",
+            {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "z" * (8 * MAX_LEN + 1)}] * 2,
+            },
+        ),
+    ):
         path = "/v1/completions" if key == "prompt" else "/v1/chat/completions"
         status, reply = post(server.port, path, body)
         err = _error(reply, status, 400, key, "context_length_exceeded")
@@ -143,25 +178,36 @@ def test_max_tokens_past_the_context_is_a_400_and_the_default_fits(server):
     err = _error(reply, status, 400, "max_tokens", "context_length_exceeded")
     assert f"maximum context length is {MAX_LEN} tokens" in err["message"]
     assert "502 input tokens" in err["message"]
-    status, reply = post(server.port, "/v1/completions",
-                         {**GOOD, "prompt": ids, "max_tokens": 10, "ignore_eos": True})  # fmt: skip
+    status, reply = post(
+        server.port,
+        "/v1/completions",
+        {**GOOD, "prompt": ids, "max_tokens": 10, "ignore_eos": True},
+    )
     assert status == 200 and reply["usage"]["completion_tokens"] == 10
     msgs = [{"role": "user", "content": "q" * (MAX_LEN - 20)}]
-    status, reply = post(server.port, "/v1/chat/completions",
-                         {"model": "tiny", "messages": msgs, "max_completion_tokens": 400})  # fmt: skip
+    status, reply = post(
+        server.port,
+        "/v1/chat/completions",
+        {"model": "tiny", "messages": msgs, "max_completion_tokens": 400},
+    )
     _error(reply, status, 400, "max_completion_tokens", "context_length_exceeded")
     # no max_tokens: the default (16 for completions, the context for chat) is cut to fit
-    status, reply = post(server.port, "/v1/completions", {"model": "tiny", "prompt": ids,
-                                                          "ignore_eos": True})  # fmt: skip
+    status, reply = post(
+        server.port, "/v1/completions", {"model": "tiny", "prompt": ids, "ignore_eos": True}
+    )
     assert status == 200 and reply["usage"]["completion_tokens"] == 10
-    status, reply = post(server.port, "/v1/chat/completions",
-                         {"model": "tiny", "messages": msgs, "ignore_eos": True})  # fmt: skip
+    status, reply = post(
+        server.port, "/v1/chat/completions", {"model": "tiny", "messages": msgs, "ignore_eos": True}
+    )
     assert status == 200 and reply["usage"]["total_tokens"] == MAX_LEN, reply
 
 
 def test_stop_lists_are_bounded(server):
-    for body in ({**GOOD, "stop": ["a"] * 17}, {**GOOD, "stop": "s" * 257},
-                 {**GOOD, "stop_token_ids": list(range(257))}):  # fmt: skip
+    for body in (
+        {**GOOD, "stop": ["a"] * 17},
+        {**GOOD, "stop": "s" * 257},
+        {**GOOD, "stop_token_ids": list(range(257))},
+    ):
         status, reply = post(server.port, "/v1/completions", body)
         _error(reply, status, 400, next(k for k in ("stop", "stop_token_ids") if k in body))
 
@@ -170,10 +216,18 @@ def test_the_api_key_guards_everything_but_the_probes(keyed):
     auth = {"Authorization": f"Bearer {KEY}"}
     assert request(keyed.port, "GET", "/health")[0] == 200
     assert request(keyed.port, "GET", "/metrics")[0] == 200
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
-                    {"Authorization": f"Basic {KEY}"}):  # fmt: skip
-        for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"),
-                             ("POST", "/v1/chat/completions"), ("GET", "/nowhere")):  # fmt: skip
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": KEY},
+        {"Authorization": f"Basic {KEY}"},
+    ):
+        for method, path in (
+            ("GET", "/v1/models"),
+            ("POST", "/v1/completions"),
+            ("POST", "/v1/chat/completions"),
+            ("GET", "/nowhere"),
+        ):
             # the body is not even JSON: the key is checked before the body is read
             status, reply = request(keyed.port, method, path, b"{nope", headers=headers)
             err = _error(reply, status, 401, None, "invalid_api_key")
@@ -198,8 +252,7 @@ def test_a_long_text_is_tokenized_off_the_event_loop(keyed):
     done: dict[str, float] = {}
 
     def big() -> None:
-        status, reply = post(keyed.port, "/v1/completions", {**GOOD, "prompt": text},
-                             headers=auth)  # fmt: skip
+        status, reply = post(keyed.port, "/v1/completions", {**GOOD, "prompt": text}, headers=auth)
         assert status == 400 and reply["error"]["code"] == "context_length_exceeded", reply
         done["big"] = time.monotonic()
 
@@ -212,12 +265,17 @@ def test_a_long_text_is_tokenized_off_the_event_loop(keyed):
     assert done["health"] < done["big"], done
 
 
-@pytest.mark.parametrize("argv,key", [
-    (["--api-key", ""], "api_key"), (["--api-key", " k "], "api_key"),
-    (["--max-request-body", "10"], "max_request_body"), (["--max-request-body", "lots"], "size"),
-    (["--max-chars-per-token", "0"], "max_chars_per_token"),
-    (["--tokenizer-threads", "0"], "tokenizer_threads"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv,key",
+    [
+        (["--api-key", ""], "api_key"),
+        (["--api-key", " k "], "api_key"),
+        (["--max-request-body", "10"], "max_request_body"),
+        (["--max-request-body", "lots"], "size"),
+        (["--max-chars-per-token", "0"], "max_chars_per_token"),
+        (["--tokenizer-threads", "0"], "tokenizer_threads"),
+    ],
+)
 def test_bad_security_flags_are_one_line_errors(argv, key, capsys):
     from engine.cli import main
 

@@ -40,8 +40,16 @@ def daemon_items(url: str) -> int:
 def shared():
     """A daemon and two engines A and B on it, for the module; the last test kills the daemon."""
     daemon = start_daemon("--cpu-size", "64MiB")
-    args = ["--model", "tiny", "--max-num-seqs", "4", "--kvstore", daemon.url,
-            "--kv-chunk-size", str(CHUNK)]  # fmt: skip
+    args = [
+        "--model",
+        "tiny",
+        "--max-num-seqs",
+        "4",
+        "--kvstore",
+        daemon.url,
+        "--kv-chunk-size",
+        str(CHUNK),
+    ]
     env = {"KVSTORE_REMOTE_TIMEOUT": "2", "KVSTORE_REMOTE_RETRY_AFTER": "0.2"}
     a = b = None
     try:
@@ -56,8 +64,13 @@ def shared():
 
 def ask(client, prompt: str, salt: str | None = None):
     """Greedy text, cached prompt tokens, the ``kv`` block and the prompt's token count."""
-    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0,
-                                  extra_body={"cache_salt": salt} if salt else None)  # fmt: skip
+    r = client.completions.create(
+        model="tiny",
+        prompt=prompt,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"cache_salt": salt} if salt else None,
+    )
     return (
         r.choices[0].text,
         r.usage.prompt_tokens_details.cached_tokens,
@@ -117,13 +130,19 @@ def _run(engine: LLMEngine, prompt: list[int]):
                 return out
 
 
-@pytest.mark.parametrize("role,saves,loads", [("both", True, True), ("producer", True, False),
-                                              ("consumer", False, False)])  # fmt: skip
+@pytest.mark.parametrize(
+    "role,saves,loads",
+    [("both", True, True), ("producer", True, False), ("consumer", False, False)],
+)
 def test_kv_role_producer_only_saves_and_consumer_only_loads(role, saves, loads):
-    config = EngineConfig(model="tiny", kv_cache_memory="4MiB", enable_prefix_caching=False,
-                          kv_connector="tiered",
-                          kv_config={"tiers": ["cpu"], "cpu.size": "16MiB", "chunk_size": CHUNK},
-                          kv_role=role)  # fmt: skip
+    config = EngineConfig(
+        model="tiny",
+        kv_cache_memory="4MiB",
+        enable_prefix_caching=False,
+        kv_connector="tiered",
+        kv_config={"tiers": ["cpu"], "cpu.size": "16MiB", "chunk_size": CHUNK},
+        kv_role=role,
+    )
     engine = LLMEngine(config)
     try:
         prompt = list(range(10, 10 + 5 * CHUNK + 3))
@@ -144,13 +163,25 @@ def test_kv_role_producer_only_saves_and_consumer_only_loads(role, saves, loads)
 def test_a_consumer_loads_what_a_producer_saved(tmp_path):
     """Two engines, one after the other, on one disk directory: the producer saves and
     never loads, the consumer loads (the same greedy tokens) and never saves."""
-    kv = {"tiers": ["disk"], "disk.path": str(tmp_path), "disk.size": "64MiB",
-          "disk.fsync": False, "chunk_size": CHUNK}  # fmt: skip
+    kv = {
+        "tiers": ["disk"],
+        "disk.path": str(tmp_path),
+        "disk.size": "64MiB",
+        "disk.fsync": False,
+        "chunk_size": CHUNK,
+    }
 
     def engine(role: str) -> LLMEngine:
-        return LLMEngine(EngineConfig(model="tiny", kv_cache_memory="4MiB",
-                                      enable_prefix_caching=False, kv_connector="tiered",
-                                      kv_config=kv, kv_role=role))  # fmt: skip
+        return LLMEngine(
+            EngineConfig(
+                model="tiny",
+                kv_cache_memory="4MiB",
+                enable_prefix_caching=False,
+                kv_connector="tiered",
+                kv_config=kv,
+                kv_role=role,
+            )
+        )
 
     prompt = list(range(10, 10 + 5 * CHUNK + 3))
     producer = engine("producer")
@@ -177,8 +208,10 @@ def test_engine_serve_takes_a_store_config_file(tmp_path):
     """``engine serve --kv-connector tiered --kv-config FILE``: the tiers come from the
     file; a second server on the same disk directory loads what the first saved."""
     config = tmp_path / "kv.yaml"
-    config.write_text(f"tiers: [disk]\ndisk:\n  path: {tmp_path / 'disk'}\n  size: 64MiB\n"
-                      f"  fsync: false\nchunk_size: {CHUNK}\n")  # fmt: skip
+    config.write_text(
+        f"tiers: [disk]\ndisk:\n  path: {tmp_path / 'disk'}\n  size: 64MiB\n"
+        f"  fsync: false\nchunk_size: {CHUNK}\n"
+    )
     args = ["--model", "tiny", "--kv-connector", "tiered", "--kv-config", str(config)]
     prompt = long_prompt("config")
     first = start_engine(*args)
@@ -189,8 +222,11 @@ def test_engine_serve_takes_a_store_config_file(tmp_path):
         saved = (tokens // CHUNK) * CHUNK  # whole chunks of the prompt
 
         def files() -> int:  # chunk files the disk tier has renamed into place
-            return sum(1 for p in (tmp_path / "disk").rglob("*") if p.is_file()
-                       and not p.name.startswith("."))  # fmt: skip
+            return sum(
+                1
+                for p in (tmp_path / "disk").rglob("*")
+                if p.is_file() and not p.name.startswith(".")
+            )
 
         wait_until(lambda: files() >= saved // CHUNK, 20)
     finally:

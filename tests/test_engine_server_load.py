@@ -28,10 +28,26 @@ RSS_GROWTH_MIB = 48
 
 def test_a_short_load_with_disconnects_leaks_no_blocks(tmp_path):
     out = tmp_path / "load.json"
-    argv = [sys.executable, str(ROOT / "benchmarks" / "load_test.py"), "--clients", "12",
-            "--duration", "6", "--warmup", "2", "--sample-interval", "1",
-            "--disconnect-fraction", "0.3", "--server-args", "--kv-cache-memory 2MiB",
-            "--max-rss-growth", str(RSS_GROWTH_MIB), "--json", str(out)]  # fmt: skip
+    argv = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "load_test.py"),
+        "--clients",
+        "12",
+        "--duration",
+        "6",
+        "--warmup",
+        "2",
+        "--sample-interval",
+        "1",
+        "--disconnect-fraction",
+        "0.3",
+        "--server-args",
+        "--kv-cache-memory 2MiB",
+        "--max-rss-growth",
+        str(RSS_GROWTH_MIB),
+        "--json",
+        str(out),
+    ]
     proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     s = json.loads(out.read_text())
@@ -96,8 +112,14 @@ def test_a_write_to_a_vanished_client_ends_the_stream_without_an_error(monkeypat
         ctx = app.ServerContext(
             engine, "tiny", ChatTemplate.for_model("tiny"), ServerMetrics("tiny")
         )
-        body = {"model": "tiny", "prompt": "x" * 100, "max_tokens": 40, "ignore_eos": True,
-                "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+        body = {
+            "model": "tiny",
+            "prompt": "x" * 100,
+            "max_tokens": 40,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         req = parse_completion(body, "tiny")
         ids = engine.engine.tokenize(req.prompt)
 
@@ -109,9 +131,12 @@ def test_a_write_to_a_vanished_client_ends_the_stream_without_an_error(monkeypat
         resp = asyncio.run(run())
         assert isinstance(resp, _GoneAfter)
         metrics = ctx.metrics.registry
-        assert metrics.get_sample_value(
-            "engine_requests_total", {"endpoint": "completions", "finish_reason": reason}
-        ) == 1  # fmt: skip
+        assert (
+            metrics.get_sample_value(
+                "engine_requests_total", {"endpoint": "completions", "finish_reason": reason}
+            )
+            == 1
+        )
         deadline = time.monotonic() + 20
         while engine.stats.free_blocks != engine.stats.num_blocks or engine.stats.running:
             assert time.monotonic() < deadline, engine.stats

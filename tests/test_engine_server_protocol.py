@@ -43,8 +43,16 @@ def test_named_templates_a_jinja_file_and_the_plain_fallback(tmp_path, checkpoin
     assert ChatTemplate.for_model("tiny").render([{"role": "user", "content": "hi"}]) == (
         "user: hi\nassistant:"
     )
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
-        {"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}))  # fmt: skip
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "chat_template": [
+                    {"name": "tool_use", "template": "T"},
+                    {"name": "default", "template": "D"},
+                ]
+            }
+        )
+    )
     assert ChatTemplate.for_model(str(tmp_path)).render([]) == "D"
     (tmp_path / "tokenizer_config.json").write_text("{}")
     (tmp_path / "chat_template.jinja").write_text("J{{ messages | length }}")
@@ -65,21 +73,43 @@ def test_text_deltas_hold_back_partial_stop_strings_and_broken_utf8():
 
 
 def test_request_checks():
-    req = parse_completion({"model": "m", "prompt": ["one"], "stop": "x", "seed": 3,
-                            "cache_salt": "t", "stream": True,
-                            "stream_options": {"include_usage": True}}, "m")  # fmt: skip
+    req = parse_completion(
+        {
+            "model": "m",
+            "prompt": ["one"],
+            "stop": "x",
+            "seed": 3,
+            "cache_salt": "t",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        "m",
+    )
     assert (req.prompt, req.params.stop, req.params.seed, req.cache_salt) == ("one", ["x"], 3, "t")
     assert req.stream and req.include_usage and req.params.max_tokens == 16
-    chat = parse_chat({"model": "m", "messages": [
-        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
-        {"role": "assistant", "content": None}]}, "m", 100)  # fmt: skip
+    chat = parse_chat(
+        {
+            "model": "m",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                },
+                {"role": "assistant", "content": None},
+            ],
+        },
+        "m",
+        100,
+    )
     assert chat.messages[0]["content"] == "ab" and chat.params.max_tokens == 100
-    for body, param in (({"model": "m", "prompt": ["a", "b"]}, "prompt"),
-                        ({"model": "m", "prompt": "a", "top_p": 0}, "top_p"),
-                        ({"model": "m", "prompt": "a", "stop": [""]}, "stop"),
-                        ({"model": "m", "prompt": "a", "cache_salt": ""}, "cache_salt"),
-                        ({"model": "m", "prompt": "a", "logprobs": 2}, "logprobs"),
-                        ([1, 2], None)):  # fmt: skip
+    for body, param in (
+        ({"model": "m", "prompt": ["a", "b"]}, "prompt"),
+        ({"model": "m", "prompt": "a", "top_p": 0}, "top_p"),
+        ({"model": "m", "prompt": "a", "stop": [""]}, "stop"),
+        ({"model": "m", "prompt": "a", "cache_salt": ""}, "cache_salt"),
+        ({"model": "m", "prompt": "a", "logprobs": 2}, "logprobs"),
+        ([1, 2], None),
+    ):
         with pytest.raises(ApiError) as exc:
             parse_completion(body, "m")
         assert exc.value.param == param and exc.value.status == 400

@@ -40,8 +40,13 @@ def test_hashes_chain_and_cover_only_full_blocks():
 def test_same_hashes_in_another_process():
     code = "from kvcore.keys import block_hashes; print(block_hashes(list(range(64)), 16, cache_salt='s')[-1].hex())"
     outs = {
-        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                       env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout.strip()
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONHASHSEED": seed, "PATH": ""},
+        ).stdout.strip()
         for seed in ("1", "2")
     }
     assert outs == {block_hashes(list(range(64)), 16, cache_salt="s")[-1].hex()}

@@ -142,4 +142,6 @@ def test_the_walk_sees_imports_in_functions_type_checking_and_registries(tmp_pat
 @pytest.mark.parametrize("pkg", [p for p, _ in LAYERS])
 def test_each_package_exists(pkg: str) -> None:
     path = ROOT / pkg.replace(".", "/")
-    assert path.is_dir() or path.with_suffix(".py").is_file(), f"{pkg} is on the map, not in the tree"
+    assert path.is_dir() or path.with_suffix(".py").is_file(), (
+        f"{pkg} is on the map, not in the tree"
+    )

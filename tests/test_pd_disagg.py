@@ -23,8 +23,9 @@ PROMPT = [(7 * i + 3) % 250 + 5 for i in range(5 * CHUNK + 3)]  # 5 whole chunks
 
 
 def run(engine: LLMEngine, prompt, max_tokens: int, kv=None):
-    req = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=max_tokens),
-                             kv_transfer_params=kv)  # fmt: skip
+    req = engine.add_request(
+        prompt, SamplingParams(temperature=0, max_tokens=max_tokens), kv_transfer_params=kv
+    )
     while True:
         for out in engine.step():
             if out.request_id == req.request_id and out.finished:
@@ -135,8 +136,14 @@ def test_producer_that_never_saved_means_recompute(pd):
     daemon, remote, plain, producer, consumer = pd
     prompt = salted("gone")
     want = run(plain, prompt, 6).token_ids
-    params = {"do_remote_prefill": True, "remote_store": daemon.url, "keys": ["ab" * 32],
-              "num_tokens": 5 * CHUNK, "lease_id": "0123", "lease_expires": time.time() + 30}  # fmt: skip
+    params = {
+        "do_remote_prefill": True,
+        "remote_store": daemon.url,
+        "keys": ["ab" * 32],
+        "num_tokens": 5 * CHUNK,
+        "lease_id": "0123",
+        "lease_expires": time.time() + 30,
+    }
     out = run(consumer, prompt, 6, params)
     assert out.token_ids == want and out.metrics.kv_sources.get("remote", 0) == 0
     assert remote.active_leases() == 0
@@ -152,8 +159,9 @@ def test_dead_remote_store_gives_an_empty_handle_quickly(pd):
 
 def test_aborted_prefill_leg_leases_nothing(pd):
     daemon, remote, plain, producer, consumer = pd
-    req = producer.add_request(salted("abort"), SamplingParams(max_tokens=1),
-                               kv_transfer_params={"do_remote_decode": True})  # fmt: skip
+    req = producer.add_request(
+        salted("abort"), SamplingParams(max_tokens=1), kv_transfer_params={"do_remote_decode": True}
+    )
     producer.abort_request(req.request_id)
     assert not producer.connector._req_puts and remote.active_leases() == 0
 

@@ -77,13 +77,22 @@ def salted(tag: str) -> list[int]:
 
 def producer(url: str, **kv: object) -> LLMEngine:
     config = {"tiers": [url], "chunk_size": CHUNK, **kv}
-    return LLMEngine(EngineConfig(model="tiny", kv_cache_memory="4MiB", max_num_seqs=4,
-                                  kv_connector="tiered", kv_role="producer", kv_config=config))  # fmt: skip
+    return LLMEngine(
+        EngineConfig(
+            model="tiny",
+            kv_cache_memory="4MiB",
+            max_num_seqs=4,
+            kv_connector="tiered",
+            kv_role="producer",
+            kv_config=config,
+        )
+    )
 
 
 def prefill(engine: LLMEngine, prompt: list[int], kv: dict) -> dict:
-    req = engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=1),
-                             kv_transfer_params=kv)  # fmt: skip
+    req = engine.add_request(
+        prompt, SamplingParams(temperature=0, max_tokens=1), kv_transfer_params=kv
+    )
     while True:
         for out in engine.step():
             if out.request_id == req.request_id and out.finished:
@@ -242,11 +251,13 @@ def test_the_engine_caps_lease_ttl_and_outstanding_leases(daemon):
     backend = RemoteBackend(daemon.url)
     try:
         with pytest.raises(InvalidRequestError, match=r"lease_ttl.*\(0, 10\].*max_lease_ttl"):
-            engine.add_request(PROMPT, kv_transfer_params={"do_remote_decode": True,
-                                                           "lease_ttl": 600})  # fmt: skip
+            engine.add_request(
+                PROMPT, kv_transfer_params={"do_remote_decode": True, "lease_ttl": 600}
+            )
         assert not engine.requests
-        handles = [prefill(engine, salted(f"cap-{i}"), {"do_remote_decode": True})
-                   for i in range(3)]  # fmt: skip
+        handles = [
+            prefill(engine, salted(f"cap-{i}"), {"do_remote_decode": True}) for i in range(3)
+        ]
         assert [h["num_tokens"] for h in handles] == [5 * CHUNK, 5 * CHUNK, 0]
         assert handles[0]["lease_expires"] <= time.time() + 10.5  # the default ttl, capped
         assert backend.available()
@@ -262,8 +273,10 @@ def test_remote_store_off_the_allow_list_is_refused_and_never_contacted(daemon, 
     url, accepted = listener
     engine = producer(daemon.url)
     try:
-        for kv in ({"do_remote_decode": True, "remote_store": url},
-                   {"do_remote_decode": True, "remote_store": "kvstore://10.1.2.3:50051"}):  # fmt: skip
+        for kv in (
+            {"do_remote_decode": True, "remote_store": url},
+            {"do_remote_decode": True, "remote_store": "kvstore://10.1.2.3:50051"},
+        ):
             with pytest.raises(InvalidRequestError, match=r"remote_store.*allowed_remote_stores"):
                 engine.add_request(PROMPT, kv_transfer_params=kv)
         # A handle that got past the check anyway (a forged call) still reaches no one.
@@ -283,8 +296,9 @@ def test_remote_store_on_the_allow_list_gets_the_hand_off(daemon):
     engine = producer(daemon.url, allowed_remote_stores=[other.url])
     backend = RemoteBackend(other.url)
     try:
-        params = prefill(engine, salted("other"), {"do_remote_decode": True,
-                                                   "remote_store": other.url})  # fmt: skip
+        params = prefill(
+            engine, salted("other"), {"do_remote_decode": True, "remote_store": other.url}
+        )
         assert params["remote_store"] == other.url and params["num_tokens"] == 5 * CHUNK
         assert backend.active_leases() == 1 and backend.contains(params["keys"]) == 5
     finally:
@@ -294,16 +308,22 @@ def test_remote_store_on_the_allow_list_gets_the_hand_off(daemon):
 
 
 def test_hand_off_config_keys_are_checked():
-    c = StoreConfig.load(env={"KVSTORE_ALLOWED_REMOTE_STORES": "kvstore://a:1,kvstore://b:2",
-                              "KVSTORE_MAX_LEASE_BYTES_PER_CLIENT": "1GiB"})  # fmt: skip
+    c = StoreConfig.load(
+        env={
+            "KVSTORE_ALLOWED_REMOTE_STORES": "kvstore://a:1,kvstore://b:2",
+            "KVSTORE_MAX_LEASE_BYTES_PER_CLIENT": "1GiB",
+        }
+    )
     assert c.allowed_remote_stores == ["kvstore://a:1", "kvstore://b:2"]
     assert c.max_lease_bytes_per_client == 1 << 30 and c.max_lease_ttl == 60
-    for bad, why in (({"max_lease_ttl": 0}, "max_lease_ttl"),
-                     ({"max_lease_ttl": 601}, "max_lease_ttl"),
-                     ({"max_leases_per_client": 0}, "max_leases_per_client"),
-                     ({"max_outstanding_leases": -1}, "max_outstanding_leases"),
-                     ({"max_lease_bytes": "lots"}, "max_lease_bytes"),
-                     ({"allowed_remote_stores": ["http://x:1"]}, "allowed_remote_stores")):  # fmt: skip
+    for bad, why in (
+        ({"max_lease_ttl": 0}, "max_lease_ttl"),
+        ({"max_lease_ttl": 601}, "max_lease_ttl"),
+        ({"max_leases_per_client": 0}, "max_leases_per_client"),
+        ({"max_outstanding_leases": -1}, "max_outstanding_leases"),
+        ({"max_lease_bytes": "lots"}, "max_lease_bytes"),
+        ({"allowed_remote_stores": ["http://x:1"]}, "allowed_remote_stores"),
+    ):
         with pytest.raises(ConfigError, match=why):
             StoreConfig.load(overrides=bad)
 
@@ -319,8 +339,9 @@ def test_http_refuses_off_list_stores_and_long_leases_with_400(daemon, listener)
             ({"do_remote_decode": True, "remote_store": url}, True, "allowed_remote_stores"),
             ({"do_remote_decode": True, "lease_ttl": 600}, True, "max_lease_ttl"),
         ):
-            status, got = server.post("/v1/completions",
-                                      {**body, "stream": stream, "kv_transfer_params": kv})  # fmt: skip
+            status, got = server.post(
+                "/v1/completions", {**body, "stream": stream, "kv_transfer_params": kv}
+            )
             assert status == 400, got
             assert got["error"]["param"] == "kv_transfer_params"
             assert got["error"]["type"] == "invalid_request_error"

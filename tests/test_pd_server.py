@@ -18,9 +18,11 @@ def test_prefill_leg_then_decode_leg_after_the_producer_died():
     daemon = start_daemon("--cpu-size", "64MiB")
     procs = []
     try:
-        procs = [start_engine("--model", "tiny"),
-                 start_engine("--model", "tiny", "--kvstore", daemon.url, "--kv-role", "producer"),
-                 start_engine("--model", "tiny", "--kvstore", daemon.url, "--kv-role", "consumer")]  # fmt: skip
+        procs = [
+            start_engine("--model", "tiny"),
+            start_engine("--model", "tiny", "--kvstore", daemon.url, "--kv-role", "producer"),
+            start_engine("--model", "tiny", "--kvstore", daemon.url, "--kv-role", "consumer"),
+        ]
         plain, producer, consumer = procs
         body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
         status, want = plain.post("/v1/completions", body)
@@ -41,8 +43,9 @@ def test_prefill_leg_then_decode_leg_after_the_producer_died():
         assert status == 200, got
         assert got["choices"][0]["text"] == want["choices"][0]["text"]
         assert got["kv"]["sources"].get("remote", 0) == 512
-        status, bad = consumer.post("/v1/completions",
-                                    {**body, "kv_transfer_params": {"lease_ttl": -1}})  # fmt: skip
+        status, bad = consumer.post(
+            "/v1/completions", {**body, "kv_transfer_params": {"lease_ttl": -1}}
+        )
         assert status == 400 and bad["error"]["param"] == "kv_transfer_params"
         remote = RemoteBackend(daemon.url)
         deadline = time.monotonic() + 10

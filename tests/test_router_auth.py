@@ -18,8 +18,10 @@ def raw_request(port: int, auth: bytes) -> int:
     """The status of a request whose Authorization header holds arbitrary bytes."""
     body = b'{"prompt": "hi"}'
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-                  b"Authorization: " + auth + b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Authorization: " + auth + b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         data = b""
         while chunk := s.recv(65536):
             data += chunk
@@ -34,8 +36,9 @@ def assert_unauthorized(status: int, body: dict) -> None:
 
 def test_api_key_guards_everything_but_health_and_metrics(ups, start_router):
     a = ups.start("a")
-    r = start_router("--backend", a.url, "--api-key", "client-key",
-                     "--backend-api-key", "backend-key")  # fmt: skip
+    r = start_router(
+        "--backend", a.url, "--api-key", "client-key", "--backend-api-key", "backend-key"
+    )
     for token in (None, "wrong", "backend-key"):
         assert_unauthorized(*post(r.url + "/v1/completions", {"prompt": "hi"}, token=token)[:2])
         assert_unauthorized(
@@ -74,8 +77,14 @@ def test_api_key_files(ups, start_router, tmp_path):
     a = ups.start("a")
     (tmp_path / "key").write_text("file-key\n")
     (tmp_path / "bkey").write_text("file-backend\n")
-    r = start_router("--backend", a.url, "--api-key-file", str(tmp_path / "key"),
-                     "--backend-api-key-file", str(tmp_path / "bkey"))  # fmt: skip
+    r = start_router(
+        "--backend",
+        a.url,
+        "--api-key-file",
+        str(tmp_path / "key"),
+        "--backend-api-key-file",
+        str(tmp_path / "bkey"),
+    )
     status, body, _ = post(r.url + "/v1/completions", {"prompt": "hi"}, token="file-key")
     assert status == 200 and a.headers[-1]["authorization"] == "Bearer file-backend"
 

@@ -10,9 +10,10 @@ from router.config import RouterConfig
 
 def test_kv_event_sources_follow_the_backends():
     cfg = RouterConfig(
-        prefill=["p:1"], decode=["http://d:2/"],
+        prefill=["p:1"],
+        decode=["http://d:2/"],
         kv_events=["tcp://p:5557", "tcp://d:5557,tcp://d:5558"],
-    )  # fmt: skip
+    )
     assert cfg.kv_event_sources() == [
         ("http://p:1", "tcp://p:5557", None),
         ("http://d:2", "tcp://d:5557", "tcp://d:5558"),

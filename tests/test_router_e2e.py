@@ -55,16 +55,19 @@ def cleanup():
 
 
 def greedy(url: str, prompt: str, **extra) -> str:
-    status, body, _ = post(url + "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 8,
-                                                      "temperature": 0, **extra})  # fmt: skip
+    status, body, _ = post(
+        url + "/v1/completions",
+        {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0, **extra},
+    )
     assert status == 200, body
     return body["choices"][0]["text"]
 
 
 def streamed(url: str, prompt: str) -> str:
     body = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True}
-    req = urllib.request.Request(url + "/v1/completions", json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})  # fmt: skip
+    req = urllib.request.Request(
+        url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
     text = ""
     with urllib.request.urlopen(req, timeout=60) as r:
         for line in r:
@@ -79,8 +82,11 @@ def test_two_engines_behind_the_router_answer_as_one(cleanup, tmp_path, policy):
     cleanup += engines
     for e in engines:
         e.wait()
-    router = RouterProcess(free_port(), ["--backend", *(e.url for e in engines), "--policy", policy,
-                                         "--tokenizer", "tiny"], tmp_path / "router.log")  # fmt: skip
+    router = RouterProcess(
+        free_port(),
+        ["--backend", *(e.url for e in engines), "--policy", policy, "--tokenizer", "tiny"],
+        tmp_path / "router.log",
+    )
     cleanup.append(router)
     reference = [greedy(engines[0].url, p) for p in PROMPTS]
     assert [greedy(router.url, p) for p in PROMPTS] == reference
@@ -111,8 +117,14 @@ def test_prefill_decode_through_a_shared_kvstore(cleanup, tmp_path, n_prefill, n
         cleanup += [plain, *prefill, *decode]
         for e in (plain, *prefill, *decode):
             e.wait()
-        args = ["--prefill", *(e.url for e in prefill), "--decode", *(e.url for e in decode),
-                "--health-interval", "0.5"]  # fmt: skip
+        args = [
+            "--prefill",
+            *(e.url for e in prefill),
+            "--decode",
+            *(e.url for e in decode),
+            "--health-interval",
+            "0.5",
+        ]
         router = RouterProcess(free_port(), args, tmp_path / "router.log")
         cleanup.append(router)
         reference = [greedy(plain.url, p) for p in PROMPTS]

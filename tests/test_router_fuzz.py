@@ -35,21 +35,53 @@ SEEDS = [
         ],
         "stream": True,
         "stream_options": {"include_usage": True},
-    },  # fmt: skip
+    },
 ]
 NASTY = [
-    None, True, -1, 0, 2**64, 10**400, 1.5, "", "x" * 5000, "\ud800", "\udc00a", "\U0001f600",
-    [], {}, [None], [[[]]], {"": {}}, [1, "a"], [-5, 2**70], {"text": 5}, [{"text": None}],
-    "\x00\x01", "NaN",
-]  # fmt: skip
+    None,
+    True,
+    -1,
+    0,
+    2**64,
+    10**400,
+    1.5,
+    "",
+    "x" * 5000,
+    "\ud800",
+    "\udc00a",
+    "\U0001f600",
+    [],
+    {},
+    [None],
+    [[[]]],
+    {"": {}},
+    [1, "a"],
+    [-5, 2**70],
+    {"text": 5},
+    [{"text": None}],
+    "\x00\x01",
+    "NaN",
+]
 RAW_GARBAGE = [
-    b"", b"null", b"[]", b"1e999999", b'"str"', b"{", b"}", b'{"prompt": NaN}',
-    b'{"prompt": Infinity}', b"\xff\xfe{}", b"\xef\xbb\xbf{}", b'{"prompt": "\xed\xa0\x80"}',
-    b"[" * 50_000, b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}",
-    b'{"a": 1, "a": 2, "prompt": "dup"}', b'{"prompt": "x"}' * 3,
+    b"",
+    b"null",
+    b"[]",
+    b"1e999999",
+    b'"str"',
+    b"{",
+    b"}",
+    b'{"prompt": NaN}',
+    b'{"prompt": Infinity}',
+    b"\xff\xfe{}",
+    b"\xef\xbb\xbf{}",
+    b'{"prompt": "\xed\xa0\x80"}',
+    b"[" * 50_000,
+    b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    b'{"a": 1, "a": 2, "prompt": "dup"}',
+    b'{"prompt": "x"}' * 3,
     json.dumps({"prompt": "y" * 70_000}).encode(),  # over --max-body-bytes
     b'{"messages": [' + b'{"role": "user", "content": "m"},' * 2000 + b"{}]}",
-]  # fmt: skip
+]
 
 
 def mutate_tree(rng: random.Random, body):
@@ -68,8 +100,21 @@ def mutate_tree(rng: random.Random, body):
         if op < 0.6:
             node[rng.choice(keys)] = rng.choice(NASTY)
         elif op < 0.8:
-            node[rng.choice(["prompt", "messages", "stream", "max_tokens", "cache_salt", "role",
-                             "content", "\ud800", "kv_transfer_params"])] = rng.choice(NASTY)  # fmt: skip
+            node[
+                rng.choice(
+                    [
+                        "prompt",
+                        "messages",
+                        "stream",
+                        "max_tokens",
+                        "cache_salt",
+                        "role",
+                        "content",
+                        "\ud800",
+                        "kv_transfer_params",
+                    ]
+                )
+            ] = rng.choice(NASTY)
         else:
             node.pop(rng.choice(keys), None)
     elif isinstance(node, list):
@@ -89,8 +134,21 @@ def mutate_bytes(rng: random.Random, raw: bytes) -> bytes:
         if op < 0.4 and data:
             data[min(at, len(data) - 1)] = rng.randrange(256)
         elif op < 0.7:
-            data[at:at] = rng.choice([b"\\ud800", b"\xed\xa0\x80", b"\xff", b"\x00", b"[", b"{",
-                                      b'"', b"\\", b",", b"NaN", b"\\u0000"])  # fmt: skip
+            data[at:at] = rng.choice(
+                [
+                    b"\\ud800",
+                    b"\xed\xa0\x80",
+                    b"\xff",
+                    b"\x00",
+                    b"[",
+                    b"{",
+                    b'"',
+                    b"\\",
+                    b",",
+                    b"NaN",
+                    b"\\u0000",
+                ]
+            )
         else:
             del data[at : at + rng.randint(1, 8)]
     return bytes(data)
@@ -145,8 +203,19 @@ async def send_all(url: str, cases: list[tuple[str, bytes]]) -> list[str]:
 
 def test_fuzzed_bodies_never_break_the_router(ups, start_router):
     a, b = ups.start("a"), ups.start("b")
-    r = start_router("--backend", a.url, b.url, "--policy", "prefix_aware",
-                     "--tokenizer", "tiny", "--api-key", KEY, "--max-body-bytes", "65536")  # fmt: skip
+    r = start_router(
+        "--backend",
+        a.url,
+        b.url,
+        "--policy",
+        "prefix_aware",
+        "--tokenizer",
+        "tiny",
+        "--api-key",
+        KEY,
+        "--max-body-bytes",
+        "65536",
+    )
     log = Path(r.log_path)
     cases = bodies(random.Random(SEED))
     t0 = time.monotonic()

@@ -30,8 +30,9 @@ def tokenizing_router(tmp_path_factory):
     u = Upstreams()
     a = u.start("a")
     log = tmp_path_factory.mktemp("router") / "router.log"
-    r = RouterProcess(free_port(), ["--backend", a.url, "--policy", "prefix_aware",
-                                    "--tokenizer", "tiny"], log)  # fmt: skip
+    r = RouterProcess(
+        free_port(), ["--backend", a.url, "--policy", "prefix_aware", "--tokenizer", "tiny"], log
+    )
     yield r, a
     r.close()
     u.close()
@@ -50,8 +51,10 @@ def chunked_post(url: str, chunks: list[bytes]) -> tuple[int, dict]:
     host, port = url.split("//")[1].split("/")[0].split(":")
     path = "/" + url.split("//")[1].split("/", 1)[1]
     with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n".encode())  # fmt: skip
+        s.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n".encode()
+        )
         try:
             for c in chunks:
                 s.sendall(b"%x\r\n%s\r\n" % (len(c), c))
@@ -209,8 +212,9 @@ def test_a_poison_request_reaches_one_backend(ups, start_router):
 
 def test_a_poison_request_reaches_one_prefill_and_one_decode_node(ups, start_router):
     p1, p2, d1, d2 = (ups.start(n) for n in ("p1", "p2", "d1", "d2"))
-    r = start_router("--prefill", p1.url, p2.url, "--decode", d1.url, d2.url,
-                     "--health-interval", "60")  # fmt: skip
+    r = start_router(
+        "--prefill", p1.url, p2.url, "--decode", d1.url, d2.url, "--health-interval", "60"
+    )
     status, body, _ = post(r.url + "/v1/completions", {"prompt": "poison"})
     assert status == 500 and body["error"]["message"] == "engine failed"
     assert len(p1.requests) + len(p2.requests) == 1  # the prefill leg was not retried

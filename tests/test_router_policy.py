@@ -89,14 +89,22 @@ def test_index_follows_events_from_the_socket(publisher):
 
 def test_decoder_reads_vllm_map_encoding():
     batch = {
-        "ts": 1.5, "data_parallel_rank": 2,
+        "ts": 1.5,
+        "data_parallel_rank": 2,
         "events": [
-            {"type": "BlockStored", "block_hashes": H[:1], "parent_block_hash": None,
-             "token_ids": TOKENS[:4], "block_size": 4, "lora_id": None, "medium": "GPU"},
+            {
+                "type": "BlockStored",
+                "block_hashes": H[:1],
+                "parent_block_hash": None,
+                "token_ids": TOKENS[:4],
+                "block_size": 4,
+                "lora_id": None,
+                "medium": "GPU",
+            },
             {"type": "SomethingNew", "x": 1},
             {"type": "AllBlocksCleared"},
         ],
-    }  # fmt: skip
+    }
     out = decode_batch(msgpack.packb(batch, use_bin_type=True))
     assert out.ts == 1.5 and out.dp_rank == 2
     assert out.events == [BlockStored(H[:1], None, TOKENS[:4], 4, None, "GPU"), AllBlocksCleared()]

@@ -184,15 +184,24 @@ def test_models_health_metrics(ups, start_router):
 def test_prefill_then_decode(ups, start_router):
     p, d = ups.start("p"), ups.start("d")
     r = start_router("--prefill", p.url, "--decode", d.url)
-    status, body, _ = complete(r, {"prompt": "hello", "max_tokens": 8, "stream": False,
-                                   "stream_options": {"include_usage": True}})  # fmt: skip
+    status, body, _ = complete(
+        r,
+        {
+            "prompt": "hello",
+            "max_tokens": 8,
+            "stream": False,
+            "stream_options": {"include_usage": True},
+        },
+    )
     assert status == 200 and body["backend"] == "d"
     leg = p.requests[0]
     assert leg["max_tokens"] == 1 and leg["stream"] is False and "stream_options" not in leg
     assert leg["kv_transfer_params"]["do_remote_decode"] is True
     assert d.requests[0]["kv_transfer_params"] == {
-        "do_remote_prefill": True, "remote_engine_id": "p", "remote_block_ids": [1, 2],
-    }  # fmt: skip
+        "do_remote_prefill": True,
+        "remote_engine_id": "p",
+        "remote_block_ids": [1, 2],
+    }
     assert (
         d.requests[0]["max_tokens"] == 8
         and p.headers[0]["x-request-id"] == d.headers[0]["x-request-id"]
@@ -218,8 +227,15 @@ def test_prefix_aware_follows_kv_events(ups, start_router):
     pub = KVEventPublisher("tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*")
     replay = pub._replay.getsockopt(zmq.LAST_ENDPOINT).decode()
     try:
-        r = start_router("--backend", a.url, b.url, "--policy", "prefix_aware",
-                         "--kv-events", f"{b.url}={pub.endpoint},{replay}")  # fmt: skip
+        r = start_router(
+            "--backend",
+            a.url,
+            b.url,
+            "--policy",
+            "prefix_aware",
+            "--kv-events",
+            f"{b.url}={pub.endpoint},{replay}",
+        )
         prompt = list(range(10, 74))  # 4 blocks of 16
         hashes = block_hashes(prompt, 16)
         stored = BlockStored(hashes, None, prompt, 16)

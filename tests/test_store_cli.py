@@ -21,9 +21,27 @@ def test_bench_runs_end_to_end_and_writes_json(tmp_path, capsys, redis_url):
     trace.write_text(
         '{"timestamp": 0, "input_length": 1100, "output_length": 1, "hash_ids": [0, 1, 2]}\n' * 3
     )
-    rc = main(["bench", "--tiers", "cpu,disk,redis", "--sizes", "64KiB", "--total", "256KiB", "--json", str(out),
-               "--set", f"disk.path={tmp_path}", "--set", f"redis.url={redis_url}",
-               "--trace", str(trace), "--capacities", "2,10"])  # fmt: skip
+    rc = main(
+        [
+            "bench",
+            "--tiers",
+            "cpu,disk,redis",
+            "--sizes",
+            "64KiB",
+            "--total",
+            "256KiB",
+            "--json",
+            str(out),
+            "--set",
+            f"disk.path={tmp_path}",
+            "--set",
+            f"redis.url={redis_url}",
+            "--trace",
+            str(trace),
+            "--capacities",
+            "2,10",
+        ]
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     assert [r["tier"] for r in report["throughput"]] == ["cpu", "disk", "redis"]

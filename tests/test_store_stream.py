@@ -26,4 +26,3 @@ def test_buffers_of_any_size_and_count_arrive_whole_and_in_order():
         recv_buffers(b, [memoryview(g) for g in got])
         writer.join()
         assert all(np.array_equal(s, g) for s, g in zip(sent, got, strict=True))
-

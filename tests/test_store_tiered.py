@@ -32,8 +32,16 @@ def chunks(store: TieredStore, ks: list[str]):
 
 def make_store(tmp_path, tiers="cpu,disk", cpu_chunks=64, **flat):
     """A store with tiny tiers: ``cpu_chunks`` chunks of RAM, 64 of disk."""
-    config = from_flat({"tiers": tiers, "cpu.size": cpu_chunks * SIZE, "cpu.page_size": SIZE,
-                        "disk.path": str(tmp_path / "disk"), "disk.size": 64 * (SIZE + 4096), **flat})  # fmt: skip
+    config = from_flat(
+        {
+            "tiers": tiers,
+            "cpu.size": cpu_chunks * SIZE,
+            "cpu.page_size": SIZE,
+            "disk.path": str(tmp_path / "disk"),
+            "disk.size": 64 * (SIZE + 4096),
+            **flat,
+        }
+    )
     return TieredStore(config, FP)
 
 
@@ -200,8 +208,15 @@ def test_make_chunk_needs_a_fingerprint(tmp_path):
 
 
 def test_gds_without_a_gpu_is_served_by_disk(tmp_path, caplog):
-    config = from_flat({"tiers": "cpu,gds", "cpu.size": 4 * SIZE, "cpu.page_size": SIZE,
-                        "gds.path": str(tmp_path / "gds"), "gds.size": 1 << 20})  # fmt: skip
+    config = from_flat(
+        {
+            "tiers": "cpu,gds",
+            "cpu.size": 4 * SIZE,
+            "cpu.page_size": SIZE,
+            "gds.path": str(tmp_path / "gds"),
+            "gds.size": 1 << 20,
+        }
+    )
     with TieredStore(config, FP) as store:
         assert [t.name for t in store.tiers] == ["cpu", "gds"]
         assert store.tiers[1].backend.name in ("disk", "gds")
@@ -282,8 +297,12 @@ def test_put_says_which_tier_stored_which_chunk(tmp_path):
         assert result.by_tier == {"cpu": [True, False], "disk": [False, True]}
         assert result.stored == [True, True]
         store.pin(ks[:1])
-        full = store.put([make_chunk(k, FP.digest(), np.zeros(2 * SIZE, np.uint8), 16)
-                          for k in keys(2, salt="pinned")])  # fmt: skip
+        full = store.put(
+            [
+                make_chunk(k, FP.digest(), np.zeros(2 * SIZE, np.uint8), 16)
+                for k in keys(2, salt="pinned")
+            ]
+        )
         assert full.by_tier["cpu"] == [False, False] and full.by_tier["disk"] == [True, True]
         assert store.put_async(chunks(store, ks)).result(10).by_tier["cpu"] == [True, True]
 
@@ -296,12 +315,18 @@ def test_listeners_see_puts_moves_evictions_and_drops(tmp_path):
         store.subscribe(seen.append)
         ks = keys(3)
         store.put(chunks(store, ks))  # the third evicts the first into disk
-        assert seen == [("disk", (ks[0],), False), ("cpu", (ks[0],), True),
-                        ("cpu", tuple(ks), False)]  # fmt: skip
+        assert seen == [
+            ("disk", (ks[0],), False),
+            ("cpu", (ks[0],), True),
+            ("cpu", tuple(ks), False),
+        ]
         seen.clear()
         store.get(ks[:1])  # a disk hit is promoted into cpu, evicting ks[1] into disk
-        assert seen == [("disk", (ks[1],), False), ("cpu", (ks[1],), True),
-                        ("cpu", (ks[0],), False)]  # fmt: skip
+        assert seen == [
+            ("disk", (ks[1],), False),
+            ("cpu", (ks[1],), True),
+            ("cpu", (ks[0],), False),
+        ]
         seen.clear()
         store.delete(ks[2:])
         assert seen == [("cpu", (ks[2],), True), ("disk", (ks[2],), True)]
@@ -335,8 +360,10 @@ def test_an_evicting_tier_reports_only_with_a_listener(tmp_path):
 def test_get_layers_hands_over_verified_chunks_layer_by_layer(tmp_path):
     with make_store(tmp_path, tiers="cpu") as store:
         ks = keys(2)
-        kv = [np.random.default_rng(i).integers(0, 256, (3, 2, 16, 1, 1), dtype=np.uint8)
-              for i in range(2)]  # fmt: skip
+        kv = [
+            np.random.default_rng(i).integers(0, 256, (3, 2, 16, 1, 1), dtype=np.uint8)
+            for i in range(2)
+        ]
         store.put([store.make_chunk(k, x, 16) for k, x in zip(ks, kv, strict=True)])
         calls = []
 

@@ -34,8 +34,9 @@ def ucxx():
 
 @pytest.fixture(scope="module")
 def daemon(ucxx):
-    d = start_daemon("--cpu-size", "64MiB", "--max-batch", "64", "--max-chunk-size", "1MiB",
-                     "--ucx")  # fmt: skip
+    d = start_daemon(
+        "--cpu-size", "64MiB", "--max-batch", "64", "--max-chunk-size", "1MiB", "--ucx"
+    )
     yield d
     assert d.terminate() == 0
 
@@ -114,9 +115,11 @@ def test_fingerprints_and_checksums_as_on_the_stream(client, transport):
         client.put([chunk(7, tag=transport)], fingerprint=b"\x01" * 32, transport=transport)
     assert exc.value.code == "INVALID_ARGUMENT"
     fresh = chunk(2, tag="fresh" + transport)
-    for bad in (_tampered(chunk(3, tag=transport), checksum=1),
-                _tampered(chunk(4, tag=transport), nbytes=4097),
-                _tampered(chunk(5, tag=transport), key="../../etc/passwd")):  # fmt: skip
+    for bad in (
+        _tampered(chunk(3, tag=transport), checksum=1),
+        _tampered(chunk(4, tag=transport), nbytes=4097),
+        _tampered(chunk(5, tag=transport), key="../../etc/passwd"),
+    ):
         with pytest.raises(RemoteError) as exc:
             client.put([fresh, bad], transport=transport)
         assert exc.value.code == "INVALID_ARGUMENT"
@@ -168,8 +171,9 @@ def test_the_remote_tier_and_a_tiered_store_over_ucx(daemon):
         assert all(same(g, c) for g, c in zip(b.get([c.key for c in chunks]), chunks, strict=True))
     finally:
         b.close()
-    config = from_flat({"tiers": f"cpu,{daemon.url}", "cpu.size": "4MiB", "workers": 1,
-                        "remote.transport": "ucx"})  # fmt: skip
+    config = from_flat(
+        {"tiers": f"cpu,{daemon.url}", "cpu.size": "4MiB", "workers": 1, "remote.transport": "ucx"}
+    )
     assert config.remote.transport == "ucx"
     kv = np.arange(2 * 2 * 16 * 2 * 8, dtype=np.float32).reshape(2, 2, 16, 2, 8)
     keys = [key(i, "ucx-tiered") for i in range(3)]
@@ -295,8 +299,10 @@ def test_a_prefill_decode_hand_off_over_ucx_matches_one_engine(daemon):
 
     chunk_size = 32
     prompt = [(5 * i + 11) % 240 + 7 for i in range(4 * chunk_size + 5)]
-    kv = {"kv_connector": "tiered", "kv_config": {"tiers": [daemon.url], "chunk_size": chunk_size,
-                                                  "remote.transport": "ucx"}}  # fmt: skip
+    kv = {
+        "kv_connector": "tiered",
+        "kv_config": {"tiers": [daemon.url], "chunk_size": chunk_size, "remote.transport": "ucx"},
+    }
     common = dict(kv_cache_memory="4MiB", max_num_seqs=2)
     greedy = SamplingParams(temperature=0, max_tokens=6)
     with LLM("tiny", **common) as plain:

@@ -61,8 +61,11 @@ def main() -> int:
     if not os.path.exists(server_bin):
         server_bin = shutil.which("lmcache_server") or server_bin
     port = _free_port()
-    proc = subprocess.Popen([server_bin, "127.0.0.1", str(port), "cpu"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [server_bin, "127.0.0.1", str(port), "cpu"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -99,8 +102,10 @@ def main() -> int:
             payloads, outs = batches[size]
             # the same keys each time: the server has no delete, and a PUT of a key it
             # holds replaces the object (the same work as a new one), so memory stays flat
-            keys = [CacheEngineKey("kvstore-bench", 1, 0, size * 4096 + i, torch.uint8)
-                    for i in range(count)]  # fmt: skip
+            keys = [
+                CacheEngineKey("kvstore-bench", 1, 0, size * 4096 + i, torch.uint8)
+                for i in range(count)
+            ]
             start = time.perf_counter()
             for key, p in zip(keys, payloads, strict=True):
                 sock.sendall(meta(ClientCommand.PUT, key, size, (size, 1, 1, 1)))

@@ -35,26 +35,37 @@ class Activity:
         self._clients: set[str] = set()
         r = registry
         self.requests = Counter(
-            "kvstore_daemon_requests", "Requests served, by client, method and transport",
-            ["client", "method", "transport"], registry=r,
-        )  # fmt: skip
+            "kvstore_daemon_requests",
+            "Requests served, by client, method and transport",
+            ["client", "method", "transport"],
+            registry=r,
+        )
         self.errors = Counter(
-            "kvstore_daemon_request_errors", "Requests refused or failed, by method and status code",
-            ["method", "code"], registry=r,
-        )  # fmt: skip
+            "kvstore_daemon_request_errors",
+            "Requests refused or failed, by method and status code",
+            ["method", "code"],
+            registry=r,
+        )
         self.latency = Histogram(
-            "kvstore_daemon_request_seconds", "Time to serve one request", ["method"],
-            buckets=(1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0), registry=r,
-        )  # fmt: skip
+            "kvstore_daemon_request_seconds",
+            "Time to serve one request",
+            ["method"],
+            buckets=(1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
+            registry=r,
+        )
         self.bytes = Counter(
-            "kvstore_daemon_payload_bytes", "Payload bytes moved, by direction and transport",
-            ["direction", "transport"], registry=r,
-        )  # fmt: skip
+            "kvstore_daemon_payload_bytes",
+            "Payload bytes moved, by direction and transport",
+            ["direction", "transport"],
+            registry=r,
+        )
         self.turned_away = Counter(
             "kvstore_daemon_stream_turned_away",
             "Stream connections closed before hello: over --max-connections (cap) or past "
-            "--handshake-timeout (handshake)", ["reason"], registry=r,
-        )  # fmt: skip
+            "--handshake-timeout (handshake)",
+            ["reason"],
+            registry=r,
+        )
         for reason in ("cap", "handshake"):  # exported at 0 from the start
             self.turned_away.labels(reason)
         Gauge("kvstore_daemon_in_flight", "Requests being served", registry=r).set_function(

@@ -230,8 +230,10 @@ def _entry(path: str, where: str, item: Any) -> TokenEntry:
         raise ConfigError(f"{path}: {where}: expected a mapping (token_file, scope, cache_salt)")
     unknown = set(item) - {"token", "token_file", "scope", "cache_salt"}
     if unknown:
-        raise ConfigError(f"{path}: {where}: unknown key {sorted(unknown)[0]!r} "
-                          "(known: token, token_file, scope, cache_salt)")  # fmt: skip
+        raise ConfigError(
+            f"{path}: {where}: unknown key {sorted(unknown)[0]!r} "
+            "(known: token, token_file, scope, cache_salt)"
+        )
     if ("token" in item) == ("token_file" in item):
         raise ConfigError(f"{path}: {where}: give exactly one of token, token_file")
     token = item.get("token")

@@ -59,8 +59,10 @@ class PeerMissing(RuntimeError):
 def peer_script(name: str) -> Path:
     path = PEERS / name
     if not path.is_file():
-        raise PeerMissing(f"{path} not found: the baselines' peers ship with the source tree "
-                          "(benchmarks/peers/), not with the installed package")  # fmt: skip
+        raise PeerMissing(
+            f"{path} not found: the baselines' peers ship with the source tree "
+            "(benchmarks/peers/), not with the installed package"
+        )
     return path
 
 
@@ -69,8 +71,12 @@ class RawPeer:
 
     def __init__(self) -> None:
         peer_script("raw_socket.py")
-        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.peers.raw_socket"],
-                                     cwd=SOURCE_ROOT, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.peers.raw_socket"],
+            cwd=SOURCE_ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         port = int(self.proc.stdout.readline())  # type: ignore[union-attr]
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
         tune(self.sock)
@@ -145,8 +151,13 @@ def bench_size(
             if lmcache is not None:
                 run_lmcache()
             for t in transports:
-                run(f"{t}_put", lambda t=t: check(t, [True] if all(client.put(chunks, transport=t)) else [None]),
-                    lambda: client.delete(keys))  # fmt: skip
+                run(
+                    f"{t}_put",
+                    lambda t=t: check(
+                        t, [True] if all(client.put(chunks, transport=t)) else [None]
+                    ),
+                    lambda: client.delete(keys),
+                )
                 run(f"{t}_get", lambda t=t: check(t, client.get(keys, outs, transport=t)))
                 if not all(np.array_equal(o, d) for o, d in zip(outs, data, strict=True)):
                     raise RuntimeError(f"{t} get returned wrong bytes")
@@ -165,8 +176,9 @@ class LMCachePeer:
         if not os.path.exists(python):
             raise RuntimeError(f"--lmcache-venv {venv}: no bin/python there")
         script = peer_script("lmcache_driver.py")
-        self.proc = subprocess.Popen([python, str(script)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [python, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         self._answer()  # {"ready": true} once lmcache_server accepts connections
 
     def _answer(self) -> dict[str, Any]:
@@ -209,8 +221,10 @@ def run_daemon_bench(
         f"daemon {client.url}: GB/s (1e9 B/s); ratios vs raw socket (stream, grpc) and memcpy (shm)"
     )
     cols = [f"{t}_{op}" for t in transports for op in ("put", "get")]
-    print(f"{'size':>6} | {'raw put':>7} {'raw get':>7} {'memcpy':>7} | "
-          + " ".join(f"{c:>10}" for c in cols))  # fmt: skip
+    print(
+        f"{'size':>6} | {'raw put':>7} {'raw get':>7} {'memcpy':>7} | "
+        + " ".join(f"{c:>10}" for c in cols)
+    )
     rows = []
     try:
         for size in sizes:
@@ -226,8 +240,12 @@ def run_daemon_bench(
             peer.close()
         if lmcache is not None:
             lmcache.close()
-    report: dict[str, Any] = {"url": client.url, "unit": "GB/s (1e9 bytes/s)",
-                              "targets": TARGETS, "rows": rows}  # fmt: skip
+    report: dict[str, Any] = {
+        "url": client.url,
+        "unit": "GB/s (1e9 bytes/s)",
+        "targets": TARGETS,
+        "rows": rows,
+    }
     if lmcache is not None:
         print("LMCache lmcache_server (cpu), measured in the same repeats: GB/s, and ratios to it")
         ours = [c for c in cols if not c.startswith("grpc")] or cols

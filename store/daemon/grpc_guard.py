@@ -84,8 +84,11 @@ class MessageGuard(grpc.ServerInterceptor):
             def streaming(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
                 return inner((check(r, context) for r in requests), context)
 
-            make = (grpc.stream_stream_rpc_method_handler if handler.response_streaming
-                    else grpc.stream_unary_rpc_method_handler)  # fmt: skip
+            make = (
+                grpc.stream_stream_rpc_method_handler
+                if handler.response_streaming
+                else grpc.stream_unary_rpc_method_handler
+            )
             return make(streaming, parse, serialize)
         if handler.response_streaming:
 

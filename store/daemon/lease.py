@@ -85,9 +85,13 @@ class Lease:
 class LeaseTable:
     """Leases over ``pin`` / ``unpin`` (a ``TieredStore``'s) with a reaper thread."""
 
-    def __init__(self, pin: Callable[[Sequence[str]], None],
-                 unpin: Callable[[Sequence[str]], None], tick: float = 0.1,
-                 limits: LeaseLimits | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        pin: Callable[[Sequence[str]], None],
+        unpin: Callable[[Sequence[str]], None],
+        tick: float = 0.1,
+        limits: LeaseLimits | None = None,
+    ) -> None:
         self._pin, self._unpin = pin, unpin
         self.limits = limits or LeaseLimits()
         self._leases: dict[str, Lease] = {}
@@ -105,8 +109,14 @@ class LeaseTable:
         with self._lock:
             return len(self._leases)
 
-    def lease(self, keys: Sequence[str], ttl: float, stored: Callable[[], int], client: str = "",
-              size: Callable[[Sequence[str]], int] | None = None) -> tuple[str, int, float]:  # fmt: skip
+    def lease(
+        self,
+        keys: Sequence[str],
+        ttl: float,
+        stored: Callable[[], int],
+        client: str = "",
+        size: Callable[[Sequence[str]], int] | None = None,
+    ) -> tuple[str, int, float]:
         """Pin ``keys``, then keep the pins of the leading ``stored()`` of them (pinning
         first: nothing can be evicted between the lookup and the pin). ``size(keys)``:
         their payload bytes, counted against ``client``'s caps. Returns ``(lease_id,
@@ -148,11 +158,15 @@ class LeaseTable:
         if self._count[client] >= lim.per_client:
             return f"client {client[:64]!r} holds {lim.per_client} leases (max_leases_per_client)"
         if lim.client_bytes is not None and self._bytes[client] + nbytes > lim.client_bytes:
-            return (f"client {client[:64]!r} would lease {self._bytes[client] + nbytes} bytes, "
-                    f"over max_lease_bytes_per_client {lim.client_bytes}")  # fmt: skip
+            return (
+                f"client {client[:64]!r} would lease {self._bytes[client] + nbytes} bytes, "
+                f"over max_lease_bytes_per_client {lim.client_bytes}"
+            )
         if lim.total_bytes is not None and self._total_bytes + nbytes > lim.total_bytes:
-            return (f"leases would pin {self._total_bytes + nbytes} bytes, over "
-                    f"max_lease_bytes {lim.total_bytes}")  # fmt: skip
+            return (
+                f"leases would pin {self._total_bytes + nbytes} bytes, over "
+                f"max_lease_bytes {lim.total_bytes}"
+            )
         return None
 
     def _forget(self, lease: Lease) -> None:
