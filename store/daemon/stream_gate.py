@@ -8,7 +8,7 @@ Before ``hello`` a peer is unknown, so it may cost the daemon only a small, fixe
 * a connection that has not completed ``hello`` within ``handshake_timeout`` seconds of
   being accepted is shut down, however it spends that time (silent, or dripping bytes):
   one watcher thread keeps the deadlines, in arrival order, so each costs nothing more;
-* its frames are held to HELLO_LIMITS (stream_server.py reads them with these).
+* its frames are held to HELLO_LIMITS (session.py reads them with these).
 
 ``accept`` failing for want of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM)
 is logged once per episode and retried after ACCEPT_BACKOFF, as Redis does; the
