@@ -13,13 +13,10 @@ import json
 from pathlib import Path
 
 import torch
-import xxhash
 
 from engine.loader import ModelSource
 from engine.presets import PRESET_SEED, PRESETS
-from kvcore.keys import ModelFingerprint, sha256_cbor
-
-_READ = 8 << 20
+from kvcore.keys import ModelFingerprint, checkpoint_digest, sha256_cbor
 
 
 def weights_digest(source: ModelSource) -> str:
@@ -27,13 +24,7 @@ def weights_digest(source: ModelSource) -> str:
     if source.name in PRESETS:
         shape = json.dumps(PRESETS[source.name].to_hf(), sort_keys=True)
         return "preset-sha256:" + sha256_cbor((shape, PRESET_SEED)).hex()[:32]
-    h = xxhash.xxh3_128()
-    for f in sorted(Path(source.name).glob("*.safetensors")):
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            while block := fh.read(_READ):
-                h.update(block)
-    return "xxh3-128:" + h.hexdigest()
+    return checkpoint_digest(source.name)
 
 
 def model_fingerprint(source: ModelSource, dtype: torch.dtype) -> ModelFingerprint:

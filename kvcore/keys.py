@@ -29,9 +29,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import cbor2
+import xxhash
 
 BLOCK_HASH_SEED = "0"
 """Seed of the first parent hash; equal to vLLM's ``init_none_hash`` with PYTHONHASHSEED=0."""
@@ -113,6 +115,22 @@ class ModelFingerprint:
     def digest(self) -> bytes:
         """Stable 32-byte digest of every field (sorted, canonical CBOR)."""
         return sha256_cbor(sorted(asdict(self).items()))
+
+
+_READ = 8 << 20
+
+
+def checkpoint_digest(directory: str | Path) -> str:
+    """xxh3-128 over a checkpoint directory's safetensors files (names and bytes, in name
+    order), streamed: the weights digest of a fingerprint. Any engine that loads the same
+    files computes the same digest, whatever path it finds them under."""
+    h = xxhash.xxh3_128()
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(_READ):
+                h.update(block)
+    return "xxh3-128:" + h.hexdigest()
 
 
 SALT_TAG_CHARS = 16

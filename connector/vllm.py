@@ -1,0 +1,234 @@
+"""kvstore inside real vLLM: ``KVStoreConnector``, loaded by module path.
+
+    vllm serve MODEL --kv-transfer-config '{"kv_connector": "KVStoreConnector",
+        "kv_connector_module_path": "connector.vllm", "kv_role": "kv_both",
+        "kv_connector_extra_config": {"url": "kvstore://127.0.0.1:50051"}}'
+
+vLLM builds this class twice, in different processes: with the scheduler role in its
+engine core, with the worker role in each worker. Each role wraps the same
+``TieredConnector`` our own engine runs (connector/tiered.py), so both engines take one
+code path for lookups, load and save plans, verification and recompute on failure. The
+roles share nothing but what vLLM carries between them: the step's plan
+(``KVStoreConnectorMetadata``, pickled into the scheduler's output) one way, and the
+block ids whose load failed (``get_block_ids_with_load_errors``) the other way.
+
+Each role opens its own store from ``kv_connector_extra_config``: ``url`` names a kvstore
+daemon (the one tier); any other keys are store config keys, dotted or nested
+(``{"tiers": ["disk"], "disk.path": ...}``, docs/store.md). The scheduler looks chunks up
+where the worker saves them, so the tiers must be shared between the two processes: a
+daemon, Redis/Valkey, or disk. (A cpu tier private to each process would answer every
+lookup with a miss.)
+
+vLLM's cache for one layer is the view ``[num_blocks, kv_heads, block_size, 2 * head_dim]``;
+its CPU attention keeps each (block, head) as all tokens' K, then all tokens' V. The
+worker sees it as the engine's ``[num_blocks, 2, block_size, kv_heads, head_dim]`` through
+a strided view of the same memory, so chunks stored from vLLM have our chunk format.
+
+Not yet (issue 15): tensor parallelism (the rank is in the fingerprint, but the scheduler
+plans one rank's keys), P/D hand-off through ``get_finished``, KV events in vLLM's names,
+stats and Prometheus metrics, layouts other than CPU attention's.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.model_executor.models.utils import extract_layer_index
+
+from connector.base import ConnectorContext
+from connector.plan import TieredConnectorMetadata
+from connector.tiered import TieredConnector
+from kvcore.keys import ModelFingerprint, checkpoint_digest
+from store.config import StoreConfig
+from store.config_load import flatten
+
+log = logging.getLogger(__name__)
+
+POLICIES = {"recompute": "recompute", "fail": "fail"}
+
+
+class KVStoreConnectorMetadata(KVConnectorMetadata):
+    """One step's loads and saves, planned by the scheduler role (pickled to workers)."""
+
+    def __init__(self, plan: TieredConnectorMetadata) -> None:
+        self.plan = plan
+
+
+class _Scheduled:
+    """One request's share of a step, as ``TieredConnector.build_connector_meta`` reads it."""
+
+    __slots__ = ("request", "start", "num_new_tokens", "block_ids")
+
+    def __init__(self, request: Any, start: int, num_new_tokens: int, block_ids: list[int]):
+        self.request, self.start = request, start
+        self.num_new_tokens, self.block_ids = num_new_tokens, block_ids
+
+
+class _Step:
+    def __init__(self, scheduled: list[_Scheduled]) -> None:
+        self.scheduled = scheduled
+
+
+def store_config(extra: dict[str, Any]) -> StoreConfig:
+    """The store of ``kv_connector_extra_config``: ``url`` is a daemon as the one tier;
+    the connector's own keys (``load_timeout``) are left out."""
+    values = flatten(dict(extra))
+    values.pop("load_timeout", None)
+    url = values.pop("url", None)
+    if url is not None:
+        if not isinstance(url, str) or not url.startswith("kvstore://"):
+            raise ValueError(f"kv_connector_extra_config url: {url!r} is not a kvstore:// url")
+        values["tiers"] = [url]
+    return StoreConfig.load(overrides=values)
+
+
+def fingerprint(vllm_config: Any) -> ModelFingerprint:
+    """What the KV's bytes depend on, as our engine states it for the same checkpoint."""
+    mc, pc = vllm_config.model_config, vllm_config.parallel_config
+    if pc.tensor_parallel_size != 1 or pc.pipeline_parallel_size != 1:
+        raise ValueError("KVStoreConnector: tensor and pipeline parallelism are not supported yet")
+    path = Path(mc.model)
+    digest = checkpoint_digest(path) if path.is_dir() else f"hf:{mc.model}@{mc.revision or 'main'}"
+    return ModelFingerprint(
+        model=path.name,
+        weights_digest=digest,
+        dtype=str(mc.dtype).removeprefix("torch."),
+        num_layers=mc.get_num_layers(pc),
+        num_kv_heads=mc.get_num_kv_heads(pc),
+        head_dim=mc.get_head_size(),
+    )
+
+
+def engine_view(cache: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """vLLM's CPU layer cache ``[B, H, N, 2D]`` (per block and head: N tokens of K, then N
+    of V) as the engine's ``[B, 2, N, H, D]``, without copying."""
+    blocks, heads, size, width = cache.shape
+    if width != 2 * head_dim or not cache.is_contiguous():
+        raise ValueError(f"KVStoreConnector: unsupported KV cache layout {tuple(cache.shape)}")
+    return cache.view(blocks, heads, 2, size, head_dim).permute(0, 2, 3, 1, 4)
+
+
+class KVStoreConnector(KVConnectorBase_V1):
+    """vLLM's ``KVConnectorBase_V1`` over a kvstore ``TieredConnector``, one per role."""
+
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None):
+        super().__init__(vllm_config, role, kv_cache_config)
+        tc = self._kv_transfer_config
+        extra = dict(tc.kv_connector_extra_config or {})
+        mc = vllm_config.model_config
+        fp = fingerprint(vllm_config)
+        policy = POLICIES[tc.kv_load_failure_policy]
+        kv_role = {"kv_producer": "producer", "kv_consumer": "consumer"}.get(tc.kv_role, "both")
+        self.context = ConnectorContext(
+            fp,
+            vllm_config.cache_config.block_size,
+            fp.num_layers,
+            fp.num_kv_heads,
+            fp.head_dim,
+            mc.dtype,
+            torch.device("cpu"),
+            store_config(extra),
+            policy,
+            float(extra.get("load_timeout", 5.0)),
+            kv_role=kv_role,
+        )
+        self.inner = TieredConnector(self.context)
+        self.requests: dict[str, Any] = {}  # scheduler: live requests by id
+        self.tables: dict[str, list[int]] = {}  # scheduler: block table of each request
+        self.layers: dict[str, int] = {}  # worker: layer name -> index
+        self.views: list[torch.Tensor] = []  # worker: each layer in the engine's layout
+        self.started = False  # worker: this step's transfers are under way
+
+    # -- scheduler role ---------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int):
+        self.requests[request.request_id] = request
+        return self.inner.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int):
+        self.requests[request.request_id] = request
+        block_ids = blocks.get_block_ids()[0] if num_external_tokens > 0 else []
+        self.inner.update_state_after_alloc(request, block_ids, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        scheduled = []
+        counts = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            self.tables[new.req_id] = list(new.block_ids[0])
+            scheduled.append(self._scheduled(new.req_id, new.num_computed_tokens, counts))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, rid in enumerate(cached.req_ids):
+            ids = cached.new_block_ids[i]
+            if rid in cached.resumed_req_ids:
+                self.tables[rid] = list(ids[0]) if ids is not None else []
+            elif ids is not None:
+                self.tables.setdefault(rid, []).extend(ids[0])
+            scheduled.append(self._scheduled(rid, cached.num_computed_tokens[i], counts))
+        step = _Step([s for s in scheduled if s is not None])
+        return KVStoreConnectorMetadata(self.inner.build_connector_meta(step))
+
+    def _scheduled(self, rid: str, start: int, counts: dict[str, int]) -> _Scheduled | None:
+        request = self.requests.get(rid)
+        if request is None:  # admitted without a lookup: nothing of it is ours to save
+            return None
+        return _Scheduled(request, start, counts.get(rid, 0), self.tables.get(rid, []))
+
+    def request_finished(self, request: Any, block_ids: list[int]):
+        self.requests.pop(request.request_id, None)
+        self.tables.pop(request.request_id, None)
+        return self.inner.request_finished(request, block_ids)
+
+    def take_events(self):
+        return ()
+
+    # -- worker role ------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        order = sorted(kv_caches, key=extract_layer_index)
+        self.layers = {name: i for i, name in enumerate(order)}
+        self.views = [engine_view(kv_caches[name], self.context.head_dim) for name in order]
+        self.inner.register_kv_caches(self.views)
+
+    def _start(self) -> None:
+        """Begin this step's transfers once: before the forward pass when it loads (vLLM
+        calls ``start_load_kv`` first), else at the first layer's hook."""
+        if self.started or not self.has_connector_metadata():
+            return
+        self.started = True
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVStoreConnectorMetadata)
+        self.inner.start_load_kv(meta.plan)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        self._start()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        self._start()
+        self.inner.wait_for_layer_load(self.layers[layer_name])
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
+        self._start()
+        i = self.layers[layer_name]
+        self.inner.save_kv_layer(i, self.views[i])
+
+    def wait_for_save(self) -> None:
+        self._start()
+        self.started = False
+        self.inner.wait_for_save()
+
+    def get_finished(self, finished_req_ids: set[str]):
+        return None, None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.inner.get_block_ids_with_load_errors()
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
