@@ -311,7 +311,7 @@ def run_vllm(
         out = Path(tmp) / "result.json"
         wl.write_text(json.dumps(to_json(workload)))
         env = dict(os.environ)
-        env.pop("PYTHONPATH", None)  # the runner must not see this project's packages
+        env.pop("PYTHONPATH", None)  # vLLM runs alone: no connector, nothing of ours on its path
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(KV_CACHE_GIB))
         # vLLM's CPU backend reserves one core for its front end by default, which on a
         # 2-core box leaves one for compute; --vllm-reserved-cpus 0 gives it both.
