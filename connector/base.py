@@ -58,6 +58,13 @@ class ConnectorContext:
     enable_kv_events: bool = False  # keep events for take_events()
     save_decoded: bool = False  # also save chunks of generated tokens (multi-turn reuse)
     kv_role: str = "both"  # producer: save only (no loads), consumer: load only (no saves)
+    hash_block_size: int = 0  # tokens per entry of request.block_hashes (0: block_size)
+
+    @property
+    def key_block_size(self) -> int:
+        """Tokens per block hash the chunk keys chain over (``hash_block_size`` or, when
+        0, the cache's ``block_size``): equal across engines, so they share chunks."""
+        return self.hash_block_size or self.block_size
 
 
 class KVConnectorBase(ABC):

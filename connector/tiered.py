@@ -63,11 +63,12 @@ class TieredConnector(KVConnectorBase):
     def __init__(self, context: ConnectorContext, store: TieredStore | None = None) -> None:
         super().__init__(context)
         config = store.config if store is not None else resolve_store_config(context.kv_config)
-        if config.chunk_size % context.block_size:
-            raise ValueError(
-                f"store chunk_size {config.chunk_size} is not a multiple of the engine's "
-                f"block_size {context.block_size}"
-            )
+        for what, n in (("block_size", context.block_size), ("hash block", context.key_block_size)):
+            if config.chunk_size % n:
+                raise ValueError(
+                    f"store chunk_size {config.chunk_size} is not a multiple of the engine's "
+                    f"{what} {n}"
+                )
         self.store = store if store is not None else TieredStore(config, context.fingerprint)
         self.chunk_size = config.chunk_size
         self._requests: dict[str, RequestState] = {}
@@ -91,12 +92,12 @@ class TieredConnector(KVConnectorBase):
     def chunk_refs(self, request: ConnectorRequest, decoded: bool = False) -> list[ChunkRef]:
         """The store chunks of ``request``'s prompt, or with ``decoded`` of all its tokens
         so far (whole chunks only)."""
-        bs = self.context.block_size
+        hb = self.context.key_block_size
         hashes = request.block_hashes
         if not decoded:
-            hashes = hashes[: len(request.prompt_token_ids) // bs]
+            hashes = hashes[: len(request.prompt_token_ids) // hb]
         return chunk_refs(
-            hashes, bs, self.chunk_size, self.context.fingerprint, cache_salt=request.cache_salt
+            hashes, hb, self.chunk_size, self.context.fingerprint, cache_salt=request.cache_salt
         )
 
     def _state(self, request: ConnectorRequest) -> RequestState:
@@ -179,7 +180,8 @@ class TieredConnector(KVConnectorBase):
                 st.load = None
             if (
                 self.context.save_decoded
-                and len(s.request.block_hashes) * bs >= st.refs_end + self.chunk_size
+                and len(s.request.block_hashes) * self.context.key_block_size
+                >= st.refs_end + self.chunk_size
             ):
                 st.refs = self.chunk_refs(
                     s.request, decoded=True
@@ -196,9 +198,9 @@ class TieredConnector(KVConnectorBase):
 
     def _chunk_info(self, request: ConnectorRequest, start: int) -> ChunkInfo:
         """The blocks and tokens of ``request``'s chunk starting at token ``start``."""
-        bs, end = self.context.block_size, start + self.chunk_size
-        hashes = request.block_hashes[start // bs : end // bs]
-        parent = request.block_hashes[start // bs - 1] if start else None
+        hb, end = self.context.key_block_size, start + self.chunk_size
+        hashes = request.block_hashes[start // hb : end // hb]
+        parent = request.block_hashes[start // hb - 1] if start else None
         return ChunkInfo(list(hashes), parent, list(request.all_token_ids[start:end]))
 
     def request_finished(

@@ -20,13 +20,16 @@ daemon, Redis/Valkey, or disk. (A cpu tier private to each process would answer 
 lookup with a miss.)
 
 vLLM's cache for one layer is the view ``[num_blocks, kv_heads, block_size, 2 * head_dim]``;
-its CPU attention keeps each (block, head) as all tokens' K, then all tokens' V. The
-worker sees it as the engine's ``[num_blocks, 2, block_size, kv_heads, head_dim]`` through
-a strided view of the same memory, so chunks stored from vLLM have our chunk format.
+its CPU attention keeps each (block, head) as the K rows, then the V rows. The worker
+sees it as the engine's ``[num_blocks, 2, block_size, kv_heads, head_dim]`` through a
+strided view of the same memory, so chunks from vLLM have our chunk object and keys
+(chained over KEY_BLOCK tokens, as our engine's); but within a block the rows are laid
+out by vLLM's ISA-specific kernel, so the fingerprint names that layout
+(``cpu_kv_layout``) and our engine never loads them until it is converted.
 
-Not yet (issue 15): tensor parallelism (the rank is in the fingerprint, but the scheduler
-plans one rank's keys), P/D hand-off through ``get_finished``, KV events in vLLM's names,
-stats and Prometheus metrics, layouts other than CPU attention's.
+Not yet (issue 15): converting each CPU ISA's block layout (and CUDA backends') to ours,
+so our engine and vLLM share chunks; tensor parallelism; P/D hand-off through
+``get_finished``; KV events in vLLM's names; stats and Prometheus metrics.
 """
 
 from __future__ import annotations
@@ -46,13 +49,48 @@ from vllm.model_executor.models.utils import extract_layer_index
 from connector.base import ConnectorContext
 from connector.plan import TieredConnectorMetadata
 from connector.tiered import TieredConnector
-from kvcore.keys import ModelFingerprint, checkpoint_digest
+from kvcore.keys import ModelFingerprint, block_hashes, checkpoint_digest
 from store.config import StoreConfig
 from store.config_load import flatten
 
 log = logging.getLogger(__name__)
 
 POLICIES = {"recompute": "recompute", "fail": "fail"}
+KEY_BLOCK = 16
+"""Tokens per block of the hash chain chunk keys are named by: our engine's default block
+size, so vLLM and our engine name a chunk alike (vLLM's own block hashes cover 128-token
+blocks with another encoding)."""
+
+
+class _Request:
+    """A vLLM request as the connector reads it, with block hashes in our scheme (the
+    one key, kvcore/keys.py) over KEY_BLOCK-token blocks, kept up to date incrementally."""
+
+    __slots__ = ("vllm", "hashes")
+
+    def __init__(self, request: Any) -> None:
+        self.vllm = request
+        self.hashes: list[bytes] = []
+
+    @property
+    def block_hashes(self) -> list[bytes]:
+        tokens = self.vllm.all_token_ids
+        if len(tokens) // KEY_BLOCK > len(self.hashes):
+            parent = self.hashes[-1] if self.hashes else None
+            salt = self.vllm.cache_salt
+            self.hashes += block_hashes(
+                tokens, KEY_BLOCK, cache_salt=salt, start=len(self.hashes), parent=parent
+            )
+        return self.hashes
+
+    def __getattr__(self, name: str) -> Any:  # request_id, prompt_token_ids, ...
+        return getattr(self.vllm, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _Request.__slots__:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.vllm, name, value)  # kv_transfer_pending (P/D)
 
 
 class KVStoreConnectorMetadata(KVConnectorMetadata):
@@ -104,7 +142,25 @@ def fingerprint(vllm_config: Any) -> ModelFingerprint:
         num_layers=mc.get_num_layers(pc),
         num_kv_heads=mc.get_num_kv_heads(pc),
         head_dim=mc.get_head_size(),
+        kv_layout=cpu_kv_layout(vllm_config),
     )
+
+
+def cpu_kv_layout(vllm_config: Any) -> str:
+    """The name of the byte layout of chunks saved from vLLM's CPU cache.
+
+    vLLM's CPU attention writes its cache with an ISA-specific kernel (``amx``, ``vec``,
+    ``vec16``, ``neon``, ...), and the K rows of a block are not plain ``[tokens, D]``
+    for every ISA: our engine, loading such a chunk as ``LTHD``, answered differently
+    from its own computation (measured 2026-12-07, ``vec``). Until each ISA's layout is
+    converted to ``LTHD``, chunks from vLLM carry their own layout name in the
+    fingerprint, so they load into vLLM with the same ISA and block size only, never
+    into our engine or another ISA (a miss, never wrong KV)."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    mc, cc = vllm_config.model_config, vllm_config.cache_config
+    isa = _get_attn_isa(mc.dtype, cc.block_size, mc.get_head_size(), cc.cache_dtype)
+    return f"vllm-cpu-{isa}-bs{cc.block_size}"
 
 
 def engine_view(cache: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -139,23 +195,28 @@ class KVStoreConnector(KVConnectorBase_V1):
             policy,
             float(extra.get("load_timeout", 5.0)),
             kv_role=kv_role,
+            hash_block_size=KEY_BLOCK,
         )
         self.inner = TieredConnector(self.context)
-        self.requests: dict[str, Any] = {}  # scheduler: live requests by id
+        self.requests: dict[str, _Request] = {}  # scheduler: live requests by id
         self.tables: dict[str, list[int]] = {}  # scheduler: block table of each request
         self.layers: dict[str, int] = {}  # worker: layer name -> index
         self.views: list[torch.Tensor] = []  # worker: each layer in the engine's layout
         self.started = False  # worker: this step's transfers are under way
 
     # -- scheduler role ---------------------------------------------------------------
+    def _view(self, request: Any) -> _Request:
+        view = self.requests.get(request.request_id)
+        if view is None or view.vllm is not request:
+            view = self.requests[request.request_id] = _Request(request)
+        return view
+
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int):
-        self.requests[request.request_id] = request
-        return self.inner.get_num_new_matched_tokens(request, num_computed_tokens)
+        return self.inner.get_num_new_matched_tokens(self._view(request), num_computed_tokens)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int):
-        self.requests[request.request_id] = request
         block_ids = blocks.get_block_ids()[0] if num_external_tokens > 0 else []
-        self.inner.update_state_after_alloc(request, block_ids, num_external_tokens)
+        self.inner.update_state_after_alloc(self._view(request), block_ids, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         scheduled = []
@@ -181,9 +242,9 @@ class KVStoreConnector(KVConnectorBase_V1):
         return _Scheduled(request, start, counts.get(rid, 0), self.tables.get(rid, []))
 
     def request_finished(self, request: Any, block_ids: list[int]):
-        self.requests.pop(request.request_id, None)
+        view = self.requests.pop(request.request_id, None) or _Request(request)
         self.tables.pop(request.request_id, None)
-        return self.inner.request_finished(request, block_ids)
+        return self.inner.request_finished(view, block_ids)
 
     def take_events(self):
         return ()

@@ -4,7 +4,9 @@
 Each vLLM start costs ~20-30 s here, so one test walks the whole story: vLLM without a
 connector gives the reference tokens; a first vLLM with the connector saves the prompt's
 chunks into the daemon; a second vLLM process, started fresh, finds them (cached tokens,
-vLLM's own count) and answers with the same tokens; with the daemon killed it still
+vLLM's own count) and answers with the same tokens; our own engine, on the same daemon,
+misses them (vLLM's CPU block layout is named in the fingerprint until it is converted)
+and answers as it does from scratch; with the daemon killed it still
 answers the same, recomputing, without hanging.
 """
 
@@ -24,6 +26,16 @@ CHUNK = 256  # the store's default chunk_size: two of vLLM's 128-token CPU block
 PROMPT = [(i * 7919) % 3000 + 5 for i in range(1000)]  # 3 whole chunks and 232 tokens
 MAX_TOKENS = 8
 WHOLE = len(PROMPT) // CHUNK * CHUNK  # the prompt's whole chunks: what a hit loads
+
+
+def our_engine(model, url: str | None):
+    """Our engine's greedy answer to PROMPT, loading from the daemon at ``url`` if given."""
+    from engine import LLM, SamplingParams
+
+    kv = {"kv_connector": "tiered", "kv_config": {"tiers": [url]}} if url else {}
+    with LLM(str(model), dtype="float32", enable_prefix_caching=False, **kv) as llm:
+        sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        return llm.generate([PROMPT], sp)[0]
 
 
 def test_two_vllm_processes_share_kv_through_the_daemon(vllm_bench_model, vllm_server_factory):
@@ -55,6 +67,11 @@ def test_two_vllm_processes_share_kv_through_the_daemon(vllm_bench_model, vllm_s
             warm = b.complete(PROMPT, MAX_TOKENS)
             assert warm.token_ids == want
             assert warm.cached_tokens == WHOLE
+            # Same keys, but vLLM's CPU block layout is not ours yet: our engine must miss
+            # (the layout is in the fingerprint) and answer as it does from scratch.
+            ours = our_engine(vllm_bench_model, daemon.url)
+            assert not sum(ours.metrics.kv_sources.values()), ours.metrics.kv_sources
+            assert ours.token_ids == our_engine(vllm_bench_model, None).token_ids
             daemon.kill()
             cold = b.complete(PROMPT, MAX_TOKENS, timeout=120)
             assert cold.token_ids == want and not cold.cached_tokens
